@@ -51,6 +51,7 @@ def rank_correlation(sa, sb) -> float:
     return float(r)
 
 
+OVERLAP_COLUMNS = ["task_a", "task_b", "metric", "value", "lo", "hi", "null_mean", "null_q95", "p_null"]
 METRICS = {"jaccard": jaccard, "overlap_coefficient": overlap_coefficient}
 
 

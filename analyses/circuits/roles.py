@@ -23,7 +23,7 @@ from probe import InterventionSpec, SpanBoost, tap
 from probe.heads import HeadId
 
 from .patching import accuracy
-from .tasks import TaskBatch
+from .tasks import TaskBatch, token_range
 
 
 class _Rows:
@@ -50,7 +50,7 @@ def _patterns(model, ids: torch.Tensor) -> torch.Tensor:
 def repeated_token_roles(model, n: int = 8, length: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
     """Previous-token, duplicate-token and induction scores ``[L, H]`` on repeated random tokens."""
     g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(1000, 20000, (n, length), generator=g)
+    seq = torch.randint(*token_range(model), (n, length), generator=g)
     A = _patterns(model, torch.cat([seq, seq], dim=1))
     i = torch.arange(length, 2 * length)
     prev = A[..., torch.arange(1, 2 * length), torch.arange(0, 2 * length - 1)].mean((1, 3))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 
 from . import patching as P
-from .overlap import overlap_table, select_circuit
+from .overlap import OVERLAP_COLUMNS, overlap_table, select_circuit
 from .result import CircuitsResult, TaskResult
 from .roles import attention_to, intervention, random_heads_like, repeated_token_roles
 from .tasks import make_task, parse_tasks
@@ -76,7 +76,7 @@ def scan(model, tasks, out, n: int = 32, seed: int = 0, ig_steps: int = 5, frac:
         r.save(out)
         results.append(r)
     per_prompt = {r.task: (r.patched(), r.ld_clean, r.ld_corr) for r in results}
-    overlap = pd.DataFrame(overlap_table(per_prompt, frac, n_boot, seed))
+    overlap = pd.DataFrame(overlap_table(per_prompt, frac, n_boot, seed), columns=OVERLAP_COLUMNS)
     roles = repeated_token_roles(model, seed=seed)
     by_name = {r.task: r for r in results}
     for r in results:

@@ -160,6 +160,7 @@ def induction(model, n: int, seed: int = 0, length: int = 12, k: int = 6, low: i
               high: int = 20000) -> TaskBatch:
     """Random tokens ``r_1..r_L`` then ``r_1..r_k``: predict ``r_{k+1}``; corruption swaps ``r_{k+1}``."""
     g = torch.Generator().manual_seed(seed)
+    low, high = token_range(model, low, high)
     rows = []
     for _ in range(n):
         toks = torch.randperm(high - low, generator=g)[:length + 1].add(low).tolist()
@@ -169,6 +170,12 @@ def induction(model, n: int, seed: int = 0, length: int = 12, k: int = 6, low: i
         corrupt[k] = other  # first occurrence of the answer replaced: induction now predicts `other`
         rows.append((clean, corrupt, [seq[k]], [other], {"answer": k, "prev": k - 1}))
     return _pack("induction", rows)
+
+
+def token_range(model, low: int = 1000, high: int = 20000) -> tuple[int, int]:
+    """Ids to draw random tokens from, clipped to the vocabulary (small test tokenizers included)."""
+    high = min(high, len(model.tokenizer))
+    return min(low, high // 4), high
 
 
 def greater_than(model, n: int, seed: int = 0) -> TaskBatch:
