@@ -162,5 +162,5 @@ def test_ioi_on_embedded_model(smol):
     assert acc["mean_ld"] > 0  # the model prefers the indirect object
     z_corr = P.record_z(smol, task.corrupt)
     head = HeadId(20, 4)
-    fast = P.exact_patching(smol, task.subset([0]), z_corr[:, :1])
+    fast = P.exact_patching(smol, task.subset([0]), z_corr[:, :1], layers=[20])
     assert abs(float(fast[0, 20, 4]) - P.patch_one(smol, task, 0, head, z_corr)) < 1e-3

@@ -119,14 +119,17 @@ class _Patch:
 
 
 def exact_patching(model, task: TaskBatch, z_corr: torch.Tensor | None = None, rows: int = 96,
-                   progress=None) -> torch.Tensor:
-    """``LD_patched [N, L, H]``: clean run with one head's output set to its corrupted value."""
+                   progress=None, layers=None) -> torch.Tensor:
+    """``LD_patched [N, L, H]``: clean run with one head's output set to its corrupted value.
+
+    ``layers`` restricts the work to some layers (the others stay NaN).
+    """
     L, H, N = model.n_layers, model.n_heads, task.n
     z_corr = record_z(model, task.corrupt) if z_corr is None else z_corr
-    out = torch.empty(N, L, H)
+    out = torch.full((N, L, H), float("nan"))
     per = max(1, rows // H)  # prompts per forward; the batch holds (head x prompt) copies
     with torch.no_grad():
-        for layer in range(L):
+        for layer in (range(L) if layers is None else layers):
             for sl in _chunks(N, per):
                 b = sl.stop - sl.start
                 ids = task.clean[sl].repeat(H, 1)

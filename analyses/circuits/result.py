@@ -138,6 +138,16 @@ class CircuitsResult:
                                        "value": np.asarray(arr, dtype=float).ravel(), "in_circuit": False}))
         return pd.concat(parts, ignore_index=True)
 
+    def circuit_roles(self) -> pd.DataFrame:
+        """Each task's circuit heads with their score and every role score (one row per task x head)."""
+        rows = []
+        for t in self.tasks:
+            s = t.scores("exact")
+            for h in t.circuit:
+                rows.append({"task": t.task, "head": str(h), "score": float(s[h.layer, h.head])}
+                            | {role: float(np.asarray(a)[h.layer, h.head]) for role, a in self.roles.items()})
+        return pd.DataFrame(rows)
+
     def overlap_matrix(self, metric: str = "jaccard") -> pd.DataFrame:
         names = [t.task for t in self.tasks]
         m = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
