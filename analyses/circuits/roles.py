@@ -8,11 +8,12 @@
 - on a task's prompts, from the last position: *mover-like* = attention to the answer token;
   *inhibition-like* (IOI) = attention to the repeated subject S2.
 
-**Intervention.** In IOI the S-inhibition heads attend to the repeated (wrong) name. Merullo et al.
-made the corresponding heads attend to the wrong colours in Colored Objects and lifted accuracy.
-Here: take the heads that are in the IOI circuit but not in the Colored Objects circuit and attend
-most to S2, boost their last-row attention to the distractor colours (``SpanBoost``, rows="last"),
-and compare held-out accuracy before/after, with random heads of the same layers as a control.
+**Intervention.** Merullo et al. adjusted four mid-layer heads so that the Colored Objects circuit
+behaves like the IOI one, where the S-inhibition heads attend to the repeated (wrong) name. Our
+reading, as an analogue: take the heads that are in the IOI circuit but not in the Colored Objects
+circuit and attend most to S2, boost their last-row attention to the distractor colours
+(``SpanBoost``, rows="last"; alpha picked on a calibration split by mean LD), and compare held-out
+accuracy before/after, with random heads of the same layers and the same edit as a control.
 """
 from __future__ import annotations
 
