@@ -164,3 +164,14 @@ def test_ioi_on_embedded_model(smol):
     head = HeadId(20, 4)
     fast = P.exact_patching(smol, task.subset([0]), z_corr[:, :1], layers=[20])
     assert abs(float(fast[0, 20, 4]) - P.patch_one(smol, task, 0, head, z_corr)) < 1e-3
+
+
+def test_cli_scan_circuits(tmp_path, capsys):
+    from analyses.cli import main
+
+    args = ["scan", "circuits", "--model", "tiny-llama", "--n", "3", "--ig-steps", "1", "--frac", "0.25",
+            "--boot", "5", "--out", str(tmp_path)]
+    assert main(args + ["--tasks", "induction"]) == 0
+    assert (tmp_path / "summary.json").exists() and "induction" in capsys.readouterr().out
+    assert main(args + ["--tasks", "induction,sorting"]) == 2
+    assert "unknown task" in capsys.readouterr().err
