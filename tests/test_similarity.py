@@ -91,6 +91,22 @@ def test_windowed_accumulation_equals_direct_from_captured_patterns(tiny_llama, 
     np.testing.assert_allclose(m["head_js"], hjs, atol=1e-5)
 
 
+def test_window_passes_hold_only_window_rows(tiny_llama, monkeypatch):
+    import analyses.similarity.measure as measure
+
+    shapes = []
+
+    class Spy(measure.WindowTap):
+        def __init__(self, *a):
+            super().__init__(*a)
+            shapes.append(tuple(self.buf.shape))
+
+    monkeypatch.setattr(measure, "WindowTap", Spy)
+    ids = tiny_llama.encode("ten tokens")
+    measure.accumulate_prompt(tiny_llama, ids, Accumulator(2, 4), window=4)
+    assert shapes == [(2, 4, 4, 10), (2, 4, 4, 10), (2, 4, 2, 10)]  # L x H x window x T per pass
+
+
 # ----------------------------------------------------------------------------- echo == hand substitution
 
 def _hand_echo_logits(model, ids, perm):

@@ -98,7 +98,8 @@ class _Losses:
         self.tag = _key(model, texts)
 
     def __call__(self, name: str, spec) -> float:
-        path = self.units / f"loss-{self.tag}-{name}.json" if self.units else None
+        spec_tag = hashlib.sha256((spec.to_json() if spec else "").encode()).hexdigest()[:8]
+        path = self.units / f"loss-{self.tag}-{name}-{spec_tag}.json" if self.units else None
         if path and path.exists():
             return float(read_json(path, "loss unit")["loss"])
         loss = mean_loss(self.model, self.texts, spec)
