@@ -138,9 +138,12 @@ def similarity_scan(model, prompts: Sequence[str], heldout: Sequence[str], *, ma
     for v in variants:
         echo[v] = np.array([losses(f"{v}-{l}", _pair_spec(v, head_cos, L, H, l)) - base
                             for l in tqdm(range(L - 1), desc=f"echo {v}", unit="pair")])
-    measure = lambda blocks: losses("plan-" + "_".join("-".join(map(str, b)) for b in blocks),  # noqa: E731
-                                    plan_spec(blocks, plan_variant, head_cos, L, H)) - base
-    blocks, cost, log = greedy_plan(mats["layer_cos"], measure, budget, max_trials)
+    with tqdm(total=max_trials, desc="sharing plan", unit="trial") as bar:
+        def measure(blocks):
+            bar.update(1)
+            return losses("plan-" + "_".join("-".join(map(str, b)) for b in blocks),
+                          plan_spec(blocks, plan_variant, head_cos, L, H)) - base
+        blocks, cost, log = greedy_plan(mats["layer_cos"], measure, budget, max_trials)
     return SimilarityResult(
         model_id=model.model_id, n_layers=L, n_heads=H, n_prompts=len(p_ids), n_rows=int(sum(i.shape[1] for i in p_ids)),
         window=window, layer_cos=mats["layer_cos"], layer_js=mats["layer_js"], head_cos=head_cos,
