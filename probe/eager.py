@@ -37,6 +37,20 @@ class LayerPlan:
         return any((self.uniform, self.temperature, self.boosts, self.knockouts, self.act, self.echo,
                     self.zero, self.mean))
 
+    def heads(self) -> set[int]:
+        """Every head this plan edits."""
+        return (self.uniform | set(self.temperature) | {h for h, _ in self.boosts} | {h for h, _ in self.knockouts}
+                | set(self.act) | set(self.echo) | self.zero | set(self.mean))
+
+    def reindexed(self, heads: list[int]) -> "LayerPlan":
+        """The same edits for the sub-tensor holding only ``heads`` (head ``heads[i]`` becomes ``i``)."""
+        new = {h: i for i, h in enumerate(heads)}
+        return LayerPlan(uniform={new[h] for h in self.uniform},
+                         temperature={new[h]: t for h, t in self.temperature.items()},
+                         boosts=[(new[h], e) for h, e in self.boosts], knockouts=[(new[h], e) for h, e in self.knockouts],
+                         act={new[h]: e for h, e in self.act.items()}, echo={new[h]: s for h, s in self.echo.items()},
+                         zero={new[h] for h in self.zero}, mean={new[h]: v for h, v in self.mean.items()})
+
     @property
     def edits_scores(self) -> bool:
         return bool(self.uniform or self.temperature or self.boosts or self.knockouts)
