@@ -130,10 +130,13 @@ def edit_scores(scores: torch.Tensor, seen: torch.Tensor, plan: LayerPlan, last_
     return scores
 
 
-def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys; a fully masked row gives all zeros (not NaN)."""
+def softmax_rows(scores: torch.Tensor, may_be_empty: bool = True) -> torch.Tensor:
+    """Softmax over keys; a fully masked row gives all zeros (not NaN).
+
+    ``may_be_empty=False`` (causal rule without a mask: every row sees key 0) skips the NaN pass.
+    """
     probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    return torch.nan_to_num(probs, nan=0.0) if may_be_empty else probs
 
 
 # ----------------------------------------------------------------------------- ACT
@@ -191,11 +194,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q
     work = torch.promote_types(q.dtype, torch.float32)
     kv_index = torch.arange(H, device=q.device) // (H // k.shape[1])
     k_rep, v_rep = k[:, kv_index].to(work), v[:, kv_index].to(work)
-    sinks = _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk) if plan.act else {}
+    sinks, first = _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk) if plan.act else ({}, None)
+    separate = bool(sinks) and on_chunk is None and not echo  # nobody needs the calibrated pattern itself
     out = torch.empty(B, H, Tq, v.shape[-1], dtype=work, device=q.device)
     for r0 in range(0, Tq, chunk):
         rows = slice(r0, min(r0 + chunk, Tq))
-        probs = _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq)
+        probs = first if first is not None else _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq)
+        if separate:
+            out[:, :, rows] = act_output(probs, v_rep, sinks, plan)
+            continue
         for h, sink_mask in sinks.items():
             probs[:, h] = calibrate(probs[:, h], sink_mask, plan.act[h].beta)
         for h, pattern in (echo or {}).items():
@@ -226,26 +233,62 @@ def _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, heads=None):
         scores = edit_scores(full, seen, plan, last)[:, heads]
     else:
         scores = scores.masked_fill(~seen, float("-inf"))
-    return softmax_rows(scores)
+    return softmax_rows(scores, may_be_empty=mask is not None)
 
 
-def _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk) -> dict[int, torch.Tensor]:
+def _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """First pass for ACT heads: column sums/counts of their (pre-calibration) pattern, then sinks.
 
-    Returns, per head, a sink mask ``[B, 1, K]`` (sinks are detected per sequence).
+    Returns, per head, a sink mask ``[B, 1, K]`` (sinks are detected per sequence), and the
+    pre-calibration probabilities ``[B, H, Tq, K]`` when one chunk covered every row and every
+    head is an ACT head (so the main pass can reuse them instead of recomputing), else None.
     """
     heads = sorted(plan.act)
     B, Tq, K = q.shape[0], q.shape[2], k_rep.shape[2]
     col_sum = torch.zeros(B, len(heads), K, dtype=k_rep.dtype, device=q.device)
     col_cnt = torch.zeros(B, K, dtype=k_rep.dtype, device=q.device)
+    reuse = None
     if any(plan.act[h].sinks is None for h in heads):
         for r0 in range(0, Tq, chunk):
             rows = slice(r0, min(r0 + chunk, Tq))
-            col_sum += _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, heads=heads).sum(2)
+            probs = _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, heads=heads)
+            col_sum += probs.sum(2)
             seen = visible(q_pos[rows], K, None if mask is None else mask[..., rows, :])
             col_cnt += seen[:, 0].sum(1).to(col_cnt.dtype).expand(B, K)
+        if chunk >= Tq and heads == list(range(q.shape[1])):
+            reuse = probs
     return {h: torch.stack([detect_sinks(col_sum[b, i], col_cnt[b], plan.act[h]) for b in range(B)])[:, None]
-            for i, h in enumerate(heads)}
+            for i, h in enumerate(heads)}, reuse
+
+
+def act_output(probs: torch.Tensor, v_rep: torch.Tensor, sinks: dict[int, torch.Tensor], plan: LayerPlan):
+    """``calibrate(probs) @ v`` for every head, with the sink and non-sink accumulators kept separate.
+
+    Per row: O' = beta * P_S + s * P_N with P_S = A[:, S] @ v[S], P_N = (A with S zeroed) @ v and
+    s = 1 + (1 - beta) * m / r (m, r: sink and non-sink mass); a row with r = 0 keeps O = P_S.
+    Equal to :func:`calibrate` followed by ``@ v`` (tested), but it touches only the |S| sink
+    columns instead of rewriting the whole ``[rows, K]`` pattern. ``probs`` is overwritten.
+    """
+    B, H, c, _ = probs.shape
+    out = torch.empty(B, H, c, v_rep.shape[-1], dtype=probs.dtype, device=probs.device)
+    for h in range(H):
+        if h not in sinks:
+            out[:, h] = probs[:, h] @ v_rep[:, h]
+            continue
+        beta = plan.act[h].beta
+        for b in range(B):
+            idx = torch.nonzero(sinks[h][b, 0]).flatten()
+            p, vb = probs[b, h], v_rep[b, h]
+            if idx.numel() == 0:
+                out[b, h] = p @ vb
+                continue
+            ps = p[:, idx]
+            p.index_fill_(1, idx, 0.0)
+            rest, m = p.sum(-1, keepdim=True), ps.sum(-1, keepdim=True)
+            has_rest = rest > 0
+            s = torch.where(has_rest, 1.0 + (1.0 - beta) * m / rest.clamp(min=torch.finfo(p.dtype).tiny), 1.0)
+            out[b, h] = s * (p @ vb) + torch.where(has_rest, beta, 1.0) * (ps @ vb[idx])
+    return out
 
 
 def _edit_outputs(out: torch.Tensor, plan: LayerPlan, q_pos: torch.Tensor) -> None:

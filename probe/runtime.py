@@ -77,8 +77,9 @@ class Runtime:
         plan = self._plan(layer, decoding)
         q_pos = torch.arange(K - Tq, K, device=query.device)
         if self._unobserved(layer, decoding, plan):
+            n_edited = max(1, len(plan.heads()))
             return _attend_subset(module, query, key, value, attention_mask, scaling, plan, q_pos,
-                                  self.chunk_rows(query.shape[0], query.shape[1], K, Tq))
+                                  self.chunk_rows(query.shape[0], n_edited, K, Tq))
         echo = {h: self._echo[src] for h, src in plan.echo.items()}
         sources = self._echo_sources(layer, decoding)
         stores = {h: torch.zeros(query.shape[0], Tq, K, device=query.device) for h in sources}
