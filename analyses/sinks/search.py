@@ -142,8 +142,12 @@ def scan_candidates(model, task, cfg: SearchConfig, done: dict | None = None, on
 
 
 def select_heads(base: dict, rows: list[dict], metric: str = "accuracy") -> list[HeadId]:
-    """The candidates whose lone calibration improves ``metric`` over the plain model."""
-    return [HeadId.parse(r["head"]) for r in rows if r[metric] > base[metric]]
+    """The candidates whose lone calibration improves ``metric`` over the plain model.
+
+    A log-probability gain must exceed 1e-4 nats: below that it is float noise (a head with no
+    sink, calibrated or not, moves scores by ~1e-6), not an improvement."""
+    margin = 1e-4 if metric == "gold_logprob" else 0.0
+    return [HeadId.parse(r["head"]) for r in rows if r[metric] > base[metric] + margin]
 
 
 def heldout_eval(model, task, cfg: SearchConfig, selected: list[HeadId], progress: bool = True) -> dict:
@@ -302,3 +306,19 @@ def search_act(model, task, cfg: SearchConfig = SearchConfig(), *, out=None, pro
         if partial.exists():
             partial.unlink()
     return res
+
+
+def reselect(model, result: SearchResult, metric: str, *, progress: bool = False) -> SearchResult:
+    """The same search with the heads kept by another ``metric`` (e.g. ``gold_logprob``, finer than accuracy
+    on a small split): reuses the per-candidate scores, reruns only the held-out evaluation and control."""
+    from .tasks import load_task
+
+    if result.weights_hash != model.weights_hash:
+        from probe.errors import ModelMismatchError
+
+        raise ModelMismatchError(f"search result is for weights {result.weights_hash}, model has {model.weights_hash}")
+    cfg = SearchConfig(**{**result.config, "metric": metric})
+    selected = select_heads(result.baseline, result.candidates, metric)
+    held = heldout_eval(model, load_task(result.task), cfg, selected, progress)
+    return SearchResult(result.model_id, result.weights_hash, result.task, cfg.to_dict(), result.baseline,
+                        result.candidates, tuple(str(h) for h in selected), held)
