@@ -22,6 +22,7 @@ for path in sorted(out.glob("*shot.json")):
     if not target.exists():
         reselect(m, base, "gold_logprob").save(target)
     variants.append(SearchResult.load(target))
+    base.plot().write_html(path.with_suffix(".html"))
     for res in variants:
         fig = {"metric": res.config["metric"], **res.figures()}
         if res.shots == 0:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyses.sinks import Calibration, apply_calibration, load_calibration, load_task, profile_sinks, token_type
-from analyses.sinks.search import SearchConfig, evaluate, evaluate_from, layer_inputs, search_act
+from analyses.sinks.search import SearchConfig, evaluate, evaluate_from, layer_inputs, reselect, search_act
 from analyses.sinks.tasks import Item, Task, label_logprobs, label_token_ids, make_batches, task_batches
 from probe import HeadId, InputError, InterventionSpec, ModelMismatchError, SinkCalibration, intervene, load_model
 from probe.eager import calibrate, detect_sinks
@@ -209,6 +209,10 @@ def test_search_resumes_from_its_result(tiny_llama, tmp_path):
                                                    "rows": [fake]})
     resumed = search_act(tiny_llama, "sentiment", cfg, out=out, progress=False)
     assert resumed.candidates[0]["accuracy"] == 9.0 and resumed.candidates[1:] == first.candidates[1:]
+    by_lp = reselect(tiny_llama, first, "gold_logprob")
+    gains = {r["head"]: r["gold_logprob"] - first.baseline["gold_logprob"] for r in first.candidates}
+    assert set(by_lp.selected) == {h for h, g in gains.items() if g > 1e-4}
+    assert by_lp.candidates == first.candidates and by_lp.config["metric"] == "gold_logprob"
 
 
 # ----------------------------------------------------------------------------- calibration files
