@@ -199,17 +199,20 @@ def test_search_picks_the_head_that_helps(tiny_llama):
 def test_search_resumes_from_its_result(tiny_llama, tmp_path):
     cfg = SearchConfig(first_layer=1, last_layer=1, n_random=2)
     out = tmp_path / "r.json"
-    first = search_act(tiny_llama, "sentiment", cfg, out=out, progress=False)
-    again = search_act(tiny_llama, "sentiment", cfg, out=out, progress=False)
+    full = load_task("sentiment")
+    task = Task(full.name, full.labels, {"demo": (), "calib": full.items["calib"][:10],
+                                         "heldout": full.items["heldout"][:10]}, full.header, full.template)
+    first = search_act(tiny_llama, task, cfg, out=out, progress=False)
+    again = search_act(tiny_llama, task, cfg, out=out, progress=False)
     assert again.to_dict() == json.loads(out.read_text()) and first.selected == again.selected
     assert out.with_suffix(".parquet").exists() and not out.with_suffix(".partial.json").exists()
     out.unlink()  # an interrupted run: finished candidates come from the checkpoint, the rest are computed
     fake = {**first.candidates[0], "accuracy": 9.0}
     write_json(out.with_suffix(".partial.json"), {"weights_hash": tiny_llama.weights_hash, "config": cfg.to_dict(),
                                                    "rows": [fake]})
-    resumed = search_act(tiny_llama, "sentiment", cfg, out=out, progress=False)
+    resumed = search_act(tiny_llama, task, cfg, out=out, progress=False)
     assert resumed.candidates[0]["accuracy"] == 9.0 and resumed.candidates[1:] == first.candidates[1:]
-    by_lp = reselect(tiny_llama, first, "gold_logprob")
+    by_lp = reselect(tiny_llama, first, "gold_logprob", task=task)
     gains = {r["head"]: r["gold_logprob"] - first.baseline["gold_logprob"] for r in first.candidates}
     assert set(by_lp.selected) == {h for h, g in gains.items() if g > 1e-4}
     assert by_lp.candidates == first.candidates and by_lp.config["metric"] == "gold_logprob"
@@ -274,7 +277,7 @@ def test_cli_calibrate_and_generate(tmp_path, capsys):
 
     out = tmp_path / "calib.json"
     assert main(["calibrate", "--model", "tiny-llama", "--task", "qtype", "--out", str(out), "--first-layer", "1",
-                 "--last-layer", "1"]) == 0
+                 "--last-layer", "1", "--seeds", "1"]) == 0
     calib = load_calibration(out)
     assert calib.task == "qtype" and calib.model_id == "tiny-llama" and "heldout_plain" in calib.figures
     assert main(["generate", "--model", "tiny-llama", "--calibration", str(out), "--max-new-tokens", "3", "hi"]) == 0

@@ -145,6 +145,7 @@ def add_cli(sub) -> None:
     s.add_argument("--min-queries", type=int, default=1)
     s.add_argument("--first-layer", type=int, default=2, help="first candidate layer (reference: 2)")
     s.add_argument("--last-layer", type=int, default=None, help="last candidate layer (default L-2)")
+    s.add_argument("--seeds", type=int, default=5, help="random-head control: number of seeds")
     s.set_defaults(run=_calibrate_cmd)
     g = sub.add_parser("generate", help="greedy generation, optionally with an ACT calibration file applied")
     g.add_argument("prompt")
@@ -168,7 +169,7 @@ def _calibrate_cmd(args) -> int:
     m = _load(args.model)
     c = calibrate(m, args.task, shots=args.shots, out=args.out, beta=args.beta, tau=args.tau, rule=args.rule,
                   alpha=args.alpha, min_queries=args.min_queries, first_layer=args.first_layer,
-                  last_layer=args.last_layer)
+                  last_layer=args.last_layer, n_random=args.seeds)
     f = c.figures
     rnd = f["heldout_random_accuracy"]
     control = "no random control: no head kept" if rnd["n"] == 0 else \

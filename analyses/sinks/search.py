@@ -308,7 +308,7 @@ def search_act(model, task, cfg: SearchConfig = SearchConfig(), *, out=None, pro
     return res
 
 
-def reselect(model, result: SearchResult, metric: str, *, progress: bool = False) -> SearchResult:
+def reselect(model, result: SearchResult, metric: str, *, task=None, progress: bool = False) -> SearchResult:
     """The same search with the heads kept by another ``metric`` (e.g. ``gold_logprob``, finer than accuracy
     on a small split): reuses the per-candidate scores, reruns only the held-out evaluation and control."""
     from .tasks import load_task
@@ -319,6 +319,6 @@ def reselect(model, result: SearchResult, metric: str, *, progress: bool = False
         raise ModelMismatchError(f"search result is for weights {result.weights_hash}, model has {model.weights_hash}")
     cfg = SearchConfig(**{**result.config, "metric": metric})
     selected = select_heads(result.baseline, result.candidates, metric)
-    held = heldout_eval(model, load_task(result.task), cfg, selected, progress)
+    held = heldout_eval(model, task or load_task(result.task), cfg, selected, progress)
     return SearchResult(result.model_id, result.weights_hash, result.task, cfg.to_dict(), result.baseline,
                         result.candidates, tuple(str(h) for h in selected), held)
