@@ -1,9 +1,10 @@
 """Benchmark: ACT-calibrated vs plain forward and generation time (issue 5; target: forward <= 1.3x at 2048).
 
-Prints JSON. For each prompt length: best-of-``--repeats`` wall time (plain and calibrated interleaved) of a plain forward (SDPA), a
-calibrated forward (the engine's SinkCalibration on the calibrated heads; other heads SDPA), the same
-calibrated forward with every layer forced through the eager engine (the path before the subset fast
-path, for reference), and greedy generation of ``--new`` tokens plain vs calibrated (``hf.generate``).
+Prints JSON. For each prompt length: best-of-``--repeats`` wall time (plain and calibrated interleaved)
+of a plain forward (SDPA) and a calibrated forward (the engine's SinkCalibration on the calibrated heads,
+other heads SDPA); the same calibrated forward with every layer forced through the eager engine (the
+path before the subset fast path, for reference); greedy generation of ``--new`` tokens plain vs
+calibrated (``hf.generate``).
 
     PYTHONPATH=$PWD python bench/calibration_overhead.py [--calibration calib.json] [--lengths 512,2048]
 """

@@ -47,7 +47,8 @@ class LayerPlan:
         new = {h: i for i, h in enumerate(heads)}
         return LayerPlan(uniform={new[h] for h in self.uniform},
                          temperature={new[h]: t for h, t in self.temperature.items()},
-                         boosts=[(new[h], e) for h, e in self.boosts], knockouts=[(new[h], e) for h, e in self.knockouts],
+                         boosts=[(new[h], e) for h, e in self.boosts],
+                         knockouts=[(new[h], e) for h, e in self.knockouts],
                          act={new[h]: e for h, e in self.act.items()}, echo={new[h]: s for h, s in self.echo.items()},
                          zero={new[h] for h in self.zero}, mean={new[h]: v for h, v in self.mean.items()})
 

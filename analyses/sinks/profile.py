@@ -150,7 +150,8 @@ class SinkProfile:
         if meta.get("format") != "headwise.sink_profile":
             raise CorruptFileError(f"{path} is not a headwise sink profile: rerun profile_sinks to regenerate it")
         return cls(meta["model_id"], meta["weights_hash"], meta["rule"], meta["n_texts"],
-                   pd.read_parquet(path.with_suffix(".sinks.parquet")), pd.read_parquet(path.with_suffix(".mass.parquet")))
+                   pd.read_parquet(path.with_suffix(".sinks.parquet")),
+                   pd.read_parquet(path.with_suffix(".mass.parquet")))
 
 
 def profile_sinks(model, texts, *, tau: float = 0.1, rule: str = "tau", alpha: float = 5.0, min_queries: int = 1,
