@@ -315,3 +315,20 @@ def test_separated_act_output_equals_calibrated_pattern_times_values(chunk):
         assert torch.allclose(fast, ref, atol=1e-5)
     sinks, _ = eager._act_sinks(q, k.expand(B, H, T, D), D ** -0.5, torch.arange(T), None, plan, chunk)
     assert all(int(s.sum()) > 0 for s in sinks.values())  # the test exercises real sinks
+
+
+def test_sdpa_for_unedited_heads_matches_the_all_eager_engine(tiny_llama, monkeypatch):
+    """Engine change: unobserved layers run SDPA and only edited heads the eager engine (same results)."""
+    from probe import Temperature, ZeroAblate, runtime
+
+    spec = InterventionSpec([SinkCalibration(heads=["L1H1", "L0H2"], beta=0.3), ZeroAblate(heads=["L1H3"]),
+                             Temperature(heads=["L1H0"], temperature=2.0)])
+    ids = tiny_llama.encode("the cat sat on the mat, the end.")
+    with torch.no_grad(), intervene(tiny_llama, spec):
+        fast = tiny_llama.hf(ids).logits
+        fast_gen = tiny_llama.hf.generate(ids, max_new_tokens=5, do_sample=False)
+        monkeypatch.setattr(runtime.Runtime, "_unobserved", lambda *a: False)
+        tiny_llama.hf._headwise_rt.changed()
+        slow = tiny_llama.hf(ids).logits
+        slow_gen = tiny_llama.hf.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.allclose(fast, slow, atol=1e-5) and torch.equal(fast_gen, slow_gen)
