@@ -37,6 +37,21 @@ class LayerPlan:
         return any((self.uniform, self.temperature, self.boosts, self.knockouts, self.act, self.echo,
                     self.zero, self.mean))
 
+    def heads(self) -> set[int]:
+        """Every head this plan edits."""
+        return (self.uniform | set(self.temperature) | {h for h, _ in self.boosts} | {h for h, _ in self.knockouts}
+                | set(self.act) | set(self.echo) | self.zero | set(self.mean))
+
+    def reindexed(self, heads: list[int]) -> "LayerPlan":
+        """The same edits for the sub-tensor holding only ``heads`` (head ``heads[i]`` becomes ``i``)."""
+        new = {h: i for i, h in enumerate(heads)}
+        return LayerPlan(uniform={new[h] for h in self.uniform},
+                         temperature={new[h]: t for h, t in self.temperature.items()},
+                         boosts=[(new[h], e) for h, e in self.boosts],
+                         knockouts=[(new[h], e) for h, e in self.knockouts],
+                         act={new[h]: e for h, e in self.act.items()}, echo={new[h]: s for h, s in self.echo.items()},
+                         zero={new[h] for h in self.zero}, mean={new[h]: v for h, v in self.mean.items()})
+
     @property
     def edits_scores(self) -> bool:
         return bool(self.uniform or self.temperature or self.boosts or self.knockouts)
@@ -206,11 +221,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q
     kv_index = torch.arange(H, device=q.device) // (H // k.shape[1])
     k_rep, v_rep = k[:, kv_index].to(work), v[:, kv_index].to(work)
     scratch = scratch or Scratch()
-    sinks = _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk, scratch) if plan.act else {}
+    sinks, first = _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk, scratch) if plan.act else ({}, None)
+    separate = bool(sinks) and on_chunk is None and not echo  # nobody needs the calibrated pattern itself
     out = torch.empty(B, H, Tq, v.shape[-1], dtype=work, device=q.device)
     for r0 in range(0, Tq, chunk):
         rows = slice(r0, min(r0 + chunk, Tq))
-        probs, scores = _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, scratch=scratch)
+        if first is not None:
+            probs, scores = first
+        else:
+            probs, scores = _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, scratch=scratch)
+        if separate:
+            out[:, :, rows] = act_output(probs, v_rep, sinks, plan)
+            continue
         for h, sink_mask in sinks.items():
             probs[:, h] = calibrate(probs[:, h], sink_mask, plan.act[h].beta)
         for h, pattern in (echo or {}).items():
@@ -282,23 +304,60 @@ def _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, heads=None, scrat
     return probs, scores
 
 
-def _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk, scratch) -> dict[int, torch.Tensor]:
+def _act_sinks(q, k_rep, scale, q_pos, mask, plan, chunk, scratch: Scratch | None = None
+               ) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     """First pass for ACT heads: column sums/counts of their (pre-calibration) pattern, then sinks.
 
-    Returns, per head, a sink mask ``[B, 1, K]`` (sinks are detected per sequence).
+    Returns, per head, a sink mask ``[B, 1, K]`` (sinks are detected per sequence), and the
+    pre-calibration ``(probs, shifted scores)`` when one chunk covered every row and every head
+    is an ACT head (so the main pass can reuse them instead of recomputing), else None.
     """
     heads = sorted(plan.act)
     B, Tq, K = q.shape[0], q.shape[2], k_rep.shape[2]
     col_sum = torch.zeros(B, len(heads), K, dtype=k_rep.dtype, device=q.device)
     col_cnt = torch.zeros(B, K, dtype=k_rep.dtype, device=q.device)
+    reuse = None
     if any(plan.act[h].sinks is None for h in heads):
         for r0 in range(0, Tq, chunk):
             rows = slice(r0, min(r0 + chunk, Tq))
-            col_sum += _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, heads, scratch)[0].sum(2)
+            reuse = _chunk_probs(q, k_rep, scale, q_pos, mask, plan, rows, Tq, heads, scratch)
+            col_sum += reuse[0].sum(2)
             seen = visible(q_pos[rows], K, None if mask is None else mask[..., rows, :])
             col_cnt += seen[:, 0].sum(1).to(col_cnt.dtype).expand(B, K)
+        if not (chunk >= Tq and heads == list(range(q.shape[1]))):
+            reuse = None
     return {h: torch.stack([detect_sinks(col_sum[b, i], col_cnt[b], plan.act[h]) for b in range(B)])[:, None]
-            for i, h in enumerate(heads)}
+            for i, h in enumerate(heads)}, reuse
+
+
+def act_output(probs: torch.Tensor, v_rep: torch.Tensor, sinks: dict[int, torch.Tensor], plan: LayerPlan):
+    """``calibrate(probs) @ v`` for every head, with the sink and non-sink accumulators kept separate.
+
+    Per row: O' = beta * P_S + s * P_N with P_S = A[:, S] @ v[S], P_N = (A with S zeroed) @ v and
+    s = 1 + (1 - beta) * m / r (m, r: sink and non-sink mass); a row with r = 0 keeps O = P_S.
+    Equal to :func:`calibrate` followed by ``@ v`` (tested), but it touches only the |S| sink
+    columns instead of rewriting the whole ``[rows, K]`` pattern. ``probs`` is overwritten.
+    """
+    B, H, c, _ = probs.shape
+    out = torch.empty(B, H, c, v_rep.shape[-1], dtype=probs.dtype, device=probs.device)
+    for h in range(H):
+        if h not in sinks:
+            out[:, h] = probs[:, h] @ v_rep[:, h]
+            continue
+        beta = plan.act[h].beta
+        for b in range(B):
+            idx = torch.nonzero(sinks[h][b, 0]).flatten()
+            p, vb = probs[b, h], v_rep[b, h]
+            if idx.numel() == 0:
+                out[b, h] = p @ vb
+                continue
+            ps = p[:, idx]
+            p.index_fill_(1, idx, 0.0)
+            rest, m = p.sum(-1, keepdim=True), ps.sum(-1, keepdim=True)
+            has_rest = rest > 0
+            s = torch.where(has_rest, 1.0 + (1.0 - beta) * m / rest.clamp(min=torch.finfo(p.dtype).tiny), 1.0)
+            out[b, h] = s * (p @ vb) + torch.where(has_rest, beta, 1.0) * (ps @ vb[idx])
+    return out
 
 
 def _edit_outputs(out: torch.Tensor, plan: LayerPlan, q_pos: torch.Tensor) -> None:

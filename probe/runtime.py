@@ -78,6 +78,10 @@ class Runtime:
         decoding = K > Tq
         plan = self._plan(layer, decoding)
         q_pos = torch.arange(K - Tq, K, device=query.device)
+        if self._unobserved(layer, decoding, plan):
+            n_edited = max(1, len(plan.heads()))
+            return _attend_subset(module, query, key, value, attention_mask, scaling, plan, q_pos,
+                                  self.chunk_rows(query.shape[0], n_edited, K, Tq))
         echo = {h: self._echo[src] for h, src in plan.echo.items()}
         sources = self._echo_sources(layer, decoding)
         stores = {h: torch.zeros(query.shape[0], Tq, K, device=query.device) for h in sources}
@@ -115,6 +119,11 @@ class Runtime:
             self._plans[key] = eager.compile_plan(self.spec, layer, decoding)
         return self._plans[key]
 
+    def _unobserved(self, layer: int, decoding: bool, plan: eager.LayerPlan) -> bool:
+        """True when nothing watches this layer's pattern or output and no echo reads or writes it."""
+        return not (plan.echo or self._echo_sources(layer, decoding) or any(c.wants(layer) for c in self.collectors)
+                    or any(_wants(t, layer) for t in self.taps))
+
     def _echo_sources(self, layer: int, decoding: bool) -> set[int]:
         return {e.source.head for e in self.spec.edits
                 if isinstance(e, PatternEcho) and e.active(decoding) and e.source.layer == layer}
@@ -123,6 +132,32 @@ class Runtime:
 def _wants(tap, layer: int) -> bool:
     layers = getattr(tap, "layers", None)
     return layers is None or layer in layers
+
+
+def _sdpa(module, query, key, value, attention_mask, scaling, **kwargs) -> torch.Tensor:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
+
+
+def _attend_subset(module, query, key, value, attention_mask, scaling, plan, q_pos, chunk) -> torch.Tensor:
+    """Fast path for an unobserved layer: SDPA for every head, the eager engine only for edited heads.
+
+    Edits are per head, so each edited head is recomputed alone (with its own KV head) under a
+    plan re-indexed to the subset; unedited heads keep the SDPA output of the plain model.
+    """
+    out = _sdpa(module, query, key, value, attention_mask, scaling)
+    heads = sorted(plan.heads())
+    if not heads:
+        return out
+    group = query.shape[1] // key.shape[1]
+    kv = torch.tensor([h // group for h in heads], device=query.device)
+    idx = torch.tensor(heads, device=query.device)
+    sub = eager.attend(query[:, idx], key[:, kv], value[:, kv], scale=scaling, q_pos=q_pos, mask=attention_mask,
+                       plan=plan.reindexed(heads), chunk=chunk)
+    out = out.clone()
+    out[:, :, idx] = sub.to(out.dtype)
+    return out
 
 
 def headwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
