@@ -92,9 +92,12 @@ class Runtime:
                 t.on_probs(layer, pos, probs)
 
         needs_cb = bool(stores or watchers or probe_taps)
-        chunk = self.chunk_rows(query.shape[0], query.shape[1], K, Tq)
-        out = eager.attend(query, key, value, scale=scaling, q_pos=q_pos, mask=attention_mask, plan=plan,
-                           chunk=chunk, echo=echo, on_chunk=on_chunk if needs_cb else None)
+        if not (stores or probe_taps or echo) and _fused_ok(query, plan, watchers):
+            out = _attend_fused(layer, query, key, value, attention_mask, scaling, plan, watchers, q_pos)
+        else:
+            chunk = self.chunk_rows(query.shape[0], query.shape[1], K, Tq)
+            out = eager.attend(query, key, value, scale=scaling, q_pos=q_pos, mask=attention_mask, plan=plan,
+                               chunk=chunk, echo=echo, on_chunk=on_chunk if needs_cb else None)
         for h, store in stores.items():
             self._echo[(layer, h)] = store
         for t in self.taps:
@@ -112,6 +115,32 @@ class Runtime:
     def _echo_sources(self, layer: int, decoding: bool) -> set[int]:
         return {e.source.head for e in self.spec.edits
                 if isinstance(e, PatternEcho) and e.active(decoding) and e.source.layer == layer}
+
+
+def _fused_ok(query, plan: eager.LayerPlan, watchers: list[StatsCollector]) -> bool:
+    """Use the fused Triton kernel: CUDA (see probe.kernels), supported plan, no gradients, one stats request."""
+    from . import kernels
+
+    if kernels.kernel_backend(query, plan) is None or (torch.is_grad_enabled() and query.requires_grad):
+        return False
+    return len({(w.request.groups, w.request.from_pos, w.request.received) for w in watchers}) <= 1
+
+
+def _attend_fused(layer, query, key, value, mask, scaling, plan, watchers, q_pos) -> torch.Tensor:
+    """Kernel path of :meth:`Runtime.attend`: row statistics go to ``StatsCollector.on_stats``."""
+    from . import kernels
+
+    req = watchers[0].request if watchers else None
+    groups = [(g.start, g.stop) for g in req.groups] if req else ()
+    row0 = max(0, req.from_pos - int(q_pos[0])) if req else 0
+    if watchers and query.shape[0] != 1:
+        raise InputError("streaming statistics take one sequence at a time (batch size 1)")
+    out, stats, col = kernels.fused_attend(query, key, value, scale=scaling, mask=mask, plan=plan, groups=groups,
+                                           stats=bool(watchers), received=bool(req and req.received),
+                                           received_from=min(row0, query.shape[2]))
+    for c in watchers:
+        c.on_stats(layer, q_pos, stats, col)
+    return out
 
 
 def _wants(tap, layer: int) -> bool:

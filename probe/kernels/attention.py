@@ -128,7 +128,7 @@ def fused_attention_kernel(
     else:
         hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + (n_k - n_q))
     if not STATS:
-        hi = tl.where(skip != 0, 0, hi)  # an ablated head without statistics needs no keys
+        hi = hi * (skip == 0).to(tl.int32)  # an ablated head without statistics needs no keys
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (cols < n_k)[:, None] & d_ok[None, :]

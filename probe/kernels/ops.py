@@ -140,7 +140,7 @@ def _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps):
     if any(e.sinks is None for e in plan.act.values()):
         g_lo = torch.zeros(NGROUPS, dtype=torch.int32, device=q.device)
         plain = {**p, "beta": torch.ones_like(p["beta"]), "skip": torch.zeros_like(p["skip"])}
-        _, lse, _, _ = _forward(q, k, v, scale, plain, vis, vis_bs, None, g_lo, g_lo, False, blocks, num_warps)
+        _, _, lse, _ = _forward(q, k, v, scale, plain, vis, vis_bs, None, g_lo, g_lo, False, blocks, num_warps)
         col = _received(q, k, scale, p, vis, vis_bs, None, lse, lse, 0, blocks, num_warps)
         cnt = visible_counts(Tq, K, vis, 0, q.device).expand(B, K)
     for h, e in plan.act.items():
