@@ -143,6 +143,15 @@ def test_unsupported_plans_are_named_and_refused():
     assert kernel_backend(q) is None  # CPU tensors take the eager engine
 
 
+def count_kernel_calls(monkeypatch) -> list:
+    """Route probe.kernels.fused_attend through a counter (proves the Runtime took the kernel path)."""
+    import probe.kernels as pk
+
+    calls, real = [], pk.fused_attend
+    monkeypatch.setattr(pk, "fused_attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 def test_runtime_kernel_path_matches_eager_stats(tiny_llama, monkeypatch):
     """stream_stats through the Runtime: the kernel path (forced under the interpreter) == eager."""
     from probe import InterventionSpec, KeyGroup, stream_stats
@@ -154,10 +163,32 @@ def test_runtime_kernel_path_matches_eager_stats(tiny_llama, monkeypatch):
     ref = stream_stats(tiny_llama, ids, groups=groups, spec=spec, verbose=False)
     monkeypatch.setenv("HEADWISE_KERNELS", "interpret")
     assert kernel_backend(ids.float()) == "triton"
+    calls = count_kernel_calls(monkeypatch)
     got = stream_stats(tiny_llama, ids, groups=groups, spec=spec, verbose=False)
+    assert len(calls) == 2  # one per layer
     for name in ("entropy", "max_prob", "group_mass", "received_sum", "received_count"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=1e-4, rtol=1e-4, msg=name)
     assert torch.equal(got.argmax, ref.argmax) and torch.equal(got.query_pos, ref.query_pos)
+
+
+def test_runtime_kernel_path_in_generation(tiny_llama, monkeypatch):
+    """Decode steps (one row against the KV cache) and from_pos ("last") through the kernel path == eager."""
+    from probe import InterventionSpec, KeyGroup, generate_with_stats
+
+    ids = tiny_llama.encode("abc")
+    spec = InterventionSpec([SinkCalibration(heads=["L0H2"], beta=0.5, tau=0.1)])
+    kw = dict(max_new_tokens=3, groups=[KeyGroup("prompt", 0, 3)], prefill_spec=spec, decode_spec=spec,
+              stats_in_prefill="last")
+    monkeypatch.setenv("HEADWISE_KERNELS", "0")
+    ref = generate_with_stats(tiny_llama, ids, **kw)
+    monkeypatch.setenv("HEADWISE_KERNELS", "interpret")
+    calls = count_kernel_calls(monkeypatch)
+    got = generate_with_stats(tiny_llama, ids, **kw)
+    assert len(calls) >= 2 * 3  # prefill and decode steps, both layers
+    assert torch.equal(got.new_ids, ref.new_ids) and torch.equal(got.stats.query_pos, ref.stats.query_pos)
+    for name in ("entropy", "group_mass", "received_sum", "received_count"):
+        torch.testing.assert_close(getattr(got.stats, name), getattr(ref.stats, name), atol=1e-4, rtol=1e-4,
+                                   msg=name)
 
 
 # ----------------------------------------------------------------------------- GPU only
