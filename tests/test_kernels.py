@@ -138,6 +138,8 @@ def test_unsupported_plans_are_named_and_refused():
     q, k, v = inputs(T=8)
     with pytest.raises(InputError, match="eager"):
         fused_attend(q, k, v, scale=1.0, plan=plan)
+    with pytest.raises(InputError, match="query heads"):
+        fused_attend(q, k, v, scale=1.0, plan=plan_of(Temperature(heads=["L0H7"], temperature=2.0)))
     with pytest.raises(InputError, match="key groups"):
         fused_attend(q, k, v, scale=1.0, groups=[(0, 1)] * 17)
     assert kernel_backend(q) is None  # CPU tensors take the eager engine
@@ -157,7 +159,8 @@ def test_runtime_kernel_path_matches_eager_stats(tiny_llama, monkeypatch):
     from probe import InterventionSpec, KeyGroup, stream_stats
 
     ids = tiny_llama.encode("kernels!")
-    spec = InterventionSpec([SinkCalibration(heads=["L1H0"], beta=0.4, tau=0.1), Temperature(heads=["L0H1"], temperature=2.0)])
+    spec = InterventionSpec([SinkCalibration(heads=["L1H0"], beta=0.4, tau=0.1),
+                             Temperature(heads=["L0H1"], temperature=2.0)])
     groups = [KeyGroup("first", 0, 1), KeyGroup("rest", 1)]
     monkeypatch.setenv("HEADWISE_KERNELS", "0")
     ref = stream_stats(tiny_llama, ids, groups=groups, spec=spec, verbose=False)

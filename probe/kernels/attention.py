@@ -62,8 +62,8 @@ def _online(m_i, l_i, t_i, best, bidx, acc, gm, s, v, cols, g_lo, g_hi, STATS: t
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     if STATS:
-        shift = tl.where(l_i > 0, l_i * (m_i - m_use), 0.0)
-        t_i = alpha * (t_i + shift) + tl.sum(tl.where(p > 0, p * (s - m_use[:, None]), 0.0), 1)
+        shift = l_i * tl.where(l_i > 0, m_i - m_use, 0.0)  # no 0 * -inf
+        t_i = alpha * (t_i + shift) + tl.sum(p * tl.where(p > 0, s - m_use[:, None], 0.0), 1)
         blk = tl.max(s, 1)
         arg = tl.argmax(s, 1) + tl.min(cols, 0)
         better = blk > best
@@ -77,7 +77,8 @@ def _online(m_i, l_i, t_i, best, bidx, acc, gm, s, v, cols, g_lo, g_hi, STATS: t
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    z = tl.exp(-tl.abs(x))  # no overflow for large |x|
+    return tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
 @triton.jit

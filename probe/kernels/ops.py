@@ -29,6 +29,11 @@ def plan_supported(plan: eager.LayerPlan | None) -> str | None:
     return None
 
 
+def _plan_heads(plan: eager.LayerPlan) -> set[int]:
+    return (set(plan.uniform) | set(plan.temperature) | {h for h, _ in plan.boosts} | set(plan.act) | set(plan.zero)
+            | set(plan.mean))
+
+
 def _params(plan: eager.LayerPlan, H: int, K: int, device) -> dict:
     f32 = dict(dtype=torch.float32, device=device)
     p = {"temp": torch.ones(H, **f32), "unif": torch.zeros(H, dtype=torch.int32, device=device),
@@ -169,6 +174,9 @@ def fused_attend(q, k, v, *, scale: float, mask=None, plan=None, groups=(), stat
     K = k.shape[2]
     if H % k.shape[1]:
         raise InputError(f"{H} query heads do not divide into {k.shape[1]} KV heads")
+    bad = sorted(h for h in _plan_heads(plan) if not 0 <= h < H)
+    if bad:
+        raise InputError(f"the plan edits heads {bad} but the input has {H} query heads: compile it for this layer")
     p = _params(plan, H, K, q.device)
     vis, vis_bs = _mask_rows(mask, Tq, K)
     g_lo, g_hi, G = _groups(groups, K, q.device)
@@ -176,7 +184,8 @@ def fused_attend(q, k, v, *, scale: float, mask=None, plan=None, groups=(), stat
     sink = _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps) if plan.act else None
     out, cS, cN, rs = _forward(q, k, v, scale, p, vis, vis_bs, sink, g_lo, g_hi, stats, blocks, num_warps)
     if plan.mean:
-        eager._edit_outputs(out.transpose(1, 2), eager.LayerPlan(mean=plan.mean), torch.arange(K - Tq, K, device=q.device))
+        q_pos = torch.arange(K - Tq, K, device=q.device)
+        eager._edit_outputs(out.transpose(1, 2), eager.LayerPlan(mean=plan.mean), q_pos)
     col = _received(q, k, scale, p, vis, vis_bs, sink, cS, cN, received_from, blocks, num_warps) if received else None
     if stats:
         rs["group_mass"] = rs["group_mass"][..., :G]
