@@ -17,6 +17,7 @@ True
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
@@ -31,6 +32,7 @@ from .stats import HeadStats, StatsCollector, StatsRequest
 ATTN_NAME = "headwise"
 DEFAULT_BUDGET = 256 * 2**20  # bytes of scores per attention call (chunked over rows)
 _registered = False
+_kernel_failed = False  # set when the fused kernel raised once: the eager engine is used from then on
 
 
 class Tap(Protocol):
@@ -92,9 +94,10 @@ class Runtime:
                 t.on_probs(layer, pos, probs)
 
         needs_cb = bool(stores or watchers or probe_taps)
+        out = None
         if not (stores or probe_taps or echo) and _fused_ok(query, plan, watchers):
             out = _attend_fused(layer, query, key, value, attention_mask, scaling, plan, watchers, q_pos)
-        else:
+        if out is None:
             chunk = self.chunk_rows(query.shape[0], query.shape[1], K, Tq)
             out = eager.attend(query, key, value, scale=scaling, q_pos=q_pos, mask=attention_mask, plan=plan,
                                chunk=chunk, echo=echo, on_chunk=on_chunk if needs_cb else None)
@@ -121,12 +124,14 @@ def _fused_ok(query, plan: eager.LayerPlan, watchers: list[StatsCollector]) -> b
     """Use the fused Triton kernel: CUDA (see probe.kernels), supported plan, no gradients, one stats request."""
     from . import kernels
 
-    if kernels.kernel_backend(query, plan) is None or (torch.is_grad_enabled() and query.requires_grad):
+    if _kernel_failed or kernels.kernel_backend(query, plan) is None:
+        return False
+    if torch.is_grad_enabled() and query.requires_grad:  # the kernel has no backward
         return False
     return len({(w.request.groups, w.request.from_pos, w.request.received) for w in watchers}) <= 1
 
 
-def _attend_fused(layer, query, key, value, mask, scaling, plan, watchers, q_pos) -> torch.Tensor:
+def _attend_fused(layer, query, key, value, mask, scaling, plan, watchers, q_pos) -> torch.Tensor | None:
     """Kernel path of :meth:`Runtime.attend`: row statistics go to ``StatsCollector.on_stats``."""
     from . import kernels
 
@@ -135,9 +140,18 @@ def _attend_fused(layer, query, key, value, mask, scaling, plan, watchers, q_pos
     row0 = max(0, req.from_pos - int(q_pos[0])) if req else 0
     if watchers and query.shape[0] != 1:
         raise InputError("streaming statistics take one sequence at a time (batch size 1)")
-    out, stats, col = kernels.fused_attend(query, key, value, scale=scaling, mask=mask, plan=plan, groups=groups,
-                                           stats=bool(watchers), received=bool(req and req.received),
-                                           received_from=min(row0, query.shape[2]))
+    global _kernel_failed
+    try:
+        out, stats, col = kernels.fused_attend(query, key, value, scale=scaling, mask=mask, plan=plan, groups=groups,
+                                               stats=bool(watchers), received=bool(req and req.received),
+                                               received_from=min(row0, query.shape[2]))
+    except InputError:
+        return None
+    except Exception as exc:  # a kernel that fails to compile here must not break the probe: use eager
+        _kernel_failed = True
+        warnings.warn(f"fused Triton attention failed ({type(exc).__name__}: {exc}); using the eager engine "
+                      "from now on (set HEADWISE_KERNELS=0 to silence)", RuntimeWarning, stacklevel=2)
+        return None
     for c in watchers:
         c.on_stats(layer, q_pos, stats, col)
     return out

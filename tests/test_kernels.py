@@ -194,6 +194,22 @@ def test_runtime_kernel_path_in_generation(tiny_llama, monkeypatch):
                                    msg=name)
 
 
+def test_runtime_falls_back_to_eager_when_the_kernel_fails(tiny_llama, monkeypatch):
+    import probe.kernels as pk
+    from probe import runtime, stream_stats
+
+    def broken(*a, **kw):
+        raise RuntimeError("no such GPU feature")
+
+    monkeypatch.setenv("HEADWISE_KERNELS", "interpret")
+    monkeypatch.setattr(pk, "fused_attend", broken)
+    monkeypatch.setattr(runtime, "_kernel_failed", False)
+    ids = tiny_llama.encode("hi")
+    with pytest.warns(RuntimeWarning, match="eager engine"):
+        got = stream_stats(tiny_llama, ids, verbose=False)
+    assert runtime._kernel_failed and got.entropy.shape == (2, 4, ids.shape[1])
+
+
 # ----------------------------------------------------------------------------- GPU only
 # This module runs Triton in the interpreter, so GPU checks run bench/kernels.py in a fresh process.
 

@@ -35,11 +35,10 @@ def _plan_heads(plan: eager.LayerPlan) -> set[int]:
 
 
 def _params(plan: eager.LayerPlan, H: int, K: int, device) -> dict:
-    f32 = dict(dtype=torch.float32, device=device)
-    p = {"temp": torch.ones(H, **f32), "unif": torch.zeros(H, dtype=torch.int32, device=device),
-         "skip": torch.zeros(H, dtype=torch.int32, device=device), "beta": torch.ones(H, **f32),
-         "balpha": torch.zeros(H, **f32), "blast": torch.zeros(H, dtype=torch.int32, device=device),
-         "boost": torch.zeros(H, max(K, 1), dtype=torch.int8, device=device)}
+    """Per-head parameter tensors (built on the CPU, moved once: no per-element device writes)."""
+    p = {"temp": torch.ones(H), "unif": torch.zeros(H, dtype=torch.int32), "skip": torch.zeros(H, dtype=torch.int32),
+         "beta": torch.ones(H), "balpha": torch.zeros(H), "blast": torch.zeros(H, dtype=torch.int32),
+         "boost": torch.zeros(H, max(K, 1), dtype=torch.int8)}
     for h, t in plan.temperature.items():
         p["temp"][h] = t
     for h in plan.uniform:
@@ -49,10 +48,12 @@ def _params(plan: eager.LayerPlan, H: int, K: int, device) -> dict:
     for h, e in plan.boosts:
         p["balpha"][h] = e.alpha
         p["blast"][h] = int(e.rows == "last")
-        p["boost"][h] = eager.span_mask(e.spans, K, device)
+        p["boost"][h] = eager.span_mask(e.spans, K, "cpu")
     for h, e in plan.act.items():
         p["beta"][h] = e.beta
-    return p
+    out = {k: v.to(device, non_blocking=True) for k, v in p.items()}
+    out["has_boost"] = bool(plan.boosts)
+    return out
 
 
 def _mask_rows(mask: torch.Tensor | None, Tq: int, K: int):
@@ -67,11 +68,11 @@ def _groups(groups, K: int, device):
     groups = list(groups or ())
     if len(groups) > NGROUPS:
         raise InputError(f"the fused kernel measures at most {NGROUPS} key groups, got {len(groups)}")
-    lo = torch.zeros(NGROUPS, dtype=torch.int32, device=device)
-    hi = torch.zeros(NGROUPS, dtype=torch.int32, device=device)
+    lo = torch.zeros(NGROUPS, dtype=torch.int32)
+    hi = torch.zeros(NGROUPS, dtype=torch.int32)
     for i, (a, b) in enumerate(groups):
         lo[i], hi[i] = a, K if b is None else min(b, K)
-    return lo, hi, len(groups)
+    return lo.to(device), hi.to(device), len(groups)
 
 
 def _blocks(D: int, block_m: int, block_n: int):
@@ -101,7 +102,7 @@ def _forward(q, k, v, scale, p, vis, vis_bs, sink, g_lo, g_hi, stats, blocks, nu
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         vis_bs, K, H, H // k.shape[1], Tq, K, D, float(scale),
-        HAS_ACT=sink is not None, HAS_BOOST=bool((p["balpha"] != 0).any()), HAS_MASK=vis is not None,
+        HAS_ACT=sink is not None, HAS_BOOST=p["has_boost"], HAS_MASK=vis is not None,
         STATS=stats, IEEE=q.dtype == torch.float32, num_warps=num_warps, **blocks)
     return out, cS, cN, {"entropy": ent, "max_prob": maxp, "argmax": arg.long(), "group_mass": gm}
 
@@ -119,7 +120,7 @@ def _received(q, k, scale, p, vis, vis_bs, sink, cS, cN, row0, blocks, num_warps
         dummy if sink is None else sink, dummy if vis is None else vis,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         vis_bs, K, int(row0), H, H // k.shape[1], Tq, K, D, float(scale),
-        HAS_ACT=sink is not None, HAS_BOOST=bool((p["balpha"] != 0).any()), HAS_MASK=vis is not None,
+        HAS_ACT=sink is not None, HAS_BOOST=p["has_boost"], HAS_MASK=vis is not None,
         IEEE=q.dtype == torch.float32, num_warps=num_warps, **blocks)
     return col
 
@@ -158,7 +159,7 @@ def _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps):
 
 def fused_attend(q, k, v, *, scale: float, mask=None, plan=None, groups=(), stats: bool = True,
                  received: bool = False, received_from: int = 0, block_m: int = 64, block_n: int = 64,
-                 num_warps: int = 4):
+                 num_warps: int | None = None):
     """Kernel attention: ``(out [B, Tq, H, D], row stats or None, received [B, H, K] or None)``.
 
     ``groups`` are key ranges ``(start, stop|None)``; row stats are ``entropy, max_prob, argmax
@@ -181,6 +182,7 @@ def fused_attend(q, k, v, *, scale: float, mask=None, plan=None, groups=(), stat
     vis, vis_bs = _mask_rows(mask, Tq, K)
     g_lo, g_hi, G = _groups(groups, K, q.device)
     blocks = _blocks(D, block_m, block_n)
+    num_warps = num_warps or (4 if D <= 64 else 8)
     sink = _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps) if plan.act else None
     out, cS, cN, rs = _forward(q, k, v, scale, p, vis, vis_bs, sink, g_lo, g_hi, stats, blocks, num_warps)
     if plan.mean:
