@@ -111,6 +111,17 @@ def test_fully_masked_rows_and_explicit_mask():
     assert (out[:, 3] == 0).all() and (st["entropy"][..., 3] == 0).all() and (st["max_prob"][..., 17] == 0).all()
 
 
+def test_batch_of_two_padding_mask_and_sixteen_groups():
+    """Per-sequence masks (left padding) and sinks; the full 16 key groups, overlapping."""
+    q, k, v = inputs(T=24, H=2, KV=1, B=2, seed=11)
+    mask = torch.tril(torch.ones(24, 24, dtype=torch.bool)).repeat(2, 1, 1, 1)
+    mask[1, :, :, :5] = False  # sequence 1 is left-padded by 5 (its first 5 rows see nothing)
+    groups = [(i, i + 3) for i in range(0, 15)] + [(2, None)]
+    plan = plan_of(SinkCalibration(heads=["L0H1"], beta=0.4, tau=0.1, keep_first=False))
+    out, st, _ = compare(q, k, v, plan, mask=mask, groups=groups)
+    assert st["group_mass"].shape == (2, 2, 24, 16) and (out[1, :5] == 0).all()
+
+
 def test_decode_row_against_cache_and_received_from():
     q, k, v = inputs(T=40, Tq=1, H=4, KV=2, seed=5)
     compare(q, k, v, plan_of(SinkCalibration(heads=["L0H3"], beta=0.4, tau=0.1)))
