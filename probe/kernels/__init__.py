@@ -5,7 +5,8 @@ runs :func:`fused_attend` (one flash-style pass with edits and statistics, plus 
 received-attention kernel); otherwise the chunked PyTorch engine :func:`probe.eager.attend`.
 Both give the same outputs and statistics (the eager engine defines them; see the tests).
 Triton is imported lazily, so this package loads on machines without it.
-Set ``HEADWISE_KERNELS=0`` to force the eager engine.
+Set ``HEADWISE_KERNELS=0`` to force the eager engine; ``HEADWISE_KERNELS=interpret`` together with
+``TRITON_INTERPRET=1`` sends CPU tensors through the kernels in the Triton interpreter (tests only: slow).
 
 >>> from probe.kernels import kernel_backend
 >>> kernel_backend(__import__("torch").zeros(1)) is None  # CPU tensors use the eager engine
