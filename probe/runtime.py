@@ -17,6 +17,7 @@ True
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
@@ -31,6 +32,7 @@ from .stats import HeadStats, StatsCollector, StatsRequest
 ATTN_NAME = "headwise"
 DEFAULT_BUDGET = 96 * 2**20  # bytes of scores per attention call (chunked over rows)
 _registered = False
+_kernel_failed = False  # set when the fused kernel raised once: the eager engine is used from then on
 
 
 class Tap(Protocol):
@@ -79,6 +81,10 @@ class Runtime:
         plan = self._plan(layer, decoding)
         q_pos = torch.arange(K - Tq, K, device=query.device)
         if self._unobserved(layer, decoding, plan):
+            if _fused_ok(query, plan, []):  # on CUDA the kernel runs every head of the layer at once
+                out = _attend_fused(layer, query, key, value, attention_mask, scaling, plan, [], q_pos)
+                if out is not None:
+                    return out
             n_edited = max(1, len(plan.heads()))
             return _attend_subset(module, query, key, value, attention_mask, scaling, plan, q_pos,
                                   self.chunk_rows(query.shape[0], n_edited, K, Tq))
@@ -101,11 +107,15 @@ class Runtime:
         output_taps = [t for t in self.taps if hasattr(t, "on_output") and _wants(t, layer)]
         if not (plan or needs_cb or output_taps):  # nothing to do here: the fast path, exactly as idle
             return _sdpa(module, query, key, value, attention_mask, scaling)
-        allocator.tune()
-        chunk = self.chunk_rows(query.shape[0], query.shape[1], K, Tq)
-        out = eager.attend(query, key, value, scale=scaling, q_pos=q_pos, mask=attention_mask, plan=plan,
-                           chunk=chunk, echo=echo, on_chunk=on_chunk if needs_cb else None,
-                           scratch=self.scratch)
+        out = None
+        if not (stores or probe_taps or echo) and _fused_ok(query, plan, watchers):
+            out = _attend_fused(layer, query, key, value, attention_mask, scaling, plan, watchers, q_pos)
+        if out is None:
+            allocator.tune()
+            chunk = self.chunk_rows(query.shape[0], query.shape[1], K, Tq)
+            out = eager.attend(query, key, value, scale=scaling, q_pos=q_pos, mask=attention_mask, plan=plan,
+                               chunk=chunk, echo=echo, on_chunk=on_chunk if needs_cb else None,
+                               scratch=self.scratch)
         for h, store in stores.items():
             self._echo[(layer, h)] = store
         for t in output_taps:
@@ -129,15 +139,46 @@ class Runtime:
                 if isinstance(e, PatternEcho) and e.active(decoding) and e.source.layer == layer}
 
 
+def _fused_ok(query, plan: eager.LayerPlan, watchers: list[StatsCollector]) -> bool:
+    """Use the fused Triton kernel: CUDA (see probe.kernels), supported plan, no gradients, one stats request."""
+    from . import kernels
+
+    if _kernel_failed or kernels.kernel_backend(query, plan) is None:
+        return False
+    if torch.is_grad_enabled() and query.requires_grad:  # the kernel has no backward
+        return False
+    return len({(w.request.groups, w.request.from_pos, w.request.received) for w in watchers}) <= 1
+
+
+def _attend_fused(layer, query, key, value, mask, scaling, plan, watchers, q_pos) -> torch.Tensor | None:
+    """Kernel path of :meth:`Runtime.attend`: row statistics go to ``StatsCollector.on_stats``."""
+    from . import kernels
+
+    req = watchers[0].request if watchers else None
+    groups = [(g.start, g.stop) for g in req.groups] if req else ()
+    row0 = max(0, req.from_pos - int(q_pos[0])) if req else 0
+    if watchers and query.shape[0] != 1:
+        raise InputError("streaming statistics take one sequence at a time (batch size 1)")
+    global _kernel_failed
+    try:
+        out, stats, col = kernels.fused_attend(query, key, value, scale=scaling, mask=mask, plan=plan, groups=groups,
+                                               stats=bool(watchers), received=bool(req and req.received),
+                                               received_from=min(row0, query.shape[2]))
+    except InputError:
+        return None
+    except Exception as exc:  # a kernel that fails to compile here must not break the probe: use eager
+        _kernel_failed = True
+        warnings.warn(f"fused Triton attention failed ({type(exc).__name__}: {exc}); using the eager engine "
+                      "from now on (set HEADWISE_KERNELS=0 to silence)", RuntimeWarning, stacklevel=2)
+        return None
+    for c in watchers:
+        c.on_stats(layer, q_pos, stats, col)
+    return out
+
+
 def _wants(tap, layer: int) -> bool:
     layers = getattr(tap, "layers", None)
     return layers is None or layer in layers
-
-
-def _sdpa(module, query, key, value, attention_mask, scaling, **kwargs) -> torch.Tensor:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
 
 
 def _attend_subset(module, query, key, value, attention_mask, scaling, plan, q_pos, chunk) -> torch.Tensor:
