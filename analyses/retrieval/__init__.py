@@ -51,10 +51,11 @@ def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=Non
     per = [torch.tensor(r["events"], dtype=torch.float64) for r in recs]
     scores, _ = head_scores(per, [r["success"] for r in recs])
     top = top_heads(scores, k)
-    excl = set(top_heads(scores, exclude_top or 2 * k))
-    conds = {"top": top} | {f"random{s}": pick_random(model, top, k, s, excl) for s in seeds}
+    conds = {"top": top}
     masking = pd.DataFrame()
     if mask:
+        excl = set(top_heads(scores, exclude_top or min(2 * k, scores.numel() - k)))
+        conds |= {f"random{s}": pick_random(model, top, k, s, excl) for s in seeds}
         mcells = ([(by_name[n], int(L), float(d)) for n, L, d in mask_cells] if mask_cells
                   else grid(ns, mask_lengths or lengths, depths))
         masking = pd.DataFrame(scan_masking(model, mcells, conds, out, progress=progress, **opts))
