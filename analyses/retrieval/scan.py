@@ -51,7 +51,7 @@ def _record(model, p, new: list[int]) -> dict:
     response = model.tokenizer.decode(new, skip_special_tokens=True).strip()
     recall = rouge1_recall(p.needle.answer, response)
     return {"needle": p.needle.name, "length": p.length, "depth": p.depth, "prompt_len": int(p.ids.shape[1]),
-            "span": [p.start, p.stop], "response": response, "recall": recall,
+            "span": [p.start, p.stop], "new_ids": list(new), "response": response, "recall": recall,
             "success": recall > SUCCESS_RECALL, "weights_hash": model.weights_hash}
 
 
