@@ -9,8 +9,8 @@ heads (vs K random heads from outside the top set, several seeds) uniform during
 See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t).
 
 >>> from probe import load_model
->>> res = detect(load_model("tiny-llama"), lengths=[120], depths=[50], needles=["code"],
-...              k=2, seeds=[0], progress=False)
+>>> res = detect(load_model("tiny-llama"), lengths=[220], depths=[50], needles=["code"],
+...              k=2, seeds=[0], max_new_tokens=4, progress=False)
 >>> res.scores.shape
 (2, 4)
 """
