@@ -59,7 +59,9 @@ def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=Non
         mcells = ([(by_name[n], int(L), float(d)) for n, L, d in mask_cells] if mask_cells
                   else grid(ns, mask_lengths or lengths, depths))
         masking = pd.DataFrame(scan_masking(model, mcells, conds, out, progress=progress, **opts))
-    samples = pd.DataFrame([{k_: v for k_, v in r.items() if k_ not in ("events", "span_mass", "settings")} for r in recs])
+    drop = ("events", "span_mass", "settings")
+    samples = pd.DataFrame([{k_: v for k_, v in r.items() if k_ not in drop} | {"new_ids": r.get("new_ids")}
+                            for r in recs])
     res = RetrievalResult(model.model_id, scores.numpy(), model.n_kv_heads, threshold, samples, masking,
                           tuple(repr(h) for h in top), {c: [repr(h) for h in hs] for c, hs in conds.items() if c != "top"},
                           {"k": k, "seeds": list(seeds), "row": row, "lengths": [int(x) for x in lengths],

@@ -97,16 +97,17 @@ def scan_masking(model, cells, conditions: dict[str, list[HeadId]], out: Path | 
                  progress=True, **kw) -> list[dict]:
     """Masked runs per cell (one file per cell, recomputed if the head sets changed)."""
     want = {c: [repr(h) for h in hs] for c, hs in conditions.items()}
+    settings = {k: v for k, v in sorted(kw.items())}
     recs = []
     for n, L, d in tqdm(cells, desc="masking", disable=not progress):
         path = Path(out) / "masking" / cell_name("mask", n, L, d) if out else None
         if path and path.exists():
             rec = read_json(path, "retrieval masking")
-            if rec.get("weights_hash") == model.weights_hash and \
-                    {c: r["heads"] for c, r in rec["runs"].items()} == want:
+            same = rec.get("weights_hash") == model.weights_hash and rec.get("settings", settings) == settings
+            if same and {c: r["heads"] for c, r in rec["runs"].items()} == want:
                 recs += [r | {"condition": c} for c, r in rec["runs"].items()]
                 continue
-        rec = run_masked(model, n, L, d, conditions, **kw)
+        rec = run_masked(model, n, L, d, conditions, **kw) | {"settings": settings}
         if path:
             write_json(path, rec)
         recs += [r | {"condition": c} for c, r in rec["runs"].items()]
