@@ -156,3 +156,30 @@ def test_embedded_model_answer_has_ratios(smol):
     row = answer_item(smol, item, max_new_tokens=3)
     lr = np.asarray(row["row_lr"]).reshape(row["n_new"], smol.n_layers, smol.n_heads)
     assert row["n_new"] >= 1 and np.all((lr >= 0) & (lr <= 1)) and 0.05 < lr.mean() < 0.95
+
+
+def test_dataset_resumes_finished_shards(tiny_llama, tmp_path, monkeypatch):
+    from analyses.grounding import data
+
+    df = data.generate_dataset(tiny_llama, tmp_path, limit=3, shard=2, max_new_tokens=2, progress=False)
+    assert len(df) == 3 and len(list((tmp_path / "dataset").glob("shard_*.parquet"))) == 2
+    assert set(df["split"]) <= {"train", "heldout"} and all(len(r) == n * 8 for r, n in zip(df.row_lr, df.n_new))
+
+    def boom(*a, **k):
+        raise AssertionError("a finished shard was recomputed")
+
+    monkeypatch.setattr(data, "answer_item", boom)
+    again = data.generate_dataset(tiny_llama, tmp_path, limit=3, shard=2, progress=False)
+    assert again["answer"].tolist() == df["answer"].tolist()
+
+
+def test_cli_guided_generate_writes_token_view(tiny_llama, tmp_path):
+    from analyses.cli import main
+
+    L, H = tiny_llama.n_layers, tiny_llama.n_heads
+    Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H).save(tmp_path / "d.json")
+    rc = main(["scan", "grounding-generate", "--model", "tiny-llama", "--guided", str(tmp_path / "d.json"),
+               "--max-new-tokens", "4", "--html", str(tmp_path / "v.html"), "context. q:"])
+    assert rc == 0 and "P(grounded)" in (tmp_path / "v.html").read_text()
+    assert main(["scan", "grounding-generate", "--model", "tiny-llama", "--guided", str(tmp_path / "v.html"),
+                 "x"]) == 2
