@@ -46,18 +46,32 @@ def load_facts(path: str | Path = DATA) -> dict:
 
 
 def build_items(spec: dict | None = None, limit: int | None = None) -> list[Item]:
-    """Every fact x counterfactual value x template, in a fixed order (fillers rotate)."""
+    """Every fact x counterfactual value x template, in a fixed order (fillers rotate).
+
+    ``extra_templates`` (a later round) come after all items of ``templates``, so the shards of
+    an earlier run stay valid when templates are added.
+    """
     spec = spec or load_facts()
+    rounds = [list(enumerate(spec["templates"]))]
+    n0 = len(spec["templates"])
+    rounds.append([(n0 + i, t) for i, t in enumerate(spec.get("extra_templates", []))])
+    items = []
+    for block in rounds:
+        items += _items(spec, block)
+    return items[:limit]
+
+
+def _items(spec: dict, templates: list[tuple[int, str]]) -> list[Item]:
     items = []
     for fi, fact in enumerate(spec["facts"]):
         for ai, alt in enumerate(fact["alts"]):
-            for ti, tmpl in enumerate(spec["templates"]):
+            for ti, tmpl in templates:
                 filler = spec["fillers"][(fi + ai + ti) % len(spec["fillers"])]
                 statement = fact["statement"].format(x=alt)
                 statement = statement[0].upper() + statement[1:]
                 prompt = tmpl.format(filler=filler, statement=statement, question=fact["question"])
                 items.append(Item(f"f{fi}a{ai}t{ti}", fi, ti, prompt, prompt.rindex("\n"), alt, fact["true"]))
-    return items[:limit]
+    return items
 
 
 def split_of(item: Item, held_out: float = 0.3) -> str:
@@ -111,20 +125,24 @@ def answer_item(model, item: Item, *, max_new_tokens: int = 10, reading: str = "
 
 def generate_dataset(model, out: str | Path, *, limit: int | None = None, shard: int = 20,
                      max_new_tokens: int = 10, reading: str = "code", progress: bool = True):
-    """Answer every item and write ``dataset/shard_XXXX.parquet`` (finished shards are skipped on rerun)."""
+    """Answer every item and write ``dataset/shard_XXXX.parquet`` (finished shards are skipped on rerun).
+
+    The ``"paper"`` reading writes ``dataset_paper/`` so the two readings never share shards.
+    """
     import pandas as pd
     from tqdm import tqdm
 
     from probe.atomic import atomic_path
 
     items = build_items(limit=limit)
-    folder = Path(out) / "dataset"
+    folder = Path(out) / ("dataset" if reading == "code" else f"dataset_{reading}")  # never mix readings
     folder.mkdir(parents=True, exist_ok=True)
     frames = []
     bar = tqdm(total=len(items), desc="grounding data", disable=not progress)
     for s in range(0, len(items), shard):
         path = folder / f"shard_{s // shard:04d}.parquet"
-        if not path.exists():
+        want = [it.item_id for it in items[s:s + shard]]
+        if not path.exists() or pd.read_parquet(path, columns=["item_id"])["item_id"].tolist() != want:
             rows = []
             for item in items[s:s + shard]:
                 rows.append(answer_item(model, item, max_new_tokens=max_new_tokens, reading=reading))

@@ -24,6 +24,25 @@ def features(df: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[np.ndarray,
     return X, lab["label"].astype(int).to_numpy()
 
 
+def _confound_checks(det: Detector, tr: pd.DataFrame, te: pd.DataFrame, L: int, H: int) -> dict:
+    """Is the detector more than a template detector? AUROC of the template's train grounded rate as the
+    score, and the detector's AUROC within each template (where both classes occur in held-out)."""
+    from .detector import auroc, bootstrap_ci
+
+    lab_tr, lab_te = (d[d["label"].notna() & (d["n_new"] > 0)] for d in (tr, te))
+    rate = lab_tr.groupby("template_id")["label"].mean()
+    y = lab_te["label"].astype(int).to_numpy()
+    out = {"template_baseline_auroc": auroc(y, lab_te["template_id"].map(rate).fillna(0.5).to_numpy())}
+    for t, g in lab_te.groupby("template_id"):
+        X, yt = features(g, L, H)
+        if len(set(yt.tolist())) == 2:
+            s, base = det.score(X), X.mean(1)
+            out[f"template{t}_auroc"], out[f"template{t}_auroc_ci"] = auroc(yt, s), bootstrap_ci(yt, s, 1000)
+            out[f"template{t}_baseline_auroc"] = auroc(yt, base)
+            out[f"template{t}_n"] = int(len(yt))
+    return out
+
+
 def _conditions(det: Detector, k: int, alpha: float) -> dict[str, dict]:
     return {"greedy": {}, "sampled": {"guided": True, "n_candidates": 1},
             "guided": {"guided": True},
@@ -36,6 +55,7 @@ def _answer(model, item: Item, det: Detector, cond: dict, max_new_tokens: int, s
     ids, reg = item_regions(model, item)
     if cond.get("guided"):
         return guided_generate(model, ids, det, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=max_new_tokens,
+                               reading=det.meta.get("reading", "code"),
                                seed=seed, n_candidates=cond.get("n_candidates", 8)).text
     spec = boost_spec(cond["heads"], (reg.ctx_start, reg.ctx_stop), cond["alpha"]) if cond.get("heads") else None
     return answer_item(model, item, max_new_tokens=max_new_tokens, spec=spec)["answer"]
@@ -74,10 +94,10 @@ def mitigation(model, items: list[Item], det: Detector, out: Path, *, k: int = 2
 
 def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigate: int = 40, k: int = 20,
                   alpha: float = 0.3, n_perm: int = 50, seed: int = 0, mitigate_templates=(1, 2),
-                  progress: bool = True) -> GroundingResult:
+                  reading: str = "code", progress: bool = True) -> GroundingResult:
     """Data → detector → mitigation on ``model``; writes ``out/`` (resumable) and returns the result."""
     out = Path(out)
-    df = generate_dataset(model, out, limit=limit, progress=progress)
+    df = generate_dataset(model, out, limit=limit, reading=reading, progress=progress)
     L, H = model.n_layers, model.n_heads
     tr, te = df[df["split"] == "train"], df[df["split"] == "heldout"]
     (Xtr, ytr), (Xte, yte) = features(tr, L, H), features(te, L, H)
@@ -88,9 +108,10 @@ def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigat
     summary.update({"n_items": int(len(df)), "n_grounded": int(counts.get(1.0, 0)),
                     "n_not_grounded": int(counts.get(0.0, 0)), "n_ambiguous": int(df["label"].isna().sum())})
     det = Detector(det.coef, det.intercept, det.mean, det.scale, L, H,
-                   {**det.meta, "model_id": model.model_id, "weights_hash": model.weights_hash, "reading": "code",
+                   {**det.meta, "model_id": model.model_id, "weights_hash": model.weights_hash, "reading": reading,
                     "feature": "mean lookback ratio over the rows that produced the answer tokens"})
     det.save(out / "detector.json")
+    summary.update(_confound_checks(det, tr, te, L, H))
     held = {it.item_id: it for it in build_items(limit=limit)}
     # mitigation items: held-out items of the hallucination-prone templates (model-free choice)
     items = [held[i] for i in te["item_id"] if held[i].template_id in mitigate_templates][:n_mitigate]
@@ -109,6 +130,8 @@ def add_cli(subparsers) -> None:
     s.add_argument("--n-mitigate", type=int, default=40)
     s.add_argument("--top-k", type=int, default=20, help="heads boosted in the top-k / random-k conditions")
     s.add_argument("--alpha", type=float, default=0.3)
+    s.add_argument("--reading", choices=("code", "paper"), default="code",
+                   help="new tokens = everything after the context (reference code) or generated only (paper)")
     s.set_defaults(run=_cli_scan)
     g = subparsers.add_parser("grounding-generate", help="generate with Lookback Lens guided decoding")
     g.add_argument("--model", default=None)
@@ -130,7 +153,7 @@ def _load(name):
 
 def _cli_scan(args) -> int:
     res = run_grounding(_load(args.model), args.out, limit=args.limit, n_mitigate=args.n_mitigate,
-                        k=args.top_k, alpha=args.alpha)
+                        k=args.top_k, alpha=args.alpha, reading=args.reading)
     print(json.dumps(res.summary, indent=2))
     print(res.mitigation.to_string(index=False))
     return 0
@@ -141,7 +164,8 @@ def _cli_generate(args) -> int:
 
     model = _load(args.model)
     det = Detector.load(args.guided)
-    out = guided_generate(model, args.prompt, det, max_new_tokens=args.max_new_tokens)
+    out = guided_generate(model, args.prompt, det, max_new_tokens=args.max_new_tokens,
+                          reading=det.meta.get("reading", "code"))
     print(out.text)
     print(f"chunk scores (P grounded): {[round(s, 3) for s in out.chunk_scores]}")
     if args.html:
