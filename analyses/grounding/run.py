@@ -77,7 +77,8 @@ def mitigation(model, items: list[Item], det: Detector, out: Path, *, k: int = 2
     rows = []
     for name, cond in _conditions(det, k, alpha).items():
         path = folder / f"{name}.parquet"
-        if not path.exists():
+        ids = [it.item_id for it in items]
+        if not path.exists() or pd.read_parquet(path, columns=["item_id"])["item_id"].tolist() != ids:
             answers = [{"item_id": it.item_id, "condition": name,
                         "answer": greedy[it.item_id] if name == "greedy" and greedy and it.item_id in greedy
                         else _answer(model, it, det, cond, max_new_tokens, seed + i)}
