@@ -262,10 +262,10 @@ def test_mitigation_rates_and_resume(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "boost_heads", lambda d, k=None, how="top", seed=0:
                         [HeadId(1, h) for h in ((0, 1, 2, 3) if k is None else (0, 1) if how == "top" else (2, 3))])
     greedy = {items[0].item_id: f" {items[0].passage_value}", items[1].item_id: f" {items[1].true_value}"}
-    kw = dict(k=2, max_new_tokens=2, greedy=greedy, progress=False)
+    kw = dict(k=2, max_new_tokens=2, greedy=greedy, progress=False, block=1)
     m = run.mitigation(tiny_llama, items, det, tmp_path, **kw)
     g = m.set_index("condition")
-    assert len(m) == 7 and set(m["n"]) == {2}
+    assert len(m) == 6 and set(m["n"]) == {2} and len(list((tmp_path / "mitigation").glob("*.parquet"))) == 12
     assert g.loc["greedy", "grounded_rate"] == 0.5 and g.loc["greedy", "contradicted_rate"] == 0.5
     assert g.loc["guided", "control"] == "sampled" and g.loc["boost_top2", "control"] == "boost_random2"
     assert g.loc["greedy", "d_greedy"] == 0.0 and np.isnan(g.loc["greedy", "d_control"])

@@ -60,7 +60,6 @@ def _conditions(det: Detector, k: int, alpha: float) -> dict[str, dict]:
             f"boost_top{k}": {"heads": boost_heads(det, k, "top"), "alpha": alpha, "control": f"boost_random{k}"},
             f"boost_random{k}": {"heads": boost_heads(det, k, "random"), "alpha": alpha},
             "boost_all": {"heads": boost_heads(det), "alpha": alpha},
-            "boost_all_a0.7": {"heads": boost_heads(det), "alpha": 0.7},
             "sampled": {"guided": True, "n_candidates": 1},
             "guided": {"guided": True, "control": "sampled"}}
 
@@ -90,31 +89,34 @@ def _stale(path: Path, ids: list[str], key: str) -> bool:
 
 
 def mitigation(model, items: list[Item], det: Detector, out: Path, *, k: int = 20, alpha: float = 0.3,
-               max_new_tokens: int = 10, seed: int = 0, greedy: dict | None = None,
+               max_new_tokens: int = 10, seed: int = 0, greedy: dict | None = None, block: int = 5,
                progress: bool = True) -> pd.DataFrame:
-    """Grounded / contradicted rate on ``items`` per condition; one parquet per finished condition.
+    """Grounded / contradicted rate on ``items`` per condition; one parquet per finished block of items.
 
     Conditions: greedy (before; ``greedy`` maps item ids to answers already generated), sampled
     (one candidate per chunk: the sampling control), guided (best of 8 by the detector), and the
-    boost on the top-``k`` heads by coefficient, ``k`` random heads (control) and all heads of 2..L-1
-    (alpha and 0.7). ``d_greedy`` / ``d_control``: paired change in grounded rate with a 95% interval.
+    boost on the top-``k`` heads by coefficient, ``k`` random heads (control) and all heads of 2..L-1. ``d_greedy`` / ``d_control``: paired change in grounded rate with a 95% interval.
     """
     from tqdm import tqdm
 
     folder = Path(out) / "mitigation"
     folder.mkdir(parents=True, exist_ok=True)
-    ids, grounded, rows = [it.item_id for it in items], {}, []
+    grounded, rows = {}, []
     conditions = _conditions(det, k, alpha)
     for name, cond in conditions.items():
-        path, key = folder / f"{name}.parquet", _key(name, cond, det, max_new_tokens, seed)
-        if _stale(path, ids, key):
-            answers = [{"item_id": it.item_id, "condition": name, "key": key,
-                        "answer": greedy[it.item_id] if name == "greedy" and greedy and it.item_id in greedy
-                        else _answer(model, it, det, cond, max_new_tokens, seed + i)}
-                       for i, it in enumerate(tqdm(items, desc=f"mitigation {name}", disable=not progress))]
-            with atomic_path(path) as tmp:
-                pd.DataFrame(answers).to_parquet(tmp)
-        labs = [label(t, it.passage_value, it.true_value) for t, it in zip(pd.read_parquet(path)["answer"], items)]
+        key, parts = _key(name, cond, det, max_new_tokens, seed), []
+        for b in range(0, len(items), block):   # one file per block of items: an interrupted run resumes
+            path, chunk = folder / f"{name}_{b // block:03d}.parquet", items[b:b + block]
+            if _stale(path, [it.item_id for it in chunk], key):
+                answers = [{"item_id": it.item_id, "condition": name, "key": key,
+                            "answer": greedy[it.item_id] if name == "greedy" and greedy and it.item_id in greedy
+                            else _answer(model, it, det, cond, max_new_tokens, seed + b + i)}
+                           for i, it in enumerate(tqdm(chunk, desc=f"mitigation {name} {b}", disable=not progress))]
+                with atomic_path(path) as tmp:
+                    pd.DataFrame(answers).to_parquet(tmp)
+            parts.append(pd.read_parquet(path))
+        answers = pd.concat(parts, ignore_index=True)["answer"]
+        labs = [label(t, it.passage_value, it.true_value) for t, it in zip(answers, items)]
         grounded[name] = np.array([lab == 1 for lab in labs], float)
         rows.append({"condition": name, "n": len(labs), "grounded_rate": float(grounded[name].mean()),
                      "contradicted_rate": float(np.mean([lab == 0 for lab in labs])),
@@ -129,12 +131,14 @@ def mitigation(model, items: list[Item], det: Detector, out: Path, *, k: int = 2
     return pd.DataFrame(rows)
 
 
-def fit_detectors(df: pd.DataFrame, L: int, H: int, *, center: str = "template", n_perm: int = 50,
+def fit_detectors(df: pd.DataFrame, L: int, H: int, *, center: str = "none", n_perm: int = 50,
                   n_boot: int = 1000, seed: int = 0) -> tuple[Detector, dict]:
     """The plain detector (the paper's) and the template-centred one; returns the chosen one and a summary.
 
-    Both are scored pooled and within templates; keys of the centred fit carry the prefix ``centred_``.
-    Centring means come from every train answer with tokens (labelled or not), so they use no labels.
+    Both are scored pooled (``auroc``) and within templates (``w_auroc``: only pairs of answers to the
+    same template, so knowing the template is worth 0.5); keys of the centred fit carry the prefix
+    ``centred_``. Centring means come from every train answer with tokens (labelled or not): no labels.
+    ``center`` picks the detector returned (``"none"``: plain, as in the paper).
     """
     if center not in ("template", "none"):
         raise InputError(f"center must be 'template' or 'none', not {center!r}")
@@ -156,7 +160,7 @@ def fit_detectors(df: pd.DataFrame, L: int, H: int, *, center: str = "template",
 
 def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigate: int = 60, k: int = 20,
                   alpha: float = 0.3, n_perm: int = 50, seed: int = 0, mitigate_templates=(1, 2, 3, 4),
-                  reading: str = "code", center: str = "template", progress: bool = True) -> GroundingResult:
+                  reading: str = "code", center: str = "none", progress: bool = True) -> GroundingResult:
     """Data → detectors → mitigation on ``model``; writes ``out/`` (resumable) and returns the result."""
     out = Path(out)
     df = generate_dataset(model, out, limit=limit, reading=reading, progress=progress)
@@ -191,7 +195,7 @@ def add_cli(subparsers) -> None:
     s.add_argument("--alpha", type=float, default=0.3)
     s.add_argument("--reading", choices=("code", "paper"), default="code",
                    help="new tokens = everything after the context (reference code) or generated only (paper)")
-    s.add_argument("--center", choices=("template", "none"), default="template",
+    s.add_argument("--center", choices=("none", "template"), default="none",
                    help="fit the detector on template-centred features (confound control) or plain (the paper)")
     s.add_argument("--n-perm", type=int, default=50, help="permutation-null refits")
     s.set_defaults(run=_cli_scan)
