@@ -110,7 +110,6 @@ def test_guided_generate_picks_the_best_scoring_chunk(tiny_llama):
     # the kept chunk's score is the detector's score of its rows' mean
     first = out.row_lr[:min(3, len(out.new_ids))].mean(0).reshape(1, -1)
     assert out.chunk_scores[0] == pytest.approx(float(det.score(first)[0]), rel=1e-5)
-    # the detector ranks chunks by mean ratio, so the greedy choice beats a random choice on average
     scores = token_scores(det, out.row_lr)
     assert "P(grounded)" in token_view_html([str(t) for t in out.new_ids], scores)
     bad = Detector(np.ones(6), 0.0, np.zeros(6), np.ones(6), 2, 3)
