@@ -278,3 +278,28 @@ def test_mitigation_rates_and_resume(tiny_llama, tmp_path, monkeypatch):
     other = Detector(-np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
     with pytest.raises(AssertionError, match="recomputed"):   # a new detector invalidates saved answers
         run.mitigation(tiny_llama, items, other, tmp_path, **kw)
+
+
+def test_detector_stage_reloads_instead_of_refitting(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from analyses.grounding import run
+
+    fake = SimpleNamespace(n_layers=2, n_heads=2, weights_hash="h", model_id="fake")
+    df = _confounded_frame(signal=1.5)
+    df["item_id"], df["answer"] = [f"i{i}" for i in range(len(df))], "x"
+    kw = dict(center="none", n_perm=2, seed=0, reading="code")
+    real = run.fit_detectors
+    monkeypatch.setattr(run, "fit_detectors", lambda *a, **k: real(*a, **{**k, "n_boot": 20}))
+    det, s = run._detector_stage(fake, df, tmp_path, **kw)
+    assert s["n_items"] == len(df) and det.meta["model_id"] == "fake"
+
+    def boom(*a, **k):
+        raise AssertionError("refit")
+
+    monkeypatch.setattr(run, "fit_detectors", boom)
+    again, s2 = run._detector_stage(fake, df, tmp_path, **kw)
+    assert np.array_equal(again.coef, det.coef) and s2["auroc"] == s["auroc"]
+    df.loc[0, "answer"] = "changed"
+    with pytest.raises(AssertionError, match="refit"):
+        run._detector_stage(fake, df, tmp_path, **kw)

@@ -158,13 +158,21 @@ def fit_detectors(df: pd.DataFrame, L: int, H: int, *, center: str = "none", n_p
     return det, summary
 
 
-def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigate: int = 60, k: int = 20,
-                  alpha: float = 0.3, n_perm: int = 50, seed: int = 0, mitigate_templates=(1, 2, 3, 4),
-                  reading: str = "code", center: str = "none", progress: bool = True) -> GroundingResult:
-    """Data → detectors → mitigation on ``model``; writes ``out/`` (resumable) and returns the result."""
-    out = Path(out)
-    df = generate_dataset(model, out, limit=limit, reading=reading, progress=progress)
+def _detector_stage(model, df: pd.DataFrame, out: Path, *, center: str, n_perm: int, seed: int, reading: str):
+    """Fit (or, on a rerun with the same answers and settings, reload) the detector and its summary.
+
+    Reloading matters: a refit can differ in the last bits (BLAS threads), which would change the
+    detector and so invalidate the saved guided-decoding answers.
+    """
+    from probe.atomic import read_json, write_json
+
     L, H = model.n_layers, model.n_heads
+    stamp = {"answers": hashlib.sha256(json.dumps(list(zip(df["item_id"], df["answer"]))).encode()).hexdigest(),
+             "center": center, "n_perm": n_perm, "seed": seed, "reading": reading, "model": model.weights_hash}
+    if (out / "fit.json").exists() and (out / "detector.json").exists():
+        saved = read_json(out / "fit.json", "grounding fit")
+        if saved.get("stamp") == stamp:
+            return Detector.load(out / "detector.json"), saved["summary"]
     det, summary = fit_detectors(df, L, H, center=center, n_perm=n_perm, seed=seed)
     counts = df["label"].value_counts(dropna=False)
     summary.update({"n_items": int(len(df)), "n_grounded": int(counts.get(1.0, 0)), "center": center,
@@ -173,8 +181,20 @@ def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigat
                    {**det.meta, "model_id": model.model_id, "weights_hash": model.weights_hash, "reading": reading,
                     "center": center, "feature": "mean lookback ratio over the rows that produced the answer tokens"})
     det.save(out / "detector.json")
+    det = Detector.load(out / "detector.json")          # the saved detector is the one used from here on
+    write_json(out / "fit.json", {"stamp": stamp, "summary": summary})
+    return det, summary
+
+
+def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigate: int = 60, k: int = 20,
+                  alpha: float = 0.3, n_perm: int = 50, seed: int = 0, mitigate_templates=(1, 2, 3, 4),
+                  reading: str = "code", center: str = "none", progress: bool = True) -> GroundingResult:
+    """Data → detectors → mitigation on ``model``; writes ``out/`` (resumable) and returns the result."""
+    out = Path(out)
+    df = generate_dataset(model, out, limit=limit, reading=reading, progress=progress)
+    det, summary = _detector_stage(model, df, out, center=center, n_perm=n_perm, seed=seed, reading=reading)
     te = df[df["split"] == "heldout"]
-    summary.update(_confound_checks(det, df[df["split"] == "train"], te, L, H))
+    summary.update(_confound_checks(det, df[df["split"] == "train"], te, model.n_layers, model.n_heads))
     held = {it.item_id: it for it in build_items(limit=limit)}
     # mitigation items: held-out items of the hallucination-prone templates (model-free choice)
     items = [held[i] for i in te["item_id"] if held[i].template_id in mitigate_templates][:n_mitigate]
