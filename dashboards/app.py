@@ -42,7 +42,7 @@ st.sidebar.caption(f"{model.model_id} · {model.n_layers} layers · {model.n_hea
                    f"{model.n_kv_heads} KV heads · context {model.n_ctx}")
 
 page = st.navigation([
-    st.Page(ROOT / "dashboards" / "views" / "head_grid.py", title="Head grid", icon="🔳", default=True),
-    st.Page(ROOT / "dashboards" / "views" / "pattern_explorer.py", title="Pattern explorer", icon="🔍"),
+    st.Page(ROOT / "dashboards" / "views" / "head_grid.py", title="Head grid", icon=":material/grid_on:", default=True),
+    st.Page(ROOT / "dashboards" / "views" / "pattern_explorer.py", title="Pattern explorer", icon=":material/zoom_in:"),
 ])
 page.run()
