@@ -64,15 +64,25 @@ def kaleido_ok() -> bool:
     return bool(os.environ.get("BROWSER_PATH"))
 
 
+def figure_image(fig, fmt: str) -> bytes:
+    """PNG/SVG bytes through kaleido with the local plotly.js and no MathJax (its default is a CDN URL)."""
+    import kaleido
+
+    kaleido_ok()
+    layout = fig.layout
+    opts = {"format": fmt, "width": layout.width or 1100, "height": layout.height or 600, "scale": 1}
+    return kaleido.calc_fig_sync(fig.to_plotly_json(), opts=opts, kopts={"mathjax": False})
+
+
 def figure_downloads(fig, name: str) -> None:
     """HTML (plotly.js inlined: works offline) and, when kaleido works, PNG and SVG; built lazily on click."""
     cols = st.columns(3)
     cols[0].download_button("Figure as HTML", lambda: fig.to_html(include_plotlyjs=True, full_html=True),
                             file_name=f"{name}.html", mime="text/html", on_click="ignore", key=f"html-{name}")
     if kaleido_ok():
-        cols[1].download_button("PNG", lambda: fig.to_image("png", scale=2), file_name=f"{name}.png",
+        cols[1].download_button("PNG", lambda: figure_image(fig, "png"), file_name=f"{name}.png",
                                 mime="image/png", on_click="ignore", key=f"png-{name}")
-        cols[2].download_button("SVG", lambda: fig.to_image("svg"), file_name=f"{name}.svg",
+        cols[2].download_button("SVG", lambda: figure_image(fig, "svg"), file_name=f"{name}.svg",
                                 mime="image/svg+xml", on_click="ignore", key=f"svg-{name}")
 
 

@@ -48,3 +48,20 @@ def test_unknown_model_falls_back_with_error(app):
     app.sidebar.text_input(key="model_path").set_value("/no/such/model").run()
     assert not app.exception
     assert app.sidebar.error and "/no/such/model" in app.sidebar.error[0].value
+
+
+def test_every_figure_and_table_has_a_download(app):
+    labels = [b.proto.label for b in app.get("download_button")]
+    assert labels.count("Figure as HTML") == 2 and "Table as CSV" in labels
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian chromium for kaleido")
+def test_png_and_svg_export_offline(tiny_llama):
+    from analyses.atlas import head_grid
+    from dashboards.common import figure_image
+
+    fig = head_grid(tiny_llama, "abc").plot("entropy")
+    assert figure_image(fig, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = figure_image(fig, "svg").decode()
+    assert svg.lstrip().startswith("<svg") and "kv1:h3" in svg
