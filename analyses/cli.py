@@ -16,9 +16,9 @@ from pathlib import Path
 from probe.errors import HeadwiseError
 
 # Analysis modules that contribute a ``scan`` subcommand (each defines add_cli(subparsers)).
-SCAN_MODULES: list[str] = []
+SCAN_MODULES: list[str] = ["analyses.circuits", "analyses.similarity"]
 # Modules that contribute top-level commands (e.g. calibrate, generate).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["analyses.sinks"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ def capture_estimate(n_layers: int, n_heads: int, n_tokens: int, bytes_per: int 
 
 def stream_estimate(n_layers: int, n_heads: int, n_tokens: int, chunk: int, n_groups: int = 0) -> Estimate:
     """Streaming statistics: chunk x T scores per head, plus the per-row and per-key results."""
-    work = n_heads * chunk * n_tokens * 4 * 4
+    work = n_heads * chunk * n_tokens * 4 * 3
     results = n_layers * n_heads * n_tokens * (4 * 3 + 4 * n_groups + 8)
     return Estimate(f"streaming statistics over {n_tokens} tokens (chunk {chunk})", work + results)
 

@@ -17,20 +17,22 @@ True
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Protocol
 
 import torch
 
-from . import eager
+from . import allocator, eager
 from .errors import InputError
 from .heads import HeadLayout
 from .interventions import InterventionSpec, PatternEcho
 from .stats import HeadStats, StatsCollector, StatsRequest
 
 ATTN_NAME = "headwise"
-DEFAULT_BUDGET = 256 * 2**20  # bytes of scores per attention call (chunked over rows)
+DEFAULT_BUDGET = 96 * 2**20  # bytes of scores per attention call (chunked over rows)
 _registered = False
+_kernel_failed = False  # set when the fused kernel raised once: the eager engine is used from then on
 
 
 class Tap(Protocol):
@@ -39,6 +41,7 @@ class Tap(Protocol):
     layers: set[int] | None
 
     def on_probs(self, layer: int, q_pos: torch.Tensor, probs: torch.Tensor) -> None: ...
+    # ``probs`` lives in a reused buffer: copy (``.clone()``) whatever you keep beyond the call.
     def on_output(self, layer: int, q_pos: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None: ...
 
 
@@ -53,6 +56,7 @@ class Runtime:
         self.budget = DEFAULT_BUDGET
         self._plans: dict[tuple[int, bool], eager.LayerPlan] = {}
         self._echo: dict[tuple[int, int], torch.Tensor] = {}
+        self.scratch = eager.Scratch()
 
     @property
     def idle(self) -> bool:
@@ -67,7 +71,7 @@ class Runtime:
         self._echo.clear()
 
     def chunk_rows(self, batch: int, n_heads: int, n_keys: int, n_rows: int) -> int:
-        per_row = batch * n_heads * n_keys * 4 * 4  # scores, probs and two temporaries in fp32
+        per_row = batch * n_heads * n_keys * 4 * 3  # scores, probs and one temporary in fp32
         return int(max(1, min(n_rows, self.budget // max(per_row, 1))))
 
     def attend(self, module, query, key, value, attention_mask, scaling) -> torch.Tensor:
@@ -76,31 +80,47 @@ class Runtime:
         decoding = K > Tq
         plan = self._plan(layer, decoding)
         q_pos = torch.arange(K - Tq, K, device=query.device)
+        if self._unobserved(layer, decoding, plan):
+            if _fused_ok(query, plan, []):  # on CUDA the kernel runs every head of the layer at once
+                out = _attend_fused(layer, query, key, value, attention_mask, scaling, plan, [], q_pos)
+                if out is not None:
+                    return out
+            n_edited = max(1, len(plan.heads()))
+            return _attend_subset(module, query, key, value, attention_mask, scaling, plan, q_pos,
+                                  self.chunk_rows(query.shape[0], n_edited, K, Tq))
         echo = {h: self._echo[src] for h, src in plan.echo.items()}
         sources = self._echo_sources(layer, decoding)
         stores = {h: torch.zeros(query.shape[0], Tq, K, device=query.device) for h in sources}
         watchers = [c for c in self.collectors if c.wants(layer)]
         probe_taps = [t for t in self.taps if hasattr(t, "on_probs") and _wants(t, layer)]
 
-        def on_chunk(pos, probs):
+        def on_chunk(pos, probs, scores=None):
             rows = slice(int(pos[0]) - (K - Tq), int(pos[-1]) - (K - Tq) + 1)
             for h, store in stores.items():
                 store[:, rows] = probs[:, h]
             for c in watchers:
-                c.on_chunk(layer, pos, probs)
+                c.on_chunk(layer, pos, probs, scores)
             for t in probe_taps:
                 t.on_probs(layer, pos, probs)
 
         needs_cb = bool(stores or watchers or probe_taps)
-        chunk = self.chunk_rows(query.shape[0], query.shape[1], K, Tq)
-        out = eager.attend(query, key, value, scale=scaling, q_pos=q_pos, mask=attention_mask, plan=plan,
-                           chunk=chunk, echo=echo, on_chunk=on_chunk if needs_cb else None)
+        output_taps = [t for t in self.taps if hasattr(t, "on_output") and _wants(t, layer)]
+        if not (plan or needs_cb or output_taps):  # nothing to do here: the fast path, exactly as idle
+            return _sdpa(module, query, key, value, attention_mask, scaling)
+        out = None
+        if not (stores or probe_taps or echo) and _fused_ok(query, plan, watchers):
+            out = _attend_fused(layer, query, key, value, attention_mask, scaling, plan, watchers, q_pos)
+        if out is None:
+            allocator.tune()
+            chunk = self.chunk_rows(query.shape[0], query.shape[1], K, Tq)
+            out = eager.attend(query, key, value, scale=scaling, q_pos=q_pos, mask=attention_mask, plan=plan,
+                               chunk=chunk, echo=echo, on_chunk=on_chunk if needs_cb else None,
+                               scratch=self.scratch)
         for h, store in stores.items():
             self._echo[(layer, h)] = store
-        for t in self.taps:
-            if hasattr(t, "on_output") and _wants(t, layer):
-                edited = t.on_output(layer, q_pos, out)
-                out = out if edited is None else edited
+        for t in output_taps:
+            edited = t.on_output(layer, q_pos, out)
+            out = out if edited is None else edited
         return out
 
     def _plan(self, layer: int, decoding: bool) -> eager.LayerPlan:
@@ -109,14 +129,76 @@ class Runtime:
             self._plans[key] = eager.compile_plan(self.spec, layer, decoding)
         return self._plans[key]
 
+    def _unobserved(self, layer: int, decoding: bool, plan: eager.LayerPlan) -> bool:
+        """True when nothing watches this layer's pattern or output and no echo reads or writes it."""
+        return not (plan.echo or self._echo_sources(layer, decoding) or any(c.wants(layer) for c in self.collectors)
+                    or any(_wants(t, layer) for t in self.taps))
+
     def _echo_sources(self, layer: int, decoding: bool) -> set[int]:
         return {e.source.head for e in self.spec.edits
                 if isinstance(e, PatternEcho) and e.active(decoding) and e.source.layer == layer}
 
 
+def _fused_ok(query, plan: eager.LayerPlan, watchers: list[StatsCollector]) -> bool:
+    """Use the fused Triton kernel: CUDA (see probe.kernels), supported plan, no gradients, one stats request."""
+    from . import kernels
+
+    if _kernel_failed or kernels.kernel_backend(query, plan) is None:
+        return False
+    if torch.is_grad_enabled() and query.requires_grad:  # the kernel has no backward
+        return False
+    return len({(w.request.groups, w.request.from_pos, w.request.received) for w in watchers}) <= 1
+
+
+def _attend_fused(layer, query, key, value, mask, scaling, plan, watchers, q_pos) -> torch.Tensor | None:
+    """Kernel path of :meth:`Runtime.attend`: row statistics go to ``StatsCollector.on_stats``."""
+    from . import kernels
+
+    req = watchers[0].request if watchers else None
+    groups = [(g.start, g.stop) for g in req.groups] if req else ()
+    row0 = max(0, req.from_pos - int(q_pos[0])) if req else 0
+    if watchers and query.shape[0] != 1:
+        raise InputError("streaming statistics take one sequence at a time (batch size 1)")
+    global _kernel_failed
+    try:
+        out, stats, col = kernels.fused_attend(query, key, value, scale=scaling, mask=mask, plan=plan, groups=groups,
+                                               stats=bool(watchers), received=bool(req and req.received),
+                                               received_from=min(row0, query.shape[2]))
+    except InputError:
+        return None
+    except Exception as exc:  # a kernel that fails to compile here must not break the probe: use eager
+        _kernel_failed = True
+        warnings.warn(f"fused Triton attention failed ({type(exc).__name__}: {exc}); using the eager engine "
+                      "from now on (set HEADWISE_KERNELS=0 to silence)", RuntimeWarning, stacklevel=2)
+        return None
+    for c in watchers:
+        c.on_stats(layer, q_pos, stats, col)
+    return out
+
+
 def _wants(tap, layer: int) -> bool:
     layers = getattr(tap, "layers", None)
     return layers is None or layer in layers
+
+
+def _attend_subset(module, query, key, value, attention_mask, scaling, plan, q_pos, chunk) -> torch.Tensor:
+    """Fast path for an unobserved layer: SDPA for every head, the eager engine only for edited heads.
+
+    Edits are per head, so each edited head is recomputed alone (with its own KV head) under a
+    plan re-indexed to the subset; unedited heads keep the SDPA output of the plain model.
+    """
+    out = _sdpa(module, query, key, value, attention_mask, scaling)
+    heads = sorted(plan.heads())
+    if not heads:
+        return out
+    group = query.shape[1] // key.shape[1]
+    kv = torch.tensor([h // group for h in heads], device=query.device)
+    idx = torch.tensor(heads, device=query.device)
+    sub = eager.attend(query[:, idx], key[:, kv], value[:, kv], scale=scaling, q_pos=q_pos, mask=attention_mask,
+                       plan=plan.reindexed(heads), chunk=chunk)
+    out = out.clone()
+    out[:, :, idx] = sub.to(out.dtype)
+    return out
 
 
 def headwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -125,11 +207,15 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if rt is None or rt.idle:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs), None
     return rt.attend(module, query, key, value, attention_mask, scaling), None
+
+
+def _sdpa(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs) -> torch.Tensor:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)[0]
 
 
 def _register() -> None:
@@ -175,19 +261,28 @@ def _hf(model):
 
 
 @contextmanager
+def _attached(rt: Runtime, items: list, item):
+    """Put ``item`` on one of the runtime's lists for the duration of the block, whatever happens."""
+    items.append(item)
+    rt.changed()
+    try:
+        yield item
+    finally:
+        items.remove(item)
+        rt.changed()
+
+
+@contextmanager
 def intervene(model, spec: InterventionSpec) -> Iterator[InterventionSpec]:
     """Apply ``spec`` to a headwise ``Model`` or a plain HF model; always removed on exit."""
     hf = _hf(model)
     previous = hf.config._attn_implementation
     rt = install(hf)
     spec.validate(rt.layout)
-    rt.specs.append(spec)
-    rt.changed()
     try:
-        yield spec
+        with _attached(rt, rt.specs, spec):
+            yield spec
     finally:
-        rt.specs.remove(spec)
-        rt.changed()
         if previous != ATTN_NAME and rt.idle:
             hf.set_attn_implementation(previous)
 
@@ -202,26 +297,16 @@ def collect_stats(model, request: StatsRequest | None = None) -> Iterator[StatsC
         rt.layout.check_layer(layer)
     collector = StatsCollector(request, rt.layout.n_layers, rt.layout.n_heads,
                                getattr(model, "model_id", hf.config.name_or_path))
-    rt.collectors.append(collector)
-    rt.changed()
-    try:
+    with _attached(rt, rt.collectors, collector):
         yield collector
-    finally:
-        rt.collectors.remove(collector)
-        rt.changed()
 
 
 @contextmanager
 def tap(model, observer: Tap) -> Iterator[Tap]:
     """Attach an observer (see :class:`Tap`) for the duration of the block."""
     rt = install(_hf(model))
-    rt.taps.append(observer)
-    rt.changed()
-    try:
+    with _attached(rt, rt.taps, observer):
         yield observer
-    finally:
-        rt.taps.remove(observer)
-        rt.changed()
 
 
 @contextmanager

@@ -145,7 +145,7 @@ class StatsCollector:
     def wants(self, layer: int) -> bool:
         return layer in self._rows
 
-    def on_chunk(self, layer: int, q_pos: torch.Tensor, probs: torch.Tensor) -> None:
+    def on_chunk(self, layer: int, q_pos: torch.Tensor, probs: torch.Tensor, scores: torch.Tensor | None = None) -> None:
         if probs.shape[0] != 1:
             raise InputError("streaming statistics take one sequence at a time (batch size 1)")
         keep = q_pos >= self.request.from_pos
@@ -153,18 +153,44 @@ class StatsCollector:
             return
         if not bool(keep.all()):
             q_pos, probs = q_pos[keep], probs[:, :, keep]
+            scores = None if scores is None else scores[:, :, keep]
         K = probs.shape[-1]
         groups = (torch.stack([g.mask(K, probs.device) for g in self.request.groups])
                   if self.request.groups else None)
-        stats = eager.row_stats(probs, groups)
+        stats = eager.row_stats(probs, groups, scores)
         stats["q_pos"] = q_pos
         self._rows[layer].append({k: v.detach().cpu() for k, v in stats.items()})
         if self.request.received:
             self._receive(layer, q_pos, probs)
 
+    def on_stats(self, layer: int, q_pos: torch.Tensor, stats: dict[str, torch.Tensor],
+                 received: torch.Tensor | None = None) -> None:
+        """Precomputed row statistics (the fused-kernel path; same meaning as :meth:`on_chunk`).
+
+        ``stats``: ``entropy, max_prob, argmax [B, H, c]`` and ``group_mass [B, H, c, G]`` over the rows
+        ``q_pos``; ``received [B, H, K]``: column sums of the final pattern over rows ``>= from_pos``.
+        """
+        if stats["entropy"].shape[0] != 1:
+            raise InputError("streaming statistics take one sequence at a time (batch size 1)")
+        keep = q_pos >= self.request.from_pos
+        if not bool(keep.any()):
+            return
+        names = ("entropy", "max_prob", "argmax") + (("group_mass",) if self.request.groups else ())
+        row = {k: stats[k][:, :, keep].detach().cpu() for k in names}
+        if self.request.groups and row["group_mass"].shape[-1] != len(self.request.groups):
+            raise InputError(f"got {row['group_mass'].shape[-1]} group masses for {len(self.request.groups)} "
+                             "key groups: pass the request's groups to the kernel")
+        row["q_pos"] = q_pos[keep].detach().cpu()
+        self._rows[layer].append(row)
+        if self.request.received and received is not None:
+            self._add_received(layer, q_pos[keep], received[0].detach().double().cpu())
+
     def _receive(self, layer, q_pos, probs) -> None:
-        K = probs.shape[-1]
-        col = probs[0].sum(1).detach().double().cpu()  # [H, K]
+        self._add_received(layer, q_pos, probs[0].sum(1).detach().double().cpu())
+
+    def _add_received(self, layer, q_pos, col) -> None:
+        """Add column sums ``col [H, K]`` over query rows ``q_pos`` (and, once per forward, the counts)."""
+        K = col.shape[-1]
         prev = self._recv.get(layer)
         if prev is None or prev.shape[1] < K:
             grown = torch.zeros(self.n_heads, K, dtype=torch.float64)

@@ -38,7 +38,7 @@ def stream_stats(model, text: str | torch.Tensor, *, groups=(), layers=None, spe
         if spec:
             stack.enter_context(intervene(model, spec))
         with torch.no_grad():
-            model.hf(ids, use_cache=False)
+            model.hf(ids, use_cache=False, **_last_logits_only(model.hf))
     return collector.result(ids[0].tolist(), run_metadata(weights_hash=model.weights_hash, phase="prefill"))
 
 
@@ -77,7 +77,7 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
         collector = stack.enter_context(collect_stats(model, request))
         with torch.no_grad():
             with _maybe(bool(stats_in_prefill), collector, rt), _maybe_spec(model, prefill_spec):
-                out = model.hf(ids, use_cache=True)
+                out = model.hf(ids, use_cache=True, **_last_logits_only(model.hf))
             past = out.past_key_values
             with _maybe_spec(model, decode_spec):
                 for _ in range(max_new_tokens):
@@ -94,6 +94,13 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
     if collector.has_rows:
         stats = collector.result(ids[0].tolist() + new, run_metadata(weights_hash=model.weights_hash))
     return Generation(ids, torch.tensor([new], dtype=torch.long), stats)
+
+
+def _last_logits_only(hf) -> dict:
+    """Ask for the last position's logits only (full logits cost T x vocab floats)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
 
 
 class _maybe:

@@ -121,7 +121,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     """Load a named model, a local HF folder, or (only when named) a hub id; see :func:`list_models`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(dtype, device)
-    hf, tok, source, model_id, bridge_dir = _resolve(str(name_or_path), dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line of ours beats 272 lines of "Loading weights"
+    try:
+        hf, tok, source, model_id, bridge_dir = _resolve(str(name_or_path), dtype)
+    finally:
+        hf_logging.enable_progress_bar()
     hf = hf.to(device=device, dtype=dtype).eval()
     from ..runtime import install
 

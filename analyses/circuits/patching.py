@@ -1,0 +1,229 @@
+"""Head importance by activation patching and attribution patching (Merullo et al. 2024, methods.md §3).
+
+**Exact patching.** Run the corrupted prompts and record every head's output ``z`` (before
+``o_proj``) with a :func:`probe.tap` ``on_output`` observer. Then, for each head ``h``, run the clean
+prompts with ``z_h`` replaced by its corrupted value at every position and measure
+``LD_patched``. The normalised score is ``(LD_patched - LD_clean) / (LD_corr - LD_clean)``
+(means over prompts): 1 means the head alone carries the whole clean/corrupted difference.
+For one prompt this is exactly ``MeanAblate(heads=[h], values=[z_corr[T, d_head]])`` (the engine's
+per-position patch form, see :func:`patch_one`); to batch different prompts, whose corrupted values
+differ, the same replacement is done per batch row by :class:`_Patch` — one forward per layer,
+with the batch holding (prompt x head) copies.
+
+**Attribution patching (EAP).** ``score_h ~ (z_corr - z_clean) . dLD/dz_h`` at the clean input: the
+first-order Taylor estimate of the patching effect, for all heads from one backward pass.
+**EAP-IG** (Hanna et al. 2024) averages the gradient over ``m`` inputs interpolated between the
+corrupted and the clean input embeddings (``x_corr + k/m (x_clean - x_corr)``, k = 1..m).
+
+All per-prompt values are kept ([N, L, H]) so scores can be bootstrapped over prompts.
+"""
+from __future__ import annotations
+
+import torch
+
+from probe import InterventionSpec, MeanAblate, intervene, tap
+from probe.heads import HeadId
+
+from .tasks import TaskBatch
+
+
+def logit_diff(logits: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(logits[good]) - logsumexp(logits[bad])`` per row; ``logits [N, V]``, sets ``[N, G]`` (-1 pad)."""
+    def lse(ids):
+        vals = logits.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+        return torch.logsumexp(vals, dim=1)
+
+    return lse(good) - lse(bad)
+
+
+def _last_logits(model, ids=None, embeds=None) -> torch.Tensor:
+    out = model.hf(input_ids=ids, inputs_embeds=embeds, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+def run_ld(model, ids: torch.Tensor, good, bad, batch: int = 32, spec: InterventionSpec | None = None) -> torch.Tensor:
+    """Logit difference per prompt ``[N]`` (optionally under an intervention ``spec``)."""
+    out = []
+    with torch.no_grad():
+        for sl in _chunks(ids.shape[0], batch):
+            if spec:
+                with intervene(model, spec):
+                    logits = _last_logits(model, ids[sl])
+            else:
+                logits = _last_logits(model, ids[sl])
+            out.append(logit_diff(logits, good[sl], bad[sl]))
+    return torch.cat(out)
+
+
+def accuracy(model, task: TaskBatch, batch: int = 32, spec: InterventionSpec | None = None) -> dict:
+    """Pair accuracy (LD > 0), top-1 accuracy (argmax over the vocabulary is a good token), mean LD."""
+    lds, top = [], []
+    ctx = intervene(model, spec) if spec else None
+    with torch.no_grad():
+        if ctx:
+            ctx.__enter__()
+        try:
+            for sl in _chunks(task.n, batch):
+                logits = _last_logits(model, task.clean[sl])
+                lds.append(logit_diff(logits, task.good[sl], task.bad[sl]))
+                top.append((task.good[sl] == logits.argmax(1, keepdim=True)).any(1))
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+    ld, top = torch.cat(lds), torch.cat(top)
+    return {"pair_accuracy": float((ld > 0).float().mean()), "top1_accuracy": float(top.float().mean()),
+            "mean_ld": float(ld.mean())}
+
+
+class _Record:
+    """on_output observer keeping every layer's head outputs ``z [B, T, H, D]``."""
+
+    layers = None
+
+    def __init__(self):
+        self.z: dict[int, torch.Tensor] = {}
+
+    def on_output(self, layer, q_pos, out):
+        self.z[layer] = out.detach().float().clone()
+
+
+def record_z(model, ids: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Head outputs of every layer: ``[L, N, T, H, D]`` (float32)."""
+    parts = []
+    with torch.no_grad():
+        for sl in _chunks(ids.shape[0], batch):
+            rec = _Record()
+            with tap(model, rec):
+                model.hf(input_ids=ids[sl], logits_to_keep=1)
+            parts.append(torch.stack([rec.z[l] for l in range(model.n_layers)]))
+    return torch.cat(parts, dim=1)
+
+
+class _Patch:
+    """Replace head ``heads[j]`` of ``layer`` in batch block ``j`` with ``values[:, :, heads[j]]``."""
+
+    def __init__(self, layer: int, heads: list[int], values: torch.Tensor):
+        self.layers, self.heads, self.values = {layer}, heads, values  # values [b, T, H, D]
+
+    def on_output(self, layer, q_pos, out):
+        out = out.clone()
+        b = self.values.shape[0]
+        for j, h in enumerate(self.heads):
+            out[j * b:(j + 1) * b, :, h] = self.values[:, q_pos, h].to(out.dtype)
+        return out
+
+
+def exact_patching(model, task: TaskBatch, z_corr: torch.Tensor | None = None, rows: int = 96,
+                   progress=None, layers=None) -> torch.Tensor:
+    """``LD_patched [N, L, H]``: clean run with one head's output set to its corrupted value.
+
+    ``layers`` restricts the work to some layers (the others stay NaN).
+    """
+    L, H, N = model.n_layers, model.n_heads, task.n
+    z_corr = record_z(model, task.corrupt) if z_corr is None else z_corr
+    out = torch.full((N, L, H), float("nan"))
+    per = max(1, rows // H)  # prompts per forward; the batch holds (head x prompt) copies
+    with torch.no_grad():
+        for layer in (range(L) if layers is None else layers):
+            for sl in _chunks(N, per):
+                b = sl.stop - sl.start
+                ids = task.clean[sl].repeat(H, 1)
+                with tap(model, _Patch(layer, list(range(H)), z_corr[layer, sl])):
+                    ld = logit_diff(_last_logits(model, ids), task.good[sl].repeat(H, 1), task.bad[sl].repeat(H, 1))
+                out[sl, layer] = ld.view(H, b).T
+            if progress is not None:
+                progress.update(1)
+    return out
+
+
+def patch_one(model, task: TaskBatch, i: int, head: HeadId, z_corr: torch.Tensor) -> float:
+    """Patch one head of prompt ``i`` with the engine's ``MeanAblate`` per-position form (reference path)."""
+    spec = InterventionSpec([MeanAblate(heads=[head], values=[z_corr[head.layer, i, :, head.head]])])
+    return float(run_ld(model, task.clean[i:i + 1], task.good[i:i + 1], task.bad[i:i + 1], spec=spec)[0])
+
+
+def normalised(ld_patched: torch.Tensor, ld_clean: torch.Tensor, ld_corr: torch.Tensor, idx=None) -> torch.Tensor:
+    """``(mean LD_patched - mean LD_clean) / (mean LD_corr - mean LD_clean)`` over prompts ``idx`` -> ``[L, H]``."""
+    if idx is not None:
+        ld_patched, ld_clean, ld_corr = ld_patched[idx], ld_clean[idx], ld_corr[idx]
+    clean = ld_clean.mean()
+    return (ld_patched.mean(0) - clean) / (ld_corr.mean() - clean)
+
+
+class _Grad:
+    """on_output observer adding a zero leaf to every layer's ``z`` so ``dLD/dz`` can be read off it."""
+
+    layers = None
+
+    def __init__(self):
+        self.delta: dict[int, torch.Tensor] = {}
+
+    def on_output(self, layer, q_pos, out):
+        d = torch.zeros_like(out, requires_grad=True)
+        self.delta[layer] = d
+        return out + d
+
+
+def _grads(model, task, sl, embeds=None) -> torch.Tensor:
+    g = _Grad()
+    with torch.enable_grad(), tap(model, g):
+        logits = _last_logits(model, None if embeds is not None else task.clean[sl], embeds)
+        ld = logit_diff(logits, task.good[sl], task.bad[sl]).sum()
+        grads = torch.autograd.grad(ld, [g.delta[l] for l in range(model.n_layers)])
+    return torch.stack([x.float() for x in grads])  # [L, b, T, H, D]
+
+
+def attribution_patching(model, task: TaskBatch, z_clean: torch.Tensor, z_corr: torch.Tensor,
+                         ig_steps: int = 0, batch: int = 16) -> torch.Tensor:
+    """EAP (``ig_steps=0``) or EAP-IG estimate of ``LD_patched - LD_clean`` per prompt and head ``[N, L, H]``."""
+    emb = model.hf.get_input_embeddings()
+    out = []
+    for sl in _chunks(task.n, batch):
+        if ig_steps <= 0:
+            grad = _grads(model, task, sl)
+        else:
+            with torch.no_grad():
+                e_clean, e_corr = emb(task.clean[sl]), emb(task.corrupt[sl])
+            grad = sum(_grads(model, task, sl, e_corr + (k / ig_steps) * (e_clean - e_corr))
+                       for k in range(1, ig_steps + 1)) / ig_steps
+        diff = z_corr[:, sl] - z_clean[:, sl]
+        out.append((diff * grad).sum(dim=(2, 4)).permute(1, 0, 2))  # [b, L, H]
+    return torch.cat(out)
+
+
+def mean_values(z: torch.Tensor) -> torch.Tensor:
+    """Per-position means over prompts ``[L, T, H, D]`` (the task's mean-ablation values)."""
+    return z.mean(dim=1)
+
+
+def ablate_spec(means: torch.Tensor, heads) -> InterventionSpec:
+    """Mean-ablate ``heads`` with the task's per-position means."""
+    heads = list(heads)
+    if not heads:
+        return InterventionSpec()
+    return InterventionSpec([MeanAblate(heads=heads, values=[means[h.layer, :, h.head] for h in heads])])
+
+
+def faithfulness(model, task: TaskBatch, circuit, means: torch.Tensor, ld_clean: torch.Tensor) -> dict:
+    """Circuit alone (all other heads mean-ablated) keeps what fraction of LD; ablating it removes what.
+
+    ``kept = LD_circuit_only / LD_clean``; ``kept_normalised`` subtracts the all-ablated baseline:
+    ``(LD_circuit_only - LD_none) / (LD_clean - LD_none)``; ``removed = 1 - LD_circuit_ablated / LD_clean``.
+    """
+    circuit = set(circuit)
+    everyone = [HeadId(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    rest = [h for h in everyone if h not in circuit]
+    clean = float(ld_clean.mean())
+    only = float(run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, rest)).mean())
+    none = float(run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, everyone)).mean())
+    ablated = float(run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, sorted(circuit))).mean())
+    denom = clean - none
+    return {"ld_clean": clean, "ld_circuit_only": only, "ld_all_ablated": none, "ld_circuit_ablated": ablated,
+            "kept": only / clean if clean else float("nan"),
+            "kept_normalised": (only - none) / denom if denom else float("nan"),
+            "removed": 1 - ablated / clean if clean else float("nan")}

@@ -1,0 +1,98 @@
+"""The echo experiment: reuse an earlier layer's attention pattern and measure the loss it costs.
+
+``PatternEcho(heads=[target], source=HeadId)`` (probe.interventions) makes a head of layer
+l+1 use a head of layer l's pattern (its own values). Variants per adjacent pair (l, l+1):
+
+* ``same``: head h of l+1 echoes head h of l (heads are not aligned across layers, LiSA);
+* ``matched``: head perm[h] of l+1 echoes head h of l, perm the optimal head matching;
+* ``random``: a seeded random permutation (control: matching should beat it).
+
+A *sharing plan* is a list of blocks of consecutive layers; every later layer of a block
+echoes the block's first layer. :func:`greedy_plan` grows blocks greedily, most similar
+merge first, keeping a merge only if the measured loss increase of the whole plan stays
+within ``budget`` nats.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from probe import HeadId, InterventionSpec, PatternEcho, intervene
+
+from .measure import match_heads
+
+
+def mean_loss(model, texts: Sequence[torch.Tensor], spec: InterventionSpec | None = None) -> float:
+    """Mean next-token cross-entropy (nats per predicted token, pooled over ``texts``)."""
+    total, count = 0.0, 0
+    for ids in texts:
+        with torch.no_grad():
+            if spec:
+                with intervene(model, spec):
+                    logits = model.hf(ids).logits
+            else:
+                logits = model.hf(ids).logits
+        ce = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+        total += float(ce)
+        count += int(ids.shape[1]) - 1
+    return total / max(count, 1)
+
+
+def echo_edits(src: int, dst: int, perm: Sequence[int]) -> list[PatternEcho]:
+    """Edits making head ``perm[h]`` of layer ``dst`` use head ``h`` of layer ``src``."""
+    return [PatternEcho(heads=(HeadId(dst, int(perm[h])),), source=HeadId(src, h)) for h in range(len(perm))]
+
+
+def pair_perm(variant: str, head_cos: np.ndarray, n_layers: int, n_heads: int, src: int, dst: int,
+              seed: int = 0) -> np.ndarray:
+    """Head map for ``variant`` ("same", "matched" or "random") from layer ``src`` to ``dst``."""
+    if variant == "same":
+        return np.arange(n_heads)
+    if variant == "matched":
+        return match_heads(head_cos, n_layers, n_heads, src, dst)
+    if variant == "random":
+        return np.random.default_rng(seed * 1000 + dst).permutation(n_heads)
+    raise ValueError(f"unknown echo variant {variant!r}: use 'same', 'matched' or 'random'")
+
+
+def plan_spec(blocks: Sequence[Sequence[int]], variant: str, head_cos: np.ndarray, n_layers: int,
+              n_heads: int) -> InterventionSpec:
+    """All echoes of a sharing plan: each later layer of a block echoes the block's first layer."""
+    edits = []
+    for block in blocks:
+        src = block[0]
+        for dst in block[1:]:
+            edits += echo_edits(src, dst, pair_perm(variant, head_cos, n_layers, n_heads, src, dst))
+    return InterventionSpec(edits)
+
+
+def greedy_plan(layer_cos: np.ndarray, measure: Callable[[list[list[int]]], float], budget: float,
+                max_trials: int = 12, min_layer: int = 0) -> tuple[list[list[int]], float, list[dict]]:
+    """Grow blocks greedily under a loss budget; returns (blocks, measured cost, trial log).
+
+    A candidate merges two neighbouring blocks; its score is the lowest layer cosine between
+    the left block's first layer and each layer of the right block. Candidates are tried best
+    first; ``measure(blocks)`` gives the loss increase of a whole plan, and a merge is kept
+    when that stays ``<= budget``. Layers below ``min_layer`` are never shared.
+    """
+    n = layer_cos.shape[0]
+    blocks = [[l] for l in range(n)]
+    cost, rejected, log = 0.0, set(), []
+    while len(log) < max_trials:
+        cands = [(min(layer_cos[a[0], t] for t in b), i) for i, (a, b) in enumerate(zip(blocks, blocks[1:]))
+                 if a[0] >= min_layer and (a[0], b[0], b[-1]) not in rejected]
+        if not cands:
+            break
+        score, i = max(cands)
+        trial = blocks[:i] + [blocks[i] + blocks[i + 1]] + blocks[i + 2:]
+        got = measure(trial)
+        ok = got <= budget
+        log.append({"trial": len(log), "merge": [blocks[i][0], blocks[i + 1][0], blocks[i + 1][-1]],
+                    "score": float(score), "loss_increase": float(got), "accepted": bool(ok)})
+        if ok:
+            blocks, cost = trial, got
+        else:
+            rejected.add((blocks[i][0], blocks[i + 1][0], blocks[i + 1][-1]))
+    return blocks, cost, log

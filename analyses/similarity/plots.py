@@ -1,0 +1,55 @@
+"""Plotly figures for :class:`SimilarityResult` (no Streamlit here)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def figure(r, kind: str = "layers", metric: str = "cos"):
+    import plotly.graph_objects as go
+
+    if kind == "layers":
+        m = r.layer_cos if metric == "cos" else r.layer_js
+        title = "layer x layer " + ("cosine (head-averaged maps)" if metric == "cos" else "row-wise JS divergence (bits)")
+        fig = go.Figure(go.Heatmap(z=m, colorscale="Viridis", colorbar={"title": metric}))
+        return fig.update_layout(title=f"{r.model_id}: {title}", xaxis_title="layer", yaxis_title="layer",
+                                 yaxis_autorange="reversed")
+    if kind == "heads":
+        labels = [f"L{i // r.n_heads}H{i % r.n_heads}" for i in range(r.n_layers * r.n_heads)]
+        fig = go.Figure(go.Heatmap(z=r.head_cos, x=labels, y=labels, colorscale="Viridis"))
+        return fig.update_layout(title=f"{r.model_id}: head x head cosine", yaxis_autorange="reversed")
+    if kind == "clusters":
+        return _clusters(r, go)
+    if kind == "echo":
+        return _echo(r, go)
+    raise ValueError(f"unknown plot kind {kind!r}: use 'layers', 'heads', 'clusters' or 'echo'")
+
+
+def _clusters(r, go):
+    from plotly.subplots import make_subplots
+
+    L, H = r.n_layers, r.n_heads
+    order = np.argsort(r.families, kind="stable")
+    labels = [f"L{i // H}H{i % H} (f{r.families[i]})" for i in order]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65],
+                        subplot_titles=("head families (layer x head)", "head cosine, ordered by family"))
+    grid = r.families.reshape(L, H)
+    fig.add_trace(go.Heatmap(z=grid, colorscale="Turbo", showscale=False,
+                             hovertemplate="layer %{y} head %{x}: family %{z}<extra></extra>"), 1, 1)
+    fig.add_trace(go.Heatmap(z=r.head_cos[np.ix_(order, order)], x=labels, y=labels, colorscale="Viridis"), 1, 2)
+    fig.update_yaxes(autorange="reversed")
+    return fig.update_layout(title=f"{r.model_id}: head families (agglomerative, average linkage on 1 - cosine)")
+
+
+def _echo(r, go):
+    fig = go.Figure()
+    sims = {"same": r.adjacent("same"), "matched": r.adjacent("matched")}
+    for v, loss in r.echo.items():
+        x = sims.get(v, r.adjacent("layer"))
+        fig.add_trace(go.Scatter(x=x, y=loss, mode="markers+text", name=v, text=[str(l) for l in range(len(loss))],
+                                 textposition="top center",
+                                 hovertemplate="layers %{text}->+1: sim %{x:.3f}, loss +%{y:.4f}<extra>" + v + "</extra>"))
+    corr = r.correlations()
+    note = ", ".join(f"{k}: rho={c['rho']:.2f}" for k, c in corr.items())
+    return fig.update_layout(title=f"{r.model_id}: echo loss increase vs adjacent similarity<br><sup>{note}</sup>",
+                             xaxis_title="similarity of (l, l+1) (same: same-index heads; matched: matched heads; "
+                                         "random: head-averaged)", yaxis_title="loss increase (nats/token)")

@@ -1,0 +1,148 @@
+"""``SimilarityResult``: the matrices, echo costs and sharing plan, with frame, plots and files.
+
+Files (all atomic): ``arrays.safetensors`` (matrices), ``summary.json`` (scalars, plan, rank
+correlations), ``results.parquet`` (the tidy frame, for pandas users).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probe.atomic import atomic_path, read_json, read_tensors, write_json, write_tensors
+from probe.errors import CorruptFileError
+
+FORMAT = "headwise.similarity"
+ARRAYS = ("layer_cos", "layer_js", "head_cos", "head_js", "perms", "families")
+
+
+@dataclass(frozen=True, eq=False)
+class SimilarityResult:
+    model_id: str
+    n_layers: int
+    n_heads: int
+    n_prompts: int
+    n_rows: int
+    window: int
+    layer_cos: np.ndarray   # [layer, layer]
+    layer_js: np.ndarray    # [layer, layer], bits
+    head_cos: np.ndarray    # [layer*head, layer*head]
+    head_js: np.ndarray     # [layer-1, head, head] adjacent pairs, or [L*H, L*H]
+    perms: np.ndarray       # [layer-1, head]: head h of l matches head perms[l, h] of l+1
+    families: np.ndarray    # [layer*head] cluster label
+    baseline_loss: float
+    echo: dict = field(default_factory=dict)  # variant -> [layer-1] loss increase (nats)
+    plan_variant: str = "matched"
+    plan_budget: float = 0.1
+    plan_blocks: tuple = ()
+    plan_cost: float = 0.0
+    plan_log: tuple = ()
+    n_heldout_tokens: int = 0
+
+    # ------------------------------------------------------------------ derived numbers
+    def adjacent(self, kind: str = "layer") -> np.ndarray:
+        """Similarity of each adjacent pair: "layer" (head-averaged cosine), "same" (mean cosine of
+        same-index heads) or "matched" (mean cosine of optimally matched heads)."""
+        L, H = self.n_layers, self.n_heads
+        if kind == "layer":
+            return np.array([self.layer_cos[l, l + 1] for l in range(L - 1)])
+        blk = [self.head_cos[l * H:(l + 1) * H, (l + 1) * H:(l + 2) * H] for l in range(L - 1)]
+        if kind == "same":
+            return np.array([np.diag(b).mean() for b in blk])
+        if kind == "matched":
+            return np.array([b[np.arange(H), self.perms[l]].mean() for l, b in enumerate(blk)])
+        raise ValueError(f"unknown kind {kind!r}: use 'layer', 'same' or 'matched'")
+
+    def correlations(self) -> dict:
+        """Spearman rank correlation between adjacent similarity and echo loss increase, per variant."""
+        from scipy.stats import spearmanr
+
+        out = {}
+        for v, loss in self.echo.items():
+            for sim_kind in ("layer",) + ((v,) if v in ("same", "matched") else ()):
+                rho, p = spearmanr(self.adjacent(sim_kind), loss)
+                out[f"{v}~{sim_kind}"] = {"rho": float(rho), "p": float(p), "n": int(len(loss))}
+        return out
+
+    def summary(self) -> dict:
+        adj = self.adjacent("layer")
+        inner = adj[1:-1] if len(adj) > 2 else adj
+        return {"format": FORMAT, "version": 1, "model_id": self.model_id, "n_layers": self.n_layers,
+                "n_heads": self.n_heads, "n_prompts": self.n_prompts, "n_rows": self.n_rows, "window": self.window,
+                "baseline_loss": self.baseline_loss, "n_heldout_tokens": self.n_heldout_tokens,
+                "adjacent_layer_cos": adj.tolist(), "first_pair_cos": float(adj[0]), "last_pair_cos": float(adj[-1]),
+                "inner_pairs_mean_cos": float(inner.mean()),
+                "adjacent_head_cos_same": self.adjacent("same").tolist(),
+                "adjacent_head_cos_matched": self.adjacent("matched").tolist(),
+                "echo_loss_increase": {k: np.asarray(v).tolist() for k, v in self.echo.items()},
+                "spearman": self.correlations(), "plan_variant": self.plan_variant, "plan_budget": self.plan_budget,
+                "plan_blocks": [list(b) for b in self.plan_blocks], "plan_cost": self.plan_cost,
+                "plan_shared_layers": int(sum(len(b) - 1 for b in self.plan_blocks)), "plan_log": list(self.plan_log)}
+
+    # ------------------------------------------------------------------ tidy frame
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (scope, layer, head, layer2, head2, metric): layer pairs, head pairs, echo, families."""
+        L, H = self.n_layers, self.n_heads
+        rows = []
+        li, lj = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+        for metric, m in (("cos", self.layer_cos), ("js_bits", self.layer_js)):
+            rows.append(pd.DataFrame({"scope": "layer", "layer": li.ravel(), "head": -1, "layer2": lj.ravel(),
+                                      "head2": -1, "metric": metric, "value": m.ravel()}))
+        hi, hj = np.meshgrid(np.arange(L * H), np.arange(L * H), indexing="ij")
+        rows.append(pd.DataFrame({"scope": "head", "layer": hi.ravel() // H, "head": hi.ravel() % H,
+                                  "layer2": hj.ravel() // H, "head2": hj.ravel() % H, "metric": "cos",
+                                  "value": self.head_cos.ravel()}))
+        if self.head_js.ndim == 3:
+            l, a, b = np.meshgrid(np.arange(L - 1), np.arange(H), np.arange(H), indexing="ij")
+            rows.append(pd.DataFrame({"scope": "head", "layer": l.ravel(), "head": a.ravel(), "layer2": l.ravel() + 1,
+                                      "head2": b.ravel(), "metric": "js_bits", "value": self.head_js.ravel()}))
+        l, h = np.meshgrid(np.arange(L - 1), np.arange(H), indexing="ij")
+        rows.append(pd.DataFrame({"scope": "match", "layer": l.ravel(), "head": h.ravel(), "layer2": l.ravel() + 1,
+                                  "head2": self.perms.ravel(), "metric": "matched", "value": 1.0}))
+        for v, loss in self.echo.items():
+            rows.append(pd.DataFrame({"scope": "echo", "layer": np.arange(L - 1), "head": -1,
+                                      "layer2": np.arange(1, L), "head2": -1, "metric": f"loss_increase_{v}",
+                                      "value": np.asarray(loss, dtype=float)}))
+        rows.append(pd.DataFrame({"scope": "family", "layer": np.arange(L * H) // H, "head": np.arange(L * H) % H,
+                                  "layer2": -1, "head2": -1, "metric": "family",
+                                  "value": self.families.astype(float)}))
+        return pd.concat(rows, ignore_index=True)
+
+    # ------------------------------------------------------------------ plots
+    def plot(self, kind: str = "layers", metric: str = "cos"):
+        """Plotly figure: "layers" (layer heat map, metric "cos" or "js"), "heads", "clusters", "echo"."""
+        from . import plots
+
+        return plots.figure(self, kind, metric)
+
+    # ------------------------------------------------------------------ files
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        arrays = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in ARRAYS}
+        arrays.update({f"echo.{k}": torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.echo.items()})
+        write_tensors(out / "arrays.safetensors", arrays, {"format": FORMAT, "version": 1})
+        with atomic_path(out / "results.parquet") as tmp:
+            self.to_frame().to_parquet(tmp, index=False)
+        write_json(out / "summary.json", self.summary())
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "SimilarityResult":
+        out = Path(out_dir)
+        s = read_json(out / "summary.json", "similarity summary")
+        if s.get("format") != FORMAT:
+            raise CorruptFileError(f"{out}/summary.json is not a {FORMAT} summary; rerun the scan")
+        t, _ = read_tensors(out / "arrays.safetensors", FORMAT)
+        try:
+            return cls(model_id=s["model_id"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+                       n_prompts=s["n_prompts"], n_rows=s["n_rows"], window=s["window"],
+                       **{k: t[k].numpy() for k in ARRAYS}, baseline_loss=s["baseline_loss"],
+                       echo={k[5:]: v.numpy() for k, v in t.items() if k.startswith("echo.")},
+                       plan_variant=s["plan_variant"], plan_budget=s["plan_budget"],
+                       plan_blocks=tuple(tuple(b) for b in s["plan_blocks"]), plan_cost=s["plan_cost"],
+                       plan_log=tuple(s["plan_log"]), n_heldout_tokens=s["n_heldout_tokens"])
+        except KeyError as exc:
+            raise CorruptFileError(f"{out} misses {exc}; rerun the scan to regenerate it") from exc

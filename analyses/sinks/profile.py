@@ -1,0 +1,170 @@
+"""Sink profiling: which keys act as attention sinks, per head, and what kind of token they are.
+
+ACT's rule (methods.md §2): a key j is a sink of a head when its column mean
+ā_j = (1/(N−j)) Σ_{i≥j} A[i,j] exceeds τ (0.1 in the reference) or, in the paper's other
+form, α/N. The column sums come from ``probe.stream_stats`` (``received_mean()``) and the
+rule is the engine's own :func:`probe.eager.detect_sinks`, so what is profiled here is exactly
+what :class:`probe.SinkCalibration` calibrates. The first detected sink (normally the first
+token) is the one ACT leaves untouched; it is flagged ``first`` in the table. Keys near the end
+are seen by few queries and pass the threshold easily; ``min_queries`` excludes them.
+
+>>> from probe import load_model
+>>> p = profile_sinks(load_model("tiny-llama"), ["Hi. Ho!\\nHa"], rule="alpha", alpha=2.0)
+>>> sorted(p.summary()["token_types"]) == sorted(TOKEN_TYPES)
+True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from probe import SinkCalibration, stream_stats
+from probe.eager import detect_sinks
+
+TOKEN_TYPES = ("first", "newline", "punctuation", "space", "other")
+
+
+def token_type(piece: str, pos: int) -> str:
+    """Type of the token at ``pos`` whose text is ``piece``: first, newline, punctuation, space, other."""
+    if pos == 0:
+        return "first"
+    if "\n" in piece:
+        return "newline"
+    s = piece.strip()
+    if not s:
+        return "space"
+    return "punctuation" if all(not c.isalnum() for c in s) else "other"
+
+
+def head_sinks(stats, rule: SinkCalibration) -> torch.Tensor:
+    """Boolean ``[layer, head, key]``: every sink by the column-mean rule (first sink *included*)."""
+    keep_all = SinkCalibration(tau=rule.tau, rule=rule.rule, alpha=rule.alpha, min_queries=rule.min_queries,
+                               keep_first=False)
+    L, H, _ = stats.received_sum.shape
+    return torch.stack([torch.stack([detect_sinks(stats.received_sum[l, h], stats.received_count, keep_all)
+                                     for h in range(H)]) for l in range(L)])
+
+
+def _text_rows(model, t: int, text, rule) -> tuple[list[dict], list[dict]]:
+    st = stream_stats(model, text, verbose=False)
+    pieces = model.str_tokens(list(st.token_ids))
+    types = [token_type(p, i) for i, p in enumerate(pieces)]
+    K = len(pieces)
+    sinks, mean = head_sinks(st, rule), st.received_mean()
+    n_rows = st.received_count[0].clamp(min=1)  # the first key is seen by every row
+    by_type = {ty: [j for j in range(K) if types[j] == ty] for ty in TOKEN_TYPES}
+    sink_rows, mass_rows = [], []
+    for li, layer in enumerate(st.layers):
+        for h in range(sinks.shape[1]):
+            found = torch.nonzero(sinks[li, h]).flatten().tolist()
+            for rank, j in enumerate(found):
+                sink_rows.append({"text": t, "layer": layer, "head": h, "pos": j, "token": pieces[j],
+                                  "type": types[j], "col_mean": float(mean[li, h, j]), "first": rank == 0,
+                                  "from_end": K - 1 - j})
+            for ty, cols in by_type.items():
+                m = float(st.received_sum[li, h, cols].sum() / n_rows) if cols else 0.0
+                mass_rows.append({"text": t, "layer": layer, "head": h, "type": ty, "mass": m,
+                                  "n_keys": len(cols)})
+    return sink_rows, mass_rows
+
+
+@dataclass(frozen=True, eq=False)
+class SinkProfile:
+    """Sinks found over a prompt set: ``sinks`` (one row per text, layer, head, sink key) and ``mass``
+    (one row per text, layer, head, token type: mean attention mass a query puts on that type)."""
+
+    model_id: str
+    weights_hash: str
+    rule: dict
+    n_texts: int
+    sinks: pd.DataFrame
+    mass: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy per head: ``mass:<type>`` (mean over texts), ``sinks:<type>`` (calibratable sinks per
+        text, the first sink excluded) and ``first_sink:<type>`` (how often the untouched sink is that type)."""
+        mass = self.mass.groupby(["layer", "head", "type"]).mass.mean().reset_index()
+        mass["metric"] = "mass:" + mass.type
+        s = self.sinks
+        cal = s[~s["first"]].groupby(["layer", "head", "type"]).size().div(self.n_texts).reset_index(name="value")
+        cal["metric"] = "sinks:" + cal.type
+        first = s[s["first"]].groupby(["layer", "head", "type"]).size().div(self.n_texts).reset_index(name="value")
+        first["metric"] = "first_sink:" + first.type
+        out = pd.concat([mass.rename(columns={"mass": "value"}), cal, first], ignore_index=True)
+        return out[["layer", "head", "metric", "value"]].sort_values(["layer", "head", "metric"], ignore_index=True)
+
+    def summary(self) -> dict:
+        """Per token type: share of calibratable sinks, share of first sinks, mean mass over heads."""
+        s = self.sinks
+        cal, first = s[~s["first"]], s[s["first"]]
+        per = {}
+        for ty in TOKEN_TYPES:
+            per[ty] = {"share_of_sinks": float((cal.type == ty).mean()) if len(cal) else 0.0,
+                       "share_of_first_sinks": float((first.type == ty).mean()) if len(first) else 0.0,
+                       "mean_mass": float(self.mass[self.mass.type == ty].mass.mean())}
+        heads = s.groupby(["layer", "head"]).size()
+        return {"model_id": self.model_id, "rule": self.rule, "n_texts": self.n_texts, "token_types": per,
+                "sinks_per_head_per_text": float(len(cal) / max(1, self.n_texts * self.mass[["layer", "head"]]
+                                                                 .drop_duplicates().shape[0])),
+                "heads_with_sinks": int(len(heads)),
+                "share_of_sinks_in_last_3_keys": float((cal.from_end < 3).mean()) if len(cal) else 0.0}
+
+    def plot(self, metric: str = "mass"):
+        """One heatmap (layer x head) per token type of ``mass`` or calibratable ``sinks`` per text."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        df = self.to_frame()
+        fig = make_subplots(rows=1, cols=len(TOKEN_TYPES), subplot_titles=TOKEN_TYPES, shared_yaxes=True)
+        for c, ty in enumerate(TOKEN_TYPES, start=1):
+            d = df[df.metric == f"{metric}:{ty}"]
+            grid = d.pivot(index="layer", columns="head", values="value") if len(d) else pd.DataFrame([[0.0]])
+            fig.add_trace(go.Heatmap(z=grid.values, x=[f"H{h}" for h in grid.columns], y=list(grid.index),
+                                     coloraxis="coloraxis"), row=1, col=c)
+        fig.update_layout(title=f"Attention sinks by token type ({metric}; {self.n_texts} prompts, {self.model_id})",
+                          coloraxis={"colorscale": "Viridis"})
+        return fig
+
+    def save(self, path) -> Path:
+        """``<path>.json`` summary plus ``<path>.sinks.parquet`` and ``<path>.mass.parquet`` (atomic)."""
+        from probe.atomic import atomic_path, write_json
+
+        path = Path(path)
+        for name, df in (("sinks", self.sinks), ("mass", self.mass)):
+            with atomic_path(path.with_suffix(f".{name}.parquet")) as tmp:
+                df.to_parquet(tmp)
+        meta = {"format": "headwise.sink_profile", "version": 1, "weights_hash": self.weights_hash, **self.summary()}
+        return write_json(path, meta)
+
+    @classmethod
+    def load(cls, path) -> "SinkProfile":
+        from probe.atomic import read_json
+        from probe.errors import CorruptFileError
+
+        path = Path(path)
+        meta = read_json(path, "sink profile")
+        if meta.get("format") != "headwise.sink_profile":
+            raise CorruptFileError(f"{path} is not a headwise sink profile: rerun profile_sinks to regenerate it")
+        return cls(meta["model_id"], meta["weights_hash"], meta["rule"], meta["n_texts"],
+                   pd.read_parquet(path.with_suffix(".sinks.parquet")),
+                   pd.read_parquet(path.with_suffix(".mass.parquet")))
+
+
+def profile_sinks(model, texts, *, tau: float = 0.1, rule: str = "tau", alpha: float = 5.0, min_queries: int = 1,
+                  progress: bool = False) -> SinkProfile:
+    """Profile the sinks of every head over ``texts`` (streaming statistics, any length)."""
+    edit = SinkCalibration(tau=tau, rule=rule, alpha=alpha, min_queries=min_queries)
+    texts = list(texts)
+    sinks, mass = [], []
+    for t, text in enumerate(tqdm(texts, desc="sink profile", disable=not progress)):
+        s, m = _text_rows(model, t, text, edit)
+        sinks += s
+        mass += m
+    cols = ["text", "layer", "head", "pos", "token", "type", "col_mean", "first", "from_end"]
+    rule_d = {"rule": rule, "tau": tau, "alpha": alpha, "min_queries": min_queries}
+    return SinkProfile(model.model_id, model.weights_hash, rule_d, len(texts),
+                       pd.DataFrame(sinks, columns=cols), pd.DataFrame(mass))

@@ -1,0 +1,53 @@
+"""Plotly views of probe records shared by notebooks and the dashboard (no Streamlit here).
+
+``head_grid`` draws a ``layer x head`` map of any per-head metric with heads grouped by their
+shared KV head; ``head_heatmap`` draws one head's pattern with token labels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from probe.heads import HeadId, kv_group
+from probe.records import AttentionRecord
+from probe.stats import HeadStats
+
+
+def head_metric(stats: HeadStats, metric: str) -> np.ndarray:
+    """``[layer, head]`` mean over rows of a metric of :meth:`HeadStats.to_frame` (e.g. ``"mass:first"``)."""
+    df = stats.to_frame()
+    df = df[df.metric == metric]
+    if df.empty:
+        from probe.errors import InputError
+
+        raise InputError(f"no metric {metric!r}; available: {sorted(stats.to_frame().metric.unique())}")
+    return df.pivot(index="layer", columns="head", values="value").to_numpy()
+
+
+def head_grid(stats: HeadStats, metric: str = "entropy", n_kv_heads: int | None = None) -> go.Figure:
+    """Layer x head heat map of ``metric``, columns ordered and labelled by KV group."""
+    values = head_metric(stats, metric)
+    n_heads = values.shape[1]
+    n_kv = n_kv_heads or n_heads
+    order = sorted(range(n_heads), key=lambda h: (kv_group(h, n_heads, n_kv), h))
+    labels = [f"kv{kv_group(h, n_heads, n_kv)}:h{h}" for h in order]
+    z = values[:, order]
+    text = [[f"{HeadId(l, h)} {metric}={z[i, j]:.3f}" for j, h in enumerate(order)]
+            for i, l in enumerate(stats.layers)]
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=list(stats.layers), colorscale="Viridis", text=text,
+                               hoverinfo="text", colorbar={"title": metric}))
+    fig.update_layout(title=f"{metric} per head (columns grouped by KV head)", xaxis_title="KV group : head",
+                      yaxis_title="layer", yaxis_autorange="reversed", height=max(300, 18 * len(stats.layers) + 120))
+    return fig
+
+
+def head_heatmap(record: AttentionRecord, head: HeadId | tuple[int, int]) -> go.Figure:
+    """One head's ``[query, key]`` pattern with token labels."""
+    head = HeadId(*head)
+    pat = record.pattern(head).numpy()
+    toks = [f"{i}:{t!r}"[:24] for i, t in enumerate(record.tokens)]
+    fig = go.Figure(go.Heatmap(z=pat, x=toks, y=toks, colorscale="Blues", zmin=0, zmax=1,
+                               hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"{head} attention pattern", xaxis_title="key", yaxis_title="query",
+                      yaxis_autorange="reversed", height=520)
+    return fig

@@ -1,0 +1,124 @@
+"""Peak memory and time: per-head statistics from cached patterns vs streaming statistics.
+
+(a) TransformerLens-style: ``run_with_cache`` on every ``hook_pattern`` (``[layers, heads, T, T]``),
+    then the same statistics computed from the patterns;
+(b) headwise streaming statistics (chunked inside attention; never ``T x T`` per head).
+Each measurement runs in a fresh subprocess so its peak RSS is its own. Prints one JSON object.
+
+    python bench/stats_memory.py            # T = 1024, 2048 for both; 4096, 8192 streaming only
+    python bench/stats_memory.py --quick    # T = 256 and 512 (a smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m"
+
+
+def text_of(n_tokens: int, model) -> "torch.Tensor":
+    import torch
+
+    base = (Path(__file__).resolve().parent.parent / "data" / "bench_text.txt")
+    words = base.read_text() if base.exists() else "The quick brown fox jumps over the lazy dog. " * 50
+    ids = model.tokenizer(words, return_tensors="pt").input_ids[0]
+    reps = n_tokens // len(ids) + 1
+    return torch.cat([ids] * reps)[:n_tokens][None]
+
+
+def stats_from_patterns(pats):
+    """pats [L, H, T, T] -> the streaming statistics (entropy, max, argmax, received sums)."""
+    import torch
+
+    ent = -(pats * torch.log(pats.clamp_min(torch.finfo(pats.dtype).tiny))).sum(-1)
+    return {"entropy": ent, "max_prob": pats.max(-1).values, "argmax": pats.argmax(-1),
+            "received_sum": pats.sum(2)}
+
+
+def worker(mode: str, n_tokens: int, out: str) -> None:
+    import torch
+
+    from probe import load_model, stream_stats
+
+    torch.set_grad_enabled(False)
+    model = load_model(MODEL, device="cpu")
+    ids = text_of(n_tokens, model)
+    if mode == "cache":
+        model.bridge  # build before timing, like stream mode's install
+    t0 = time.perf_counter()
+    if mode == "cache":
+        names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)}
+        _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+        pats = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(model.n_layers)])
+        stats = stats_from_patterns(pats)
+    else:
+        st = stream_stats(model, ids, verbose=False)
+        stats = {"entropy": st.entropy, "max_prob": st.max_prob, "argmax": st.argmax, "received_sum": st.received_sum}
+    wall = time.perf_counter() - t0
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in stats.items()}, out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"wall_s": round(wall, 3), "peak_rss_bytes": peak}))
+
+
+def measure(mode: str, n_tokens: int, tmp: Path) -> dict:
+    out = tmp / f"{mode}_{n_tokens}.safetensors"
+    proc = subprocess.run([sys.executable, __file__, "--worker", mode, str(n_tokens), str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["peak_rss_gib"] = round(res.pop("peak_rss_bytes") / 2**30, 3)
+    res["file"] = str(out)
+    return res
+
+
+def max_diff(a: str, b: str) -> dict:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    out = {k: float((x[k].float() - y[k].float()).abs().max()) for k in ("entropy", "max_prob", "received_sum")}
+    out["argmax_agreement"] = float((x["argmax"] == y["argmax"]).float().mean())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", nargs=3)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), args.worker[2])
+        return
+    both, stream_only = ([256, 512], []) if args.quick else ([1024, 2048], [4096, 8192])
+    result = {"model": MODEL, "runs": {}}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for n in both:
+            result["runs"][n] = {"cache": measure("cache", n, tmp), "stream": measure("stream", n, tmp)}
+            r = result["runs"][n]
+            if "error" not in r["cache"] and "error" not in r["stream"]:
+                r["rss_ratio_cache_over_stream"] = round(r["cache"]["peak_rss_gib"] / r["stream"]["peak_rss_gib"], 2)
+                r["time_ratio_cache_over_stream"] = round(r["cache"]["wall_s"] / r["stream"]["wall_s"], 2)
+        first = both[0]
+        r = result["runs"][first]
+        if "file" in r["cache"] and "file" in r["stream"]:
+            result[f"max_abs_diff_at_{first}"] = max_diff(r["cache"]["file"], r["stream"]["file"])
+        for n in stream_only:
+            result["runs"][n] = {"stream": measure("stream", n, tmp)}
+        for runs in result["runs"].values():
+            for v in runs.values():
+                if isinstance(v, dict):
+                    v.pop("file", None)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

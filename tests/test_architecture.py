@@ -1,0 +1,54 @@
+"""Data flows one way: probe never imports analyses or dashboards; analyses never import dashboards."""
+import ast
+import doctest
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"probe": {"analyses", "dashboards"}, "analyses": {"dashboards"}}
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_direction(package):
+    bad = {str(p.relative_to(ROOT)): sorted(imports(p) & FORBIDDEN[package])
+           for p in (ROOT / package).rglob("*.py") if imports(p) & FORBIDDEN[package]}
+    assert not bad, f"{package} must not import {sorted(FORBIDDEN[package])}: {bad}"
+
+
+def test_no_pickle_loading():
+    offenders = []
+    for p in ROOT.glob("*/**/*.py"):
+        if ".venv" in p.parts or "tests" in p.parts:
+            continue
+        text = p.read_text()
+        if "pickle.load" in text or "joblib.load" in text or ("torch.load(" in text and "weights_only=True" not in text):
+            offenders.append(str(p.relative_to(ROOT)))
+    assert not offenders, offenders
+
+
+def probe_modules():
+    import probe
+
+    return sorted(m.name for m in pkgutil.walk_packages(probe.__path__, "probe.")
+                  if not m.name.startswith("probe.kernels"))
+
+
+@pytest.mark.parametrize("name", probe_modules())
+def test_probe_doctests(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0

@@ -1,0 +1,231 @@
+"""Tests for analyses.similarity (EchoAtt): measures, windowed accumulation, echo, plan, files, CLI."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analyses.similarity import (Accumulator, SimilarityResult, accumulate_prompt, greedy_plan, js_rows,
+                                 match_heads, similarity_scan)
+from analyses.similarity.echo import echo_edits, mean_loss
+from analyses.similarity.scan import tokenize
+from probe import InputError, InterventionSpec, capture, intervene
+
+
+# ----------------------------------------------------------------------------- hand-checkable measures
+
+def test_js_rows_hand_values():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.25, 0.75]])
+    q = torch.tensor([[0.0, 1.0], [0.5, 0.5], [0.75, 0.25]])
+    js = js_rows(p, q)
+    assert js[0] == pytest.approx(1.0, abs=1e-6)  # disjoint supports: 1 bit
+    assert js[1] == pytest.approx(0.0, abs=1e-7)
+    m = np.array([0.5, 0.5])
+    kl = lambda a: float(np.sum(a * np.log2(a / m)))  # noqa: E731
+    assert js[2] == pytest.approx(0.5 * kl(np.array([0.25, 0.75])) + 0.5 * kl(np.array([0.75, 0.25])), rel=1e-5)
+
+
+def _random_causal(L, H, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(L, H, T, T, generator=g).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    return s.softmax(-1)
+
+
+def test_identical_patterns_give_cosine_one_and_zero_divergence():
+    p = _random_causal(1, 3, 6)
+    probs = torch.cat([p, p, _random_causal(1, 3, 6, seed=1)])  # layers 0 and 1 identical, layer 2 not
+    acc = Accumulator(3, 3)
+    acc.add_window(probs)
+    acc.end_prompt()
+    m = acc.finish()
+    assert m["layer_cos"][0, 1] == pytest.approx(1.0, abs=1e-9)
+    assert m["layer_js"][0, 1] == pytest.approx(0.0, abs=1e-9)
+    assert np.allclose(np.diag(m["head_js"][0]), 0.0, atol=1e-9)   # head h of L0 vs head h of L1
+    assert np.allclose(np.diag(m["head_cos"][:3, 3:6]), 1.0, atol=1e-9)
+    assert m["layer_cos"][0, 2] < 1 - 1e-3 and m["layer_js"][0, 2] > 1e-3
+
+
+def test_symmetry_unit_diagonal_and_ranges(tiny_llama):
+    r = similarity_scan(tiny_llama, ["the cat sat on the mat", "numbers: 1 2 3 4 5 6"], ["some held out words"],
+                        window=4, head_js="all", variants=("same",), max_trials=1, n_clusters=3)
+    for m in (r.layer_cos, r.head_cos, r.layer_js, r.head_js):
+        assert np.allclose(m, m.T, atol=1e-9)
+    assert np.allclose(np.diag(r.layer_cos), 1.0) and np.allclose(np.diag(r.head_cos), 1.0)
+    assert np.allclose(np.diag(r.layer_js), 0.0) and np.allclose(np.diag(r.head_js), 0.0)
+    assert (r.layer_js >= 0).all() and (r.layer_js <= 1).all() and (r.head_cos <= 1 + 1e-9).all()
+    assert r.families.shape == (8,) and len(set(r.families.tolist())) == 3
+
+
+# ----------------------------------------------------------------------------- windowed == direct
+
+def _direct(patterns):
+    """Reference from full patterns [L, H, T, T] (numpy, written independently of the accumulator)."""
+    P = patterns.double().numpy()
+    L, H, T, _ = P.shape
+    A = P.mean(1).reshape(L, -1)
+    cos = lambda X: (X @ X.T) / np.outer(np.linalg.norm(X, axis=1), np.linalg.norm(X, axis=1))  # noqa: E731
+
+    def js(p, q):
+        m = 0.5 * (p + q)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(p > 0, p * np.log2(p / m), 0) + np.where(q > 0, q * np.log2(q / m), 0)
+        return 0.5 * t.sum(-1).mean()
+
+    Am = P.mean(1)
+    ljs = np.array([[js(Am[a], Am[b]) for b in range(L)] for a in range(L)])
+    hjs = np.array([[[js(P[l, a], P[l + 1, b]) for b in range(H)] for a in range(H)] for l in range(L - 1)])
+    return cos(A), cos(P.reshape(L * H, -1)), ljs, hjs
+
+
+@pytest.mark.parametrize("window", [1, 5, 64])
+def test_windowed_accumulation_equals_direct_from_captured_patterns(tiny_llama, window):
+    text = "windows of rows!"
+    rec = capture(tiny_llama, text)
+    acc = Accumulator(tiny_llama.n_layers, tiny_llama.n_heads)
+    accumulate_prompt(tiny_llama, tiny_llama.encode(text), acc, window)
+    m = acc.finish()
+    lc, hc, ljs, hjs = _direct(rec.patterns)
+    np.testing.assert_allclose(m["layer_cos"], lc, atol=1e-5)
+    np.testing.assert_allclose(m["head_cos"], hc, atol=1e-5)
+    np.testing.assert_allclose(m["layer_js"], ljs, atol=1e-5)
+    np.testing.assert_allclose(m["head_js"], hjs, atol=1e-5)
+
+
+def test_window_passes_hold_only_window_rows(tiny_llama, monkeypatch):
+    import analyses.similarity.measure as measure
+
+    shapes = []
+
+    class Spy(measure.WindowTap):
+        def __init__(self, *a):
+            super().__init__(*a)
+            shapes.append(tuple(self.buf.shape))
+
+    monkeypatch.setattr(measure, "WindowTap", Spy)
+    ids = tiny_llama.encode("ten tokens")
+    measure.accumulate_prompt(tiny_llama, ids, Accumulator(2, 4), window=4)
+    assert shapes == [(2, 4, 4, 10), (2, 4, 4, 10), (2, 4, 2, 10)]  # L x H x window x T per pass
+
+
+# ----------------------------------------------------------------------------- echo == hand substitution
+
+def _hand_echo_logits(model, ids, perm):
+    """Layer 1 recomputed by hand: head perm[h] of layer 1 uses layer 0 head h's pattern with its own values."""
+    P0 = capture(model, ids, layers=[0]).patterns[0]          # (head, T, T)
+    attn = model.hf.model.layers[1].self_attn
+    seen = {}
+    h_v = attn.v_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__("v", o.detach()))
+    with torch.no_grad():
+        model.hf(ids)
+    h_v.remove()
+    H, D, T = model.n_heads, model.d_head, ids.shape[1]
+    v = seen["v"][0].reshape(T, model.n_kv_heads, D)          # (T, kv, D)
+    z = torch.empty(T, H, D)
+    for h in range(H):
+        tgt = int(perm[h])
+        z[:, tgt] = P0[h] @ v[:, tgt // (H // model.n_kv_heads)]
+    out = attn.o_proj(z.reshape(1, T, H * D))
+    hook = attn.register_forward_hook(lambda mod, i, o: (out,) + tuple(o[1:]))
+    try:
+        with torch.no_grad():
+            return model.hf(ids).logits
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("perm", [[0, 1, 2, 3], [2, 0, 3, 1]])
+def test_echo_intervention_equals_hand_made_substitution(tiny_llama, perm):
+    ids = tiny_llama.encode("echo, echo, echo")
+    with torch.no_grad(), intervene(tiny_llama, InterventionSpec(echo_edits(0, 1, perm))):
+        echoed = tiny_llama.hf(ids).logits
+    with torch.no_grad():
+        clean = tiny_llama.hf(ids).logits
+    hand = _hand_echo_logits(tiny_llama, ids, perm)
+    torch.testing.assert_close(echoed, hand, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(echoed, clean, atol=1e-4)  # the echo does change something
+
+
+def test_mean_loss_is_cross_entropy(tiny_llama):
+    ids = tiny_llama.encode("loss check")
+    with torch.no_grad():
+        logp = tiny_llama.hf(ids).logits[0, :-1].log_softmax(-1)
+    want = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].mean()
+    assert mean_loss(tiny_llama, [ids]) == pytest.approx(float(want), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- matching and plan
+
+def test_match_heads_recovers_a_permutation():
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(5)
+    sim = np.full((10, 10), 0.1)
+    sim[np.arange(5), 5 + perm] = 0.9
+    np.testing.assert_array_equal(match_heads(sim, 2, 5, 0, 1), perm)
+
+
+def test_greedy_plan_merges_most_similar_first_and_respects_budget():
+    cos = np.array([[1, .9, .2, .1], [.9, 1, .5, .3], [.2, .5, 1, .8], [.1, .3, .8, 1.]])
+    cost = {(0, 1): .05, (2, 3): .04}  # every other echo costs 1.0
+
+    def measure(blocks):
+        return sum(cost.get((b[0], t), 1.0) for b in blocks for t in b[1:])
+
+    blocks, total, log = greedy_plan(cos, measure, budget=0.1, max_trials=10)
+    assert blocks == [[0, 1], [2, 3]] and total == pytest.approx(0.09)
+    assert log[0]["merge"] == [0, 1, 1] and all(not t["accepted"] for t in log[2:])
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs(tiny_llama):
+    with pytest.raises(InputError, match="one token"):
+        tokenize(tiny_llama, ["ok text", "a"], 64, "prompt")
+    with pytest.raises(InputError, match="non-empty list"):
+        tokenize(tiny_llama, "a bare string", 64, "prompt")
+    with pytest.raises(InputError, match="empty"):
+        similarity_scan(tiny_llama, ["fine"], ["  "])
+    acc = Accumulator(2, 4)
+    with pytest.raises(InputError, match="one model"):  # a window from another model's prompt set
+        acc.add_window(_random_causal(3, 4, 5))
+    with pytest.raises(InputError, match="two tokens"):
+        accumulate_prompt(tiny_llama, tiny_llama.encode("a"), acc, 4)
+    with pytest.raises(InputError, match="no prompt"):
+        acc.finish()
+    with pytest.raises(InputError, match="variant"):
+        similarity_scan(tiny_llama, ["fine"], ["fine too"], variants=("shuffled",))
+
+
+# ----------------------------------------------------------------------------- result, files, CLI
+
+def test_cli_writes_results_resumes_and_loads(tmp_path, capsys):
+    from analyses.cli import main
+
+    argv = ["scan", "similarity", "--model", "tiny-llama", "--out", str(tmp_path), "--n-prompts", "2",
+            "--n-heldout", "2", "--max-tokens", "24", "--window", "8", "--max-trials", "2"]
+    assert main(argv) == 0
+    units = sorted(p.name for p in (tmp_path / "units").iterdir())
+    assert any(u.startswith("prompt-") for u in units) and any("baseline" in u for u in units)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "units").iterdir()}
+    assert main(argv) == 0  # resumes: every unit reused, none rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "units").iterdir()} == stamps
+    r = SimilarityResult.load(tmp_path)
+    assert (tmp_path / "figures.html").stat().st_size > 1000
+    df = r.to_frame()
+    assert {"scope", "layer", "head", "layer2", "head2", "metric", "value"} <= set(df.columns)
+    assert len(df[(df.scope == "echo") & (df.metric == "loss_increase_matched")]) == 1
+    for kind in ("layers", "heads", "clusters", "echo"):
+        assert r.plot(kind).data
+    s = r.summary()
+    assert math.isfinite(s["plan_cost"]) and s["baseline_loss"] > 0
+
+
+@pytest.mark.slow
+def test_smol_windowed_similarity_matches_eager_patterns(smol, reference_patterns):
+    ids = smol.encode("The quick brown fox jumps over the lazy dog near the river bank.")
+    acc = Accumulator(smol.n_layers, smol.n_heads)
+    accumulate_prompt(smol, ids, acc, window=5)
+    m = acc.finish()
+    lc, hc, ljs, _ = _direct(reference_patterns(smol, ids))
+    np.testing.assert_allclose(m["layer_cos"], lc, atol=1e-4)
+    np.testing.assert_allclose(m["head_cos"], hc, atol=1e-4)
+    np.testing.assert_allclose(m["layer_js"], ljs, atol=1e-4)
