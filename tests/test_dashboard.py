@@ -1,46 +1,165 @@
-"""AppTest smoke tests: every dashboard page renders on tiny-llama with no exception."""
+"""AppTest per dashboard page on tiny-llama, over saved results made by running each analysis on tiny-llama
+(grounding: the analysis' own detector fit and result on synthetic features, since a random model never
+answers the grounding questions)."""
+import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboards" / "app.py")
 
 
+def _grounding(root: Path, L: int, H: int) -> None:
+    from analyses.grounding import GroundingResult
+    from analyses.grounding.detector import evaluate
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    X = rng.normal(size=(40, L * H)) * 0.1 + 0.5
+    X[:, 3] += 0.3 * y                                         # head L0H3 looks back when grounded
+    det, summary = evaluate(X[:28], y[:28], X[28:], y[28:], L, H, n_boot=50, n_perm=5)
+    folder = root / "grounding-tiny-llama"
+    det.save(folder.parent / "tmp-detector.json")
+    mit = pd.DataFrame({"condition": ["greedy", "guided"], "n": [6, 6], "grounded_rate": [0.25, 0.5],
+                        "contradicted_rate": [0.5, 0.25], "heads": ["[]", "[]"]})
+    GroundingResult("tiny-llama", summary, det.head_weights(), mit).save(folder)
+    (folder.parent / "tmp-detector.json").rename(folder / "detector.json")
+    rows = [{"item_id": f"i{i}", "split": "train" if i < 28 else "heldout", "label": float(y[i]), "n_new": 1,
+             "answer": "x", "row_lr": X[i].tolist()} for i in range(40)]
+    (folder / "dataset").mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "dataset" / "shard_0000.parquet")
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory, tiny_llama):
+    """A results folder with every analysis' files, written as each analysis' CLI writes them."""
+    from dashboards import runs
+
+    root = tmp_path_factory.mktemp("results")
+    runs.run("retrieval", tiny_llama, root, lengths=[230], depths=[30.0, 70.0], k=2, max_new_tokens=6)
+    runs.run("sinks", tiny_llama, root, n_profile=2, last_layer=0, n_random=1,
+             profile={"rule": "alpha", "alpha": 2.0})
+    runs.run("circuits", tiny_llama, root, n=2, n_boot=5)
+    runs.run("similarity", tiny_llama, root, n_prompts=2, n_heldout=1, max_tokens=24, variants=["same"], max_trials=1)
+    _grounding(root, tiny_llama.n_layers, tiny_llama.n_heads)
+    return root
+
+
 @pytest.fixture
-def app(monkeypatch):
+def app(monkeypatch, results):
     monkeypatch.setenv("HEADWISE_DASHBOARD_MODEL", "tiny-llama")
+    monkeypatch.setenv("HEADWISE_RESULTS", str(results))
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert not at.exception, at.exception
     return at
 
 
-def test_head_grid_page(app):
-    assert [t.value for t in app.title] == ["Head grid"]
-    assert not app.error
-    assert app.sidebar.selectbox(key="model_choice").value == "tiny-llama"
-    assert app.radio(key="grid_metric").options == ["mean entropy (nats)", "mean max attention",
-                                                    "mean attention on the first token"]
-    heads = app.selectbox(key="grid_head")
-    assert heads.options[:4] == ["L0H0", "L0H1", "L0H2", "L0H3"] and len(heads.options) == 8
-    heads.set_value("L1H2").run()                                  # select a head: its pattern is drawn
-    assert not app.exception and "L1H2" in app.get("code")[0].value
-    app.radio(key="grid_metric").set_value("mass:first").run()
+def _open(app, page: str, title: str):
+    app.switch_page(f"views/{page}.py").run()
+    assert not app.exception, app.exception
+    assert [t.value for t in app.title] == [title]
+    assert not app.error, [e.value for e in app.error]
+    return app
+
+
+def _labels(app) -> list[str]:
+    return [b.proto.label for b in app.get("download_button")]
+
+
+def _code(app) -> str:
+    return app.get("code")[-1].value
+
+
+def test_saved_results_are_found_by_kind(results):
+    from dashboards import runs
+
+    found = runs.find(results)
+    assert {k: len(v) for k, v in found.items()} == {"retrieval": 1, "sinks": 2, "circuits": 1, "similarity": 1,
+                                                      "grounding": 1}
+    assert runs.load("sinks", next(p for p in found["sinks"] if p.name == "search.json")).task == "sentiment"
+
+
+def test_head_atlas_colours_by_saved_scores_and_selects_a_head(app):
+    assert [t.value for t in app.title] == ["Head atlas"] and not app.error
+    metrics = app.selectbox(key="grid_metric").options
+    assert {"mean entropy (nats)", "retrieval: retrieval_score", "similarity: family", "grounding: coef",
+            "sinks: mass:first", "circuits: induction: in circuit"} <= set(metrics)
+    assert app.sidebar.selectbox(key="head").options[:4] == ["L0H0", "L0H1", "L0H2", "L0H3"]
+    app.selectbox(key="grid_metric").set_value("grounding: coef").run()
     assert not app.exception
-    app.text_area(key="grid_prompt").set_value("").run()           # bad input: a clear error, no traceback
+    app.sidebar.selectbox(key="head").set_value("L1H2").run()     # selected head: its pattern and its scores
+    assert not app.exception and "L1H2" in _code(app)
+    assert [s.value for s in app.subheader][0].startswith("L1H2 (KV group 1)")
+    assert "retrieval: retrieval_score" in app.dataframe[-1].value["metric"].tolist()
+    app.text_area(key="grid_prompt").set_value("").run()          # bad input: a clear error, no traceback
     assert not app.exception and "empty" in app.error[0].value
 
 
-def test_pattern_explorer_page(app):
-    app.switch_page("views/pattern_explorer.py").run()
+def test_retrieval_page(app):
+    _open(app, "retrieval", "Retrieval heads")
+    assert "Figure as HTML" in _labels(app) and "Table as CSV" in _labels(app)
+    assert len(app.get("plotly_chart")) == 1 + 3                  # scores + NIAH: none, top, random0
+    assert "RetrievalResult.load(" in _code(app)
+    assert any("masking top-2" in m.label for m in app.metric)
+
+
+def test_sinks_page_downloads_a_calibration_file(app):
+    _open(app, "sinks", "Sinks and calibration")
+    assert "Download the calibration file (calib.json)" in _labels(app)
+    app.radio(key="sink_metric").set_value("sinks").run()
+    app.radio(key="act_metric").set_value("delta_gold_logprob").run()
+    assert not app.exception and "delta_gold_logprob" in _code(app)
+    app.text_input(key="act_prompt").set_value("Review: fine.\nSentiment:")
+    app.button(key="act_generate").click().run()                  # before/after generation on the prompt
+    assert not app.exception and {t.label for t in app.text_area} >= {"plain", "calibrated"}
+
+
+def test_circuits_page(app):
+    _open(app, "circuits", "Circuits")
+    assert app.selectbox(key="circ_task").options == ["induction", "greater_than"]
+    app.selectbox(key="circ_task").set_value("greater_than").run()
+    app.radio(key="circ_method").set_value("eap").run()
+    assert not app.exception and "res.task('greater_than').plot('eap')" in _code(app)
+
+
+def test_similarity_page(app):
+    _open(app, "similarity", "Layer similarity")
+    assert len(app.get("plotly_chart")) == 4
+    app.radio(key="sim_metric").set_value("js").run()
+    assert not app.exception
+
+
+def test_grounding_page_roc_and_token_view(app):
+    _open(app, "grounding", "Grounding")
+    assert {"Figure as HTML", "Table as CSV"} <= set(_labels(app))
+    assert "grounding_roc(" in _code(app)
+    app.button(key="gr_generate").click().run()                   # guided decoding with the saved detector
+    assert not app.exception
+    assert "Token view as HTML" in _labels(app)
+
+
+def test_run_button_writes_a_result_the_page_then_shows(app, tmp_path):
+    app.sidebar.text_input(key="results_root").set_value(str(tmp_path)).run()
+    app.switch_page("views/similarity.py").run()
+    assert any("No saved" in i.value for i in app.info)           # empty folder: a hint, no traceback
+    app.button(key="run-similarity").click().run(timeout=120)
     assert not app.exception, app.exception
-    assert [t.value for t in app.title] == ["Pattern explorer"] and not app.error
+    assert (tmp_path / "similarity-tiny-llama" / "summary.json").exists()
+    assert json.loads((tmp_path / "similarity-tiny-llama" / "summary.json").read_text())["model_id"] == "tiny-llama"
+    assert len(app.get("plotly_chart")) == 4
+
+
+def test_pattern_explorer_page(app):
+    _open(app, "pattern_explorer", "Pattern explorer")
     assert any("tokens per cell" in m.value for m in app.markdown)
     app.select_slider(key="pe_size").set_value(16).run()
     app.number_input(key="pe_q0").set_value(3).run()
     assert not app.exception
-    assert "queries=(3, 19)" in app.get("code")[0].value
+    assert "queries=(3, 19)" in _code(app)
 
 
 def test_unknown_model_falls_back_with_error(app):
@@ -50,9 +169,15 @@ def test_unknown_model_falls_back_with_error(app):
     assert app.sidebar.error and "/no/such/model" in app.sidebar.error[0].value
 
 
-def test_every_figure_and_table_has_a_download(app):
-    labels = [b.proto.label for b in app.get("download_button")]
-    assert labels.count("Figure as HTML") == 2 and "Table as CSV" in labels
+def test_corrupt_saved_result_gives_a_clear_error(app, results, tmp_path):
+    import shutil
+
+    bad = tmp_path / "r"
+    shutil.copytree(results / "circuits-tiny-llama", bad / "circuits-tiny-llama")
+    (bad / "circuits-tiny-llama" / "overlap.parquet").write_bytes(b"not parquet")
+    app.sidebar.text_input(key="results_root").set_value(str(bad)).run()
+    app.switch_page("views/circuits.py").run()
+    assert not app.exception and "overlap.parquet" in app.error[0].value
 
 
 @pytest.mark.browser
