@@ -1,36 +1,69 @@
-"""Dashboard timings in headless chromium on the embedded model; prints JSON.
+"""Dashboard timings on the embedded model; prints JSON.
 
-first_head_grid_s: fresh server, open the head grid (model load + stream stats + capture + drawing).
-cached_open_s: open each page again in a new tab (results come from st.cache_data).
-Run: PYTHONPATH=$PWD python bench/dashboard.py
+first_run_s: each analysis' default scan (``dashboards.runs.DEFAULTS``, what a page's Run button does),
+  from scratch on the embedded model, written under ``--root`` (skipped with ``--no-runs``).
+page_open_s: headless chromium, a fresh tab per page, until its charts are drawn, with the
+  results under ``--root`` saved (first open of each page on a fresh server, then a second open).
+Run: PYTHONPATH=$PWD python bench/dashboard.py --root results/bench [--no-runs] [--only sinks,circuits]
 """
+import argparse
 import json
 import os
+import shutil
 import time
 
+import torch
+
+from dashboards import runs
 from dashboards.browser import chromium, serve, wait_for_page
 
-PAGES = [("", "Head grid"), ("pattern_explorer", "Pattern explorer")]
+MODEL = "smollm2-135m"
+PAGES = [("", "Head atlas", 2), ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 4),
+         ("sinks", "Sinks and calibration", 3), ("circuits", "Circuits", 2), ("similarity", "Layer similarity", 1),
+         ("grounding", "Grounding", 1)]
 
 
-def timed_open(browser, url, path, title) -> float:
+def first_runs(root, only) -> dict:
+    from probe import load_model
+
+    model = load_model(MODEL)
+    out = {}
+    for kind in only:
+        shutil.rmtree(runs.result_dir(root, kind, model.model_id), ignore_errors=True)
+        t = time.perf_counter()
+        runs.run(kind, model, root)
+        out[kind] = round(time.perf_counter() - t, 1)
+        print(json.dumps({"first_run_s": {kind: out[kind]}}), flush=True)
+    return out
+
+
+def timed_open(browser, url, path, title, charts) -> float:
     page = browser.new_page(viewport={"width": 1400, "height": 2000})
     t = time.perf_counter()
     page.goto(f"{url}/{path}")
-    wait_for_page(page, title, 2)
+    wait_for_page(page, title, charts)
     dt = time.perf_counter() - t
+    assert page.locator('[data-testid="stException"]').count() == 0, title
     page.close()
     return round(dt, 2)
 
 
 def main() -> None:
-    out = {"model": "smollm2-135m", "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="results/bench")
+    ap.add_argument("--no-runs", action="store_true")
+    ap.add_argument("--only", default=",".join(runs.ANALYSES))
+    a = ap.parse_args()
+    out = {"model": MODEL, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_avg_1m_start": round(os.getloadavg()[0], 2), "defaults": runs.DEFAULTS}
+    if not a.no_runs:
+        out["first_run_s"] = first_runs(a.root, a.only.split(","))
     t = time.perf_counter()
-    with serve("smollm2-135m") as url, chromium() as browser:
+    with serve(MODEL, results=a.root) as url, chromium() as browser:
         out["server_up_s"] = round(time.perf_counter() - t, 2)
-        out["first_head_grid_s"] = timed_open(browser, url, *PAGES[0])
-        out["first_pattern_explorer_s"] = timed_open(browser, url, *PAGES[1])
-        out["cached_open_s"] = {title: timed_open(browser, url, path, title) for path, title in PAGES}
+        out["page_open_first_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
+        out["page_open_again_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 
 

@@ -26,10 +26,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(model: str, port: int | None = None, timeout: float = 30.0):
-    """Run ``streamlit run dashboards/app.py`` on localhost with ``model``; yield its URL."""
+def serve(model: str, port: int | None = None, timeout: float = 30.0, results: str | Path | None = None):
+    """Run ``streamlit run dashboards/app.py`` on localhost with ``model`` (and a results folder); yield its URL."""
     port = port or free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HEADWISE_DASHBOARD_MODEL": model}
+    if results is not None:
+        env["HEADWISE_RESULTS"] = str(results)
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboards" / "app.py"), "--server.port", str(port),
            "--server.address", "localhost", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,7 +67,7 @@ def chromium():
 def wait_for_page(page, title: str, charts: int, timeout_ms: int = 90_000) -> None:
     """Wait until the page's title, ``charts`` plotly charts are drawn and the script has finished."""
     page.get_by_role("heading", name=title).wait_for(timeout=timeout_ms)
-    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .heatmaplayer').length >= {charts}",
+    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .svg-container').length >= {charts}",
                            timeout=timeout_ms)
     page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
     page.wait_for_timeout(300)                                      # let plotly finish painting

@@ -6,6 +6,7 @@ and exports.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -141,17 +142,18 @@ def run_button(kind: str, label: str) -> None:
     """An expander that runs ``kind`` with :func:`runs.defaults` on the selected model, with a progress bar."""
     model = get_model(model_name())
     with st.expander(f"Run {label} on {model.model_id} (small defaults; files go to the results folder)"):
-        opts = runs.defaults(kind, model)
-        st.json(opts, expanded=False)
+        text = st.text_area("Options (JSON; the defaults finish in about two minutes on two CPU cores)",
+                            json.dumps(runs.defaults(kind, model)), key=f"opts-{kind}", height=90)
         if st.button(f"Run {label}", key=f"run-{kind}", type="primary"):
             try:
+                opts = json.loads(text)
                 with st_progress(f"Running {label} on {model.model_id}…"):
-                    runs.run(kind, model, results_root())
+                    runs.run(kind, model, results_root(), **opts)
                 st.session_state[f"src-{kind}"] = str(runs.result_dir(results_root(), kind, model.model_id))
                 for k in [k for k in st.session_state if str(k).startswith(f"pick-{kind}")]:
                     del st.session_state[k]                       # show the new result
-            except HeadwiseError as exc:
-                st.error(str(exc))
+            except (HeadwiseError, ValueError, TypeError) as exc:
+                st.error(f"{type(exc).__name__}: {exc}")
 
 
 def result_source(kind: str, label: str, fmt: str | None = None, run: bool = True, stop: bool = True):
@@ -170,7 +172,7 @@ def result_source(kind: str, label: str, fmt: str | None = None, run: bool = Tru
     labels = [str(p.relative_to(results_root())) for p in paths]
     want = st.session_state.get(f"src-{kind}", "")
     match = [i for i, p in enumerate(paths) if str(p).startswith(want)] if want else []
-    choice = st.selectbox(f"Saved {label}", labels, index=match[0] if match else 0, key=f"pick-{kind}-{fmt}")
+    choice = st.selectbox(f"Saved result ({label})", labels, index=match[0] if match else 0, key=f"pick-{kind}-{fmt}")
     path = paths[labels.index(choice)]
     try:
         return path, open_result(kind, path)

@@ -25,7 +25,7 @@ ANALYSES = ("retrieval", "sinks", "circuits", "similarity", "grounding")
 
 DEFAULTS: dict[str, dict] = {
     "retrieval": {"lengths": [250], "depths": [50.0], "needles": ["code"], "k": 5, "seeds": [0],
-                  "max_new_tokens": 12},
+                  "max_new_tokens": 8},
     "sinks": {"task": "sentiment", "n_profile": 6, "first_layer": 2, "last_layer": 7, "n_random": 2},
     "circuits": {"tasks": ["ioi", "induction"], "n": 8, "n_boot": 50},
     "similarity": {"n_prompts": 4, "n_heldout": 2, "max_tokens": 64, "variants": ["same", "matched"],
@@ -113,6 +113,13 @@ def load(kind: str, path: str | Path):
 
 def run(kind: str, model, root: str | Path, **options):
     """Run ``kind`` on ``model`` with :data:`DEFAULTS` (overridden by ``options``); files go under ``root``."""
+    if kind not in DEFAULTS:
+        from probe.errors import InputError
+        raise InputError(f"unknown analysis {kind!r}: use one of {ANALYSES}")
+    unknown = set(options) - set(DEFAULTS[kind]) - {"profile"}
+    if unknown:
+        from probe.errors import InputError
+        raise InputError(f"unknown option(s) {sorted(unknown)} for {kind}: use {sorted(DEFAULTS[kind])}")
     opts = {**defaults(kind, model), **options}
     out = result_dir(root, kind, model.model_id)
     out.mkdir(parents=True, exist_ok=True)
