@@ -1,7 +1,9 @@
 """Dashboard timings on the embedded model; prints JSON.
 
-first_run_s: each analysis' default scan (``dashboards.runs.DEFAULTS``, what a page's Run button does),
-  from scratch on the embedded model, written under ``--root`` (skipped with ``--no-runs``).
+first_run: each analysis' default scan (``dashboards.runs.DEFAULTS``, what a page's Run button does),
+  from scratch on the embedded model, written under ``--root`` (skipped with ``--no-runs``): wall time,
+  process CPU time (user+sys over both threads: on two idle cores wall ~ cpu/2) and the load average,
+  because the machine is shared.
 page_open_s: headless chromium, a fresh tab per page, until its charts are drawn, with the
   results under ``--root`` saved (first open of each page on a fresh server, then a second open).
 Run: PYTHONPATH=$PWD python bench/dashboard.py --root results/bench [--no-runs] [--only sinks,circuits]
@@ -30,10 +32,15 @@ def first_runs(root, only) -> dict:
     out = {}
     for kind in only:
         shutil.rmtree(runs.result_dir(root, kind, model.model_id), ignore_errors=True)
-        t = time.perf_counter()
-        runs.run(kind, model, root)
-        out[kind] = round(time.perf_counter() - t, 1)
-        print(json.dumps({"first_run_s": {kind: out[kind]}}), flush=True)
+        t, cpu = time.perf_counter(), time.process_time()
+        try:
+            runs.run(kind, model, root)
+            err = None
+        except Exception as exc:  # report and go on: one failing default must not hide the others
+            err = f"{type(exc).__name__}: {exc}"
+        out[kind] = {"wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                     "load_avg_1m": round(os.getloadavg()[0], 2), "error": err}
+        print(json.dumps({kind: out[kind]}), flush=True)
     return out
 
 
@@ -57,7 +64,7 @@ def main() -> None:
     out = {"model": MODEL, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_avg_1m_start": round(os.getloadavg()[0], 2), "defaults": runs.DEFAULTS}
     if not a.no_runs:
-        out["first_run_s"] = first_runs(a.root, a.only.split(","))
+        out["first_run"] = first_runs(a.root, a.only.split(","))
     t = time.perf_counter()
     with serve(MODEL, results=a.root) as url, chromium() as browser:
         out["server_up_s"] = round(time.perf_counter() - t, 2)

@@ -26,11 +26,11 @@ ANALYSES = ("retrieval", "sinks", "circuits", "similarity", "grounding")
 DEFAULTS: dict[str, dict] = {
     "retrieval": {"lengths": [250], "depths": [50.0], "needles": ["code"], "k": 5, "seeds": [0],
                   "max_new_tokens": 8},
-    "sinks": {"task": "sentiment", "n_profile": 6, "first_layer": 2, "last_layer": 7, "n_random": 2},
+    "sinks": {"task": "sentiment", "n_profile": 2, "first_layer": 27, "last_layer": 28, "n_random": 1},
     "circuits": {"tasks": ["ioi", "induction"], "n": 8, "n_boot": 50},
     "similarity": {"n_prompts": 4, "n_heldout": 2, "max_tokens": 64, "variants": ["same", "matched"],
                    "max_trials": 3},
-    "grounding": {"limit": 60, "n_mitigate": 6, "k": 10, "n_perm": 10},
+    "grounding": {"limit": 40, "n_mitigate": 4, "k": 10, "n_perm": 10},
 }
 
 
@@ -39,8 +39,9 @@ def defaults(kind: str, model) -> dict:
     d = json.loads(json.dumps(DEFAULTS[kind]))
     if kind == "retrieval":
         d["lengths"] = [min(L, model.n_ctx - d["max_new_tokens"] - 40) for L in d["lengths"]]
-    elif kind == "sinks" and model.n_layers < 4:
-        d["first_layer"], d["last_layer"] = 0, model.n_layers - 1
+    elif kind == "sinks":                                  # the last candidate layers (reference: 2 .. L-2)
+        d["last_layer"] = max(0, model.n_layers - 2)
+        d["first_layer"] = max(0, d["last_layer"] - 1)
     elif kind == "circuits" and model.tokenizer.vocab_size < 1000:   # byte tokenizers: no one-token names
         d["tasks"] = ["induction", "greater_than"]
     return d

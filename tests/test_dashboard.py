@@ -131,6 +131,9 @@ def test_similarity_page(app):
     assert len(app.get("plotly_chart")) == 4
     app.radio(key="sim_metric").set_value("js").run()
     assert not app.exception
+    app.text_area(key="opts-similarity").set_value('{"n_prompt": 1}').run()     # a typo in the run options
+    app.button(key="run-similarity").click().run()
+    assert not app.exception and "unknown option(s) ['n_prompt']" in app.error[0].value
 
 
 def test_grounding_page_roc_and_token_view(app):
@@ -190,3 +193,39 @@ def test_png_and_svg_export_offline(tiny_llama):
     assert figure_image(fig, "png")[:8] == b"\x89PNG\r\n\x1a\n"
     svg = figure_image(fig, "svg").decode()
     assert svg.lstrip().startswith("<svg") and "kv1:h3" in svg
+
+
+def test_progress_bar_follows_the_analysis_tqdm_bars(monkeypatch):
+    import streamlit as st
+    from tqdm.auto import tqdm
+
+    from dashboards.progress import st_progress
+
+    seen = []
+
+    class Bar:
+        def progress(self, frac, text=""):
+            seen.append((round(frac, 2), text))
+
+        def empty(self):
+            seen.append("emptied")
+
+    monkeypatch.setattr(st, "progress", lambda *a, **k: Bar())
+    with st_progress("running"):
+        for _ in tqdm(range(4), desc="units", mininterval=0):
+            pass
+    for _ in tqdm(range(2), desc="outside", mininterval=0):       # after the block: not mirrored
+        pass
+    assert seen[-1] == "emptied" and (1.0, "units: 4/4") in seen
+    assert not any("outside" in str(s) for s in seen)
+
+
+def test_run_options_are_checked(tiny_llama, tmp_path):
+    from dashboards import runs
+    from probe.errors import InputError
+
+    with pytest.raises(InputError, match="unknown option"):
+        runs.run("similarity", tiny_llama, tmp_path, n_prompt=3)
+    with pytest.raises(InputError, match="unknown analysis"):
+        runs.run("nonsense", tiny_llama, tmp_path)
+    assert runs.defaults("retrieval", tiny_llama)["lengths"] == [tiny_llama.n_ctx - 8 - 40]
