@@ -31,7 +31,7 @@ def default_model() -> str:
 
 
 def default_results() -> str:
-    return os.environ.get(RESULTS_ENV) or str(ROOT / "results")
+    return os.environ.get(RESULTS_ENV) or str(Path.cwd() / "results")
 
 
 def results_root() -> Path:
