@@ -33,6 +33,20 @@ def _grounding(root: Path, L: int, H: int) -> None:
     pd.DataFrame(rows).to_parquet(folder / "dataset" / "shard_0000.parquet")
 
 
+def _sinks(folder: Path, model) -> None:
+    """Sink profile and ACT search as ``dashboards.runs`` writes them, on 4 items per split (fast)."""
+    import dataclasses
+
+    from analyses.sinks import Calibration, SearchConfig, load_task, profile_sinks, search_act
+
+    task = load_task("sentiment")
+    task = dataclasses.replace(task, items={k: list(v)[:4] for k, v in task.items.items()})
+    profile_sinks(model, [task.prompt(it) for it in task.split("heldout")[:2]], rule="alpha", alpha=2.0).save(
+        folder / "profile.json")
+    search = search_act(model, task, SearchConfig(first_layer=0, last_layer=1, n_random=1), out=folder / "search.json")
+    Calibration.from_search(search).save(folder / "calib.json")
+
+
 @pytest.fixture(scope="session")
 def results(tmp_path_factory, tiny_llama):
     """A results folder with every analysis' files, written as each analysis' CLI writes them."""
@@ -40,8 +54,7 @@ def results(tmp_path_factory, tiny_llama):
 
     root = tmp_path_factory.mktemp("results")
     runs.run("retrieval", tiny_llama, root, lengths=[230], depths=[30.0, 70.0], k=2, max_new_tokens=6)
-    runs.run("sinks", tiny_llama, root, n_profile=2, last_layer=0, n_random=1,
-             profile={"rule": "alpha", "alpha": 2.0})
+    _sinks(root / "sinks-tiny-llama", tiny_llama)
     runs.run("circuits", tiny_llama, root, n=2, n_boot=5)
     runs.run("similarity", tiny_llama, root, n_prompts=2, n_heldout=1, max_tokens=24, variants=["same"], max_trials=1)
     _grounding(root, tiny_llama.n_layers, tiny_llama.n_heads)
@@ -71,7 +84,20 @@ def _labels(app) -> list[str]:
 
 
 def _code(app) -> str:
-    return app.get("code")[-1].value
+    """The page's "reproduce in a notebook" snippet; it must at least be valid Python."""
+    code = app.get("code")[-1].value
+    compile(code, "snippet", "exec")
+    return code
+
+
+def _run_snippet(code: str, monkeypatch) -> dict:
+    """Execute a snippet as a notebook would (figures rendered to JSON instead of a browser)."""
+    import plotly.io as pio
+
+    monkeypatch.setattr(pio.renderers, "default", "json")
+    scope: dict = {}
+    exec(compile(code, "snippet", "exec"), scope)
+    return scope
 
 
 def test_saved_results_are_found_by_kind(results):
@@ -99,11 +125,11 @@ def test_head_atlas_colours_by_saved_scores_and_selects_a_head(app):
     assert not app.exception and "empty" in app.error[0].value
 
 
-def test_retrieval_page(app):
+def test_retrieval_page(app, monkeypatch):
     _open(app, "retrieval", "Retrieval heads")
     assert "Figure as HTML" in _labels(app) and "Table as CSV" in _labels(app)
     assert len(app.get("plotly_chart")) == 1 + 3                  # scores + NIAH: none, top, random0
-    assert "RetrievalResult.load(" in _code(app)
+    assert _run_snippet(_code(app), monkeypatch)["res"].scores.shape == (2, 4)
     assert any("masking top-2" in m.label for m in app.metric)
 
 
@@ -118,16 +144,18 @@ def test_sinks_page_downloads_a_calibration_file(app):
     assert not app.exception and {t.label for t in app.text_area} >= {"plain", "calibrated"}
 
 
-def test_circuits_page(app):
+def test_circuits_page(app, monkeypatch):
     _open(app, "circuits", "Circuits")
     assert app.selectbox(key="circ_task").options == ["induction", "greater_than"]
     app.selectbox(key="circ_task").set_value("greater_than").run()
     app.radio(key="circ_method").set_value("eap").run()
     assert not app.exception and "res.task('greater_than').plot('eap')" in _code(app)
+    assert [t.task for t in _run_snippet(_code(app), monkeypatch)["res"].tasks] == ["induction", "greater_than"]
 
 
-def test_similarity_page(app):
+def test_similarity_page(app, monkeypatch):
     _open(app, "similarity", "Layer similarity")
+    assert _run_snippet(_code(app), monkeypatch)["res"].layer_cos.shape == (2, 2)
     assert len(app.get("plotly_chart")) == 4
     app.radio(key="sim_metric").set_value("js").run()
     assert not app.exception
