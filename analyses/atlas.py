@@ -4,8 +4,11 @@ Under grouped-query attention several query heads read the same key/value head, 
 patterns are related; ordering and labelling columns by KV group (``kv0:h0 kv0:h1 ... kv1:h3``)
 makes that visible. The first scores are the streaming statistics of one prompt (mean entropy,
 mean max attention, mean attention on the first token; Xiao et al., "Efficient Streaming Language
-Models with Attention Sinks", 2023 for the first-token mass); later analyses add their own
-columns to the same tidy frame (one row per layer, head and metric).
+Models with Attention Sinks", 2023 for the first-token mass). Saved results of the other analyses
+join the same tidy frame (one row per layer, head and metric): :func:`result_scores` takes each
+result's own ``to_frame()``, :func:`head_roles` labels heads by each analysis' own rule (retrieval
+heads above the threshold, circuit members, similarity families, top grounding coefficients, ACT
+calibrated heads, heads with sinks) and :func:`score_grid` merges them into one :class:`HeadGrid`.
 
 >>> from probe import load_model
 >>> g = head_grid(load_model("tiny-llama"), "hello")

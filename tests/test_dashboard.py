@@ -76,6 +76,7 @@ def _open(app, page: str, title: str):
     assert not app.exception, app.exception
     assert [t.value for t in app.title] == [title]
     assert not app.error, [e.value for e in app.error]
+    assert not app.warning, [w.value for w in app.warning]
     return app
 
 
@@ -185,7 +186,9 @@ def test_run_button_writes_a_result_the_page_then_shows(app, tmp_path):
 
 
 def test_pattern_explorer_page(app):
+    app.sidebar.selectbox(key="head").set_value("L1H3").run()        # selected elsewhere: opened here
     _open(app, "pattern_explorer", "Pattern explorer")
+    assert app.number_input(key="pe_layer").value == 1 and app.selectbox(key="pe_head").value == 3
     assert any("tokens per cell" in m.value for m in app.markdown)
     app.select_slider(key="pe_size").set_value(16).run()
     app.number_input(key="pe_q0").set_value(3).run()

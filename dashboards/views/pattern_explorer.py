@@ -16,8 +16,13 @@ base = c[0].text_area("Text", DEFAULT_PROMPT, key="pe_text", height=90)
 repeat = c[1].number_input("Repeat the text (long context)", 1, 2000, 40 if model.n_ctx >= 2048 else 2,
                            key="pe_repeat")
 text = " ".join([base] * int(repeat))
+selected = st.session_state.get("head")
+if selected and st.session_state.get("pe_synced") != selected:      # follow the head selected on any page
+    sl, sh = (int(x) for x in selected[1:].split("H"))
+    st.session_state.update(pe_layer=sl, pe_head=sh, pe_synced=selected)
 c = st.columns(4)
-layer = c[0].number_input("Layer", 0, model.n_layers - 1, min(3, model.n_layers - 1), key="pe_layer")
+st.session_state.setdefault("pe_layer", min(3, model.n_layers - 1))
+layer = c[0].number_input("Layer", 0, model.n_layers - 1, key="pe_layer")
 head = c[1].selectbox("Head", model.layout.grouped_order(), key="pe_head",
                       format_func=lambda h: f"kv{model.layout.kv_group(h)}:h{h}")
 mode = c[2].radio("Pooling", ["max", "mean"], horizontal=True, key="pe_mode")
