@@ -28,8 +28,7 @@ DEFAULTS: dict[str, dict] = {
                   "max_new_tokens": 8},
     "sinks": {"task": "sentiment", "n_profile": 2, "first_layer": 27, "last_layer": 28, "n_random": 1},
     "circuits": {"tasks": ["ioi", "induction"], "n": 8, "n_boot": 50},
-    "similarity": {"n_prompts": 4, "n_heldout": 2, "max_tokens": 64, "variants": ["same", "matched"],
-                   "max_trials": 3},
+    "similarity": {"n_prompts": 3, "n_heldout": 1, "max_tokens": 48, "variants": ["matched"], "max_trials": 2},
     "grounding": {"limit": 40, "n_mitigate": 4, "k": 10, "n_perm": 10},
 }
 

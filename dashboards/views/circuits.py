@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboards.common import (clickable_heads, clicked_head, get_model, head_scores, model_name, reproduce,
-                               result_source, show_figure, show_table, source_caption)
+                               result_source, results_root, show_figure, show_table, source_caption)
 
 model = get_model(model_name())
 st.title("Circuits")
@@ -54,7 +54,9 @@ with tab[2]:
 reproduce(f'''
 from analyses.circuits import CircuitsResult, scan
 res = CircuitsResult.load({str(path)!r})
-# or run it: scan(load_model({model_name()!r}), ["ioi", "induction"], "results/circuits", n=8, n_boot=50)
+# or run it (the page's defaults; files as the CLI writes them):
+# from probe import load_model; from dashboards import runs
+# runs.run('circuits', load_model({model_name()!r}), {str(results_root())!r})
 res.overlap_matrix({metric!r}); res.overlap
 res.plot({metric!r}).show()
 res.task({task!r}).plot({method!r}).show()

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from dashboards.common import (clickable_heads, clicked_head, get_model, head_scores, model_name, reproduce,
-                               result_source, show_figure, show_table, source_caption)
+                               result_source, results_root, show_figure, show_table, source_caption)
 
 model = get_model(model_name())
 st.title("Retrieval heads")
@@ -51,8 +51,9 @@ with tab[4]:
 reproduce(f'''
 from analyses.retrieval import RetrievalResult, detect
 res = RetrievalResult.load({str(path)!r})
-# or run it: detect(load_model({model_name()!r}), lengths=[400], depths=[20, 80], needles=["code", "cat"], k=5,
-#                   seeds=[0], max_new_tokens=12, out="results/retrieval")
+# or run it (the page's defaults; files as the CLI writes them):
+# from probe import load_model; from dashboards import runs
+# runs.run('retrieval', load_model({model_name()!r}), {str(results_root())!r})
 res.plot("heads").show()
 for cond in ["none"] + sorted(res.masking["condition"].unique()):
     res.plot("niah", condition=cond).show()

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.common import (clickable_heads, clicked_head, get_model, head_scores, model_name, reproduce,
-                               result_source, show_figure, show_table, source_caption)
+                               result_source, results_root, show_figure, show_table, source_caption)
 
 model = get_model(model_name())
 st.title("Layer similarity")
@@ -48,8 +48,9 @@ with st.expander("Tidy table (layer pairs, head pairs, matches, echo, families)"
 reproduce(f'''
 from analyses.similarity import SimilarityResult, similarity_scan, load_texts
 res = SimilarityResult.load({str(path)!r})
-# or run it: similarity_scan(load_model({model_name()!r}), load_texts("prompts")[:4], load_texts("heldout")[:2],
-#                            max_tokens=64, variants=("same", "matched"), max_trials=3, work_dir="results/similarity")
+# or run it (the page's defaults; files as the CLI writes them):
+# from probe import load_model; from dashboards import runs
+# runs.run('similarity', load_model({model_name()!r}), {str(results_root())!r})
 for kind in ("layers", "clusters", "heads", "echo"):
     res.plot(kind).show()
 res.summary()["spearman"]; res.to_frame()
