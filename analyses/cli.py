@@ -18,7 +18,7 @@ from probe.errors import HeadwiseError
 # Analysis modules that contribute a ``scan`` subcommand (each defines add_cli(subparsers)).
 SCAN_MODULES: list[str] = ["analyses.circuits", "analyses.similarity", "analyses.retrieval", "analyses.grounding"]
 # Modules that contribute top-level commands (e.g. calibrate, generate).
-COMMAND_MODULES: list[str] = ["analyses.sinks"]
+COMMAND_MODULES: list[str] = ["analyses.sinks"]  # analyses.grounding.generate also defines `generate`: see report
 
 
 def main(argv: list[str] | None = None) -> int:
