@@ -134,7 +134,7 @@ def open_result(kind: str, path: Path):
 
 
 def saved_results(kind: str, fmt: str | None = None) -> list[Path]:
-    paths = runs.find(results_root())[kind]
+    paths = runs.find(results_root(), shipped=True)[kind]
     return [p for p in paths if runs._summary(p).get("format") == fmt] if fmt else paths
 
 
@@ -169,7 +169,8 @@ def result_source(kind: str, label: str, fmt: str | None = None, run: bool = Tru
         if stop:
             st.stop()
         return None, None
-    labels = [str(p.relative_to(results_root())) for p in paths]
+    labels = [str(p.relative_to(results_root())) if p.is_relative_to(results_root())
+              else f"shipped: {p.relative_to(runs.SHIPPED.parent)}" for p in paths]
     want = st.session_state.get(f"src-{kind}", "")
     match = [i for i, p in enumerate(paths) if str(p).startswith(want)] if want else []
     choice = st.selectbox(f"Saved result ({label})", labels, index=match[0] if match else 0, key=f"pick-{kind}-{fmt}")
@@ -238,7 +239,8 @@ def cached_atlas(model_id: str, n_layers: int, n_heads: int, files: tuple) -> tu
 
 
 def atlas_inputs(model) -> tuple:
-    files = [(kind, str(p), p.stat().st_mtime) for kind, paths in runs.find(results_root()).items() for p in paths]
+    files = [(kind, str(p), p.stat().st_mtime) for kind, paths in runs.find(results_root(), shipped=True).items()
+             for p in paths]
     return cached_atlas(model.model_id, model.n_layers, model.n_heads, tuple(files))
 
 

@@ -70,9 +70,20 @@ def kind_of(path: Path) -> str | None:
     return {"headwise.act_search": "sinks", "headwise.sink_profile": "sinks"}.get(fmt)
 
 
-def find(root: str | Path) -> dict[str, list[Path]]:
-    """Saved results under ``root``: analysis -> result folders (sinks: JSON files), newest first."""
-    root = Path(root)
+SHIPPED = Path(__file__).resolve().parents[1] / "data"   # validation runs shipped with the analyses' data
+
+
+def find(root: str | Path, shipped: bool = False) -> dict[str, list[Path]]:
+    """Saved results under ``root``: analysis -> result folders (sinks: JSON files), newest first;
+    with ``shipped``, also the runs shipped under ``data/`` (after those of ``root``)."""
+    found = _find(Path(root))
+    if shipped and SHIPPED.is_dir() and Path(root).resolve() != SHIPPED:
+        for kind, paths in _find(SHIPPED).items():
+            found[kind] += [p for p in paths if p not in found[kind]]
+    return found
+
+
+def _find(root: Path) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {a: [] for a in ANALYSES}
     if not root.is_dir():
         return found

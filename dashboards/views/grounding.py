@@ -18,12 +18,14 @@ path, res = result_source("grounding", "the grounding scan")
 source_caption(path, res, model)
 head_scores("grounding", res)
 s = res.summary
-c = st.columns(4)
+c = st.columns(5)
 lo, hi = s.get("auroc_ci", [np.nan, np.nan])
 c[0].metric("held-out AUROC", f"{s.get('auroc', np.nan):.3f}", help=f"95% bootstrap interval [{lo:.3f}, {hi:.3f}]")
 c[1].metric("mean-ratio baseline", f"{s.get('baseline_auroc', np.nan):.3f}")
 c[2].metric("permutation null (95th pct)", f"{s.get('null_q95', np.nan):.3f}", help=f"p = {s.get('perm_p', np.nan):.3g}")
-c[3].metric("items (grounded / not)", f"{s.get('n_grounded', '?')} / {s.get('n_not_grounded', '?')}")
+c[3].metric("within-template AUROC", f"{s.get('w_auroc', np.nan):.3f}",
+            help="AUROC within prompt templates (confound control: a template detector scores 0.5 here)")
+c[4].metric("items (grounded / not)", f"{s.get('n_grounded', '?')} / {s.get('n_not_grounded', '?')}")
 
 tab = st.tabs(["ROC", "detector heads", "mitigation", "token view"])
 with tab[0]:

@@ -50,7 +50,6 @@ bar.update_layout(title=f"Held-out accuracy before/after calibration ({search.ta
 show_figure(bar, "act_before_after", key="act_bar")
 st.write("Kept heads: " + (", ".join(search.selected) or "none (no head helped on the calibration split)"))
 
-calib_file = spath.with_name("calib.json")
 calib = Calibration.from_search(search)
 st.download_button("Download the calibration file (calib.json)", json.dumps(calib.to_dict(), indent=2),
                    file_name="calib.json", mime="application/json", key="calib-download")
