@@ -4,8 +4,9 @@ first_run: each analysis' default scan (``dashboards.runs.DEFAULTS``, what a pag
   from scratch on the embedded model, written under ``--root`` (skipped with ``--no-runs``): wall time,
   process CPU time (user+sys over both threads: on two idle cores wall ~ cpu/2) and the load average,
   because the machine is shared.
-page_open_s: headless chromium, a fresh tab per page, until its charts are drawn, with the
-  results under ``--root`` saved (first open of each page on a fresh server, then a second open).
+page_open_*_s: headless chromium, a fresh tab per page (the whole frontend loads again), until its
+  charts are drawn, with the results under ``--root`` saved (first open on a fresh server, then again).
+page_switch_s: one tab, clicking each page in the sidebar (how a user moves; second round of clicks).
 Run: PYTHONPATH=$PWD python bench/dashboard.py --root results/bench [--no-runs] [--only sinks,circuits]
 """
 import argparse
@@ -59,6 +60,25 @@ def timed_open(browser, url, path, title, charts) -> float | str:
     return round(dt, 2)
 
 
+def switch_times(browser, url) -> dict:
+    """One tab, the way a user moves: click each page in the sidebar; until its charts are drawn."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    page.goto(url)
+    wait_for_page(page, "Head atlas", 2)
+    out = {}
+    for _ in range(2):                                 # the second round: every result already opened
+        for path, title, charts in PAGES[1:] + PAGES[:1]:
+            t = time.perf_counter()
+            page.get_by_role("link", name=title).click()
+            try:
+                wait_for_page(page, title, charts, timeout_ms=60_000)
+                out[title] = round(time.perf_counter() - t, 2)
+            except Exception:  # noqa: BLE001
+                out[title] = "not drawn within 60 s"
+    page.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="results/bench")
@@ -74,6 +94,7 @@ def main() -> None:
         out["server_up_s"] = round(time.perf_counter() - t, 2)
         out["page_open_first_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
         out["page_open_again_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
+        out["page_switch_s"] = switch_times(browser, url)
     out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 

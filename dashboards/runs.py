@@ -73,6 +73,9 @@ def kind_of(path: Path) -> str | None:
 SHIPPED = Path(__file__).resolve().parents[1] / "data"   # validation runs shipped with the analyses' data
 
 
+UNIT_DIRS = {"units", "samples", "masking", "dataset", "mitigation"}
+
+
 def find(root: str | Path, shipped: bool = False) -> dict[str, list[Path]]:
     """Saved results under ``root``: analysis -> result folders (sinks: JSON files), newest first;
     with ``shipped``, also the runs shipped under ``data/`` (after those of ``root``)."""
@@ -88,8 +91,8 @@ def _find(root: Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         return found
     for path in root.rglob("*.json"):
-        if any(p.startswith(".") for p in path.relative_to(root).parts[:-1]) or "units" in path.parts:
-            continue
+        if any(p.startswith(".") or p in UNIT_DIRS for p in path.relative_to(root).parts[:-1]):
+            continue                                   # per-unit files of resumable runs are not results
         kind = kind_of(path)
         if kind:
             found[kind].append(path if kind == "sinks" else path.parent)
