@@ -21,7 +21,7 @@ from dashboards import runs
 from dashboards.browser import chromium, serve, wait_for_page
 
 MODEL = "smollm2-135m"
-PAGES = [("", "Head atlas", 2), ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 4),
+PAGES = [("", "Head atlas", 2), ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 6),
          ("sinks", "Sinks and calibration", 3), ("circuits", "Circuits", 2), ("similarity", "Layer similarity", 1),
          ("grounding", "Grounding", 1)]
 

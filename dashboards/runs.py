@@ -143,7 +143,7 @@ def run(kind: str, model, root: str | Path, **options):
 def _run_retrieval(model, out, **o):
     from analyses.retrieval import detect
     return detect(model, lengths=o["lengths"], depths=o["depths"], needles=o["needles"], k=o["k"],
-                  seeds=o["seeds"], max_new_tokens=o["max_new_tokens"], out=out)
+                  seeds=o["seeds"], max_new_tokens=o["max_new_tokens"], out=out, png=False)
 
 
 def _run_sinks(model, out, **o):

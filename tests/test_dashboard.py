@@ -129,7 +129,7 @@ def test_head_atlas_colours_by_saved_scores_and_selects_a_head(app):
 def test_retrieval_page(app, monkeypatch):
     _open(app, "retrieval", "Retrieval heads")
     assert "Figure as HTML" in _labels(app) and "Table as CSV" in _labels(app)
-    assert len(app.get("plotly_chart")) == 1 + 3                  # scores + NIAH: none, top, random0
+    assert len(app.get("plotly_chart")) == 2 + 3 + 1              # scores, GQA; NIAH none/top/random; masking
     assert _run_snippet(_code(app), monkeypatch)["res"].scores.shape == (2, 4)
     assert any("masking top-2" in m.label for m in app.metric)
 

@@ -14,7 +14,7 @@ SHOTS = ROOT / "out" / "screenshots"
 # url path, title, plotly charts drawn, text that must appear
 PAGES = [("", "Head atlas", 2, "Saved scores from 6 result(s)"),
          ("pattern_explorer", "Pattern explorer", 2, "tokens per cell"),
-         ("retrieval", "Retrieval heads", 4, "NIAH success over context length"),
+         ("retrieval", "Retrieval heads", 6, "NIAH success over context length"),
          ("sinks", "Sinks and calibration", 3, "Download the calibration file"),
          ("circuits", "Circuits", 2, "Per-task head maps"),
          ("similarity", "Layer similarity", 1, "plan: layers shared"),

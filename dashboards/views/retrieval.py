@@ -22,17 +22,22 @@ if "top" in rates:
 head_scores("retrieval", res)
 
 L, H = res.scores.shape
-fig = clickable_heads(res.plot("heads"), L, H)
-event = show_figure(fig, "retrieval_scores", key="ret_heads", on_select="rerun", selection_mode="points")
-clicked_head(event)
+c = st.columns([3, 2])
+with c[0]:
+    event = show_figure(clickable_heads(res.plot("heads"), L, H), "retrieval_scores", key="ret_heads",
+                        on_select="rerun", selection_mode="points")
+    clicked_head(event)
+with c[1]:
+    show_figure(res.plot("grouped"), "retrieval_grouped", key="ret_grouped")   # GQA: per KV head
 
 st.subheader("NIAH success over context length x needle depth")
-conds = ["none"] + (sorted(res.masking["condition"].unique()) if len(res.masking) else [])
-cols = st.columns(min(3, len(conds)))
+conds = ["none"] + (["top", "random"] if len(res.masking) else [])
+cols = st.columns(len(conds))
 for i, cond in enumerate(conds):
-    with cols[i % len(cols)]:
+    with cols[i]:
         show_figure(res.plot("niah", condition=cond), f"niah_{cond}", key=f"ret_niah_{cond}")
 if len(res.masking):
+    show_figure(res.plot("masking"), "retrieval_masking", key="ret_masking")
     st.caption("Masked sets: top = " + ", ".join(res.top) + "; " +
                "; ".join(f"{k} = {', '.join(v)}" for k, v in res.random_sets.items()))
 
@@ -55,7 +60,8 @@ res = RetrievalResult.load({str(path)!r})
 # from probe import load_model; from dashboards import runs
 # runs.run('retrieval', load_model({model_name()!r}), {str(results_root())!r})
 res.plot("heads").show()
-for cond in ["none"] + sorted(res.masking["condition"].unique()):
+res.plot("grouped").show(); res.plot("masking").show()
+for cond in ("none", "top", "random"):
     res.plot("niah", condition=cond).show()
 res.to_frame(); res.success_table(); res.retrieval_heads()[:10]
 ''')
