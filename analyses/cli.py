@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dashboard", help="serve the dashboard on localhost")
     s.add_argument("--port", type=int, default=8501)
     s.add_argument("--address", default="localhost")
+    s.add_argument("--model", default=None, help="model selected at start (default: the embedded one)")
+    s.add_argument("--results", default=None, help="results folder the pages open (default: ./results)")
     s.set_defaults(run=_dashboard)
 
     scan = sub.add_parser("scan", help="run an analysis").add_subparsers(title="analyses")
@@ -128,7 +130,14 @@ def _dashboard(args) -> int:
     app = Path(__file__).resolve().parent.parent / "dashboards" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    return subprocess.call(cmd)
+    import os
+
+    env = dict(os.environ)
+    if args.model:
+        env["HEADWISE_DASHBOARD_MODEL"] = args.model
+    if args.results:
+        env["HEADWISE_RESULTS"] = str(Path(args.results).resolve())
+    return subprocess.call(cmd, env=env)
 
 
 if __name__ == "__main__":

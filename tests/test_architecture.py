@@ -29,6 +29,13 @@ def test_import_direction(package):
     assert not bad, f"{package} must not import {sorted(FORBIDDEN[package])}: {bad}"
 
 
+def test_no_cdn_assets():
+    """Offline first: figures and pages never point the browser at a CDN."""
+    bad = [str(p.relative_to(ROOT)) for pkg in ("probe", "analyses", "dashboards") for p in (ROOT / pkg).rglob("*.py")
+           if '"cdn"' in p.read_text() or "cdn.plot.ly" in p.read_text() or "cdn.jsdelivr" in p.read_text()]
+    assert not bad, f"CDN assets in {bad}: embed plotly.js (include_plotlyjs=True or 'directory')"
+
+
 def test_no_pickle_loading():
     offenders = []
     for p in ROOT.glob("*/**/*.py"):

@@ -83,7 +83,7 @@ def save_all(res: RetrievalResult, out: Path, png: bool = True) -> None:
                  "masking": res.plot("masking")}
     names = []
     for name, fig in figs.items():
-        fig.write_html(str(out / f"{name}.html"), include_plotlyjs="cdn")
+        fig.write_html(str(out / f"{name}.html"), include_plotlyjs="directory")  # plotly.min.js once, beside them: offline
         names.append(f"{name}.html")
         names += _png(fig, out / f"{name}.png") if png else []
     write_json(out / "figures.json", sorted(names))

@@ -1,0 +1,103 @@
+"""Dashboard timings on the embedded model; prints JSON.
+
+first_run: each analysis' default scan (``dashboards.runs.DEFAULTS``, what a page's Run button does),
+  from scratch on the embedded model, written under ``--root`` (skipped with ``--no-runs``): wall time,
+  process CPU time (user+sys over both threads: on two idle cores wall ~ cpu/2) and the load average,
+  because the machine is shared.
+page_open_*_s: headless chromium, a fresh tab per page (the whole frontend loads again), until its
+  charts are drawn, with the results under ``--root`` saved (first open on a fresh server, then again).
+page_switch_s: one tab, clicking each page in the sidebar (how a user moves; second round of clicks).
+Run: PYTHONPATH=$PWD python bench/dashboard.py --root results/bench [--no-runs] [--only sinks,circuits]
+"""
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from dashboards import runs
+from dashboards.browser import chromium, serve, wait_for_page
+
+MODEL = "smollm2-135m"
+PAGES = [("", "Head atlas", 2), ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 6),
+         ("sinks", "Sinks and calibration", 3), ("circuits", "Circuits", 2), ("similarity", "Layer similarity", 1),
+         ("grounding", "Grounding", 1)]
+
+
+def first_runs(root, only) -> dict:
+    from probe import load_model
+
+    model = load_model(MODEL)
+    out = {}
+    for kind in only:
+        shutil.rmtree(runs.result_dir(root, kind, model.model_id), ignore_errors=True)
+        t, cpu = time.perf_counter(), time.process_time()
+        try:
+            runs.run(kind, model, root)
+            err = None
+        except Exception as exc:  # report and go on: one failing default must not hide the others
+            err = f"{type(exc).__name__}: {exc}"
+        out[kind] = {"wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                     "load_avg_1m": round(os.getloadavg()[0], 2), "error": err}
+        print(json.dumps({kind: out[kind]}), flush=True)
+    return out
+
+
+def timed_open(browser, url, path, title, charts) -> float | str:
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    t = time.perf_counter()
+    page.goto(f"{url}/{path}")
+    try:
+        wait_for_page(page, title, charts, timeout_ms=60_000)
+    except Exception:  # noqa: BLE001  (e.g. no saved result for this page under --root)
+        page.close()
+        return "not drawn within 60 s (no saved result?)"
+    dt = time.perf_counter() - t
+    assert page.locator('[data-testid="stException"]').count() == 0, title
+    page.close()
+    return round(dt, 2)
+
+
+def switch_times(browser, url) -> dict:
+    """One tab, the way a user moves: click each page in the sidebar; until its charts are drawn."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    page.goto(url)
+    wait_for_page(page, "Head atlas", 2)
+    out = {}
+    for _ in range(2):                                 # the second round: every result already opened
+        for path, title, charts in PAGES[1:] + PAGES[:1]:
+            t = time.perf_counter()
+            page.get_by_role("link", name=title).click()
+            try:
+                wait_for_page(page, title, charts, timeout_ms=60_000)
+                out[title] = round(time.perf_counter() - t, 2)
+            except Exception:  # noqa: BLE001
+                out[title] = "not drawn within 60 s"
+    page.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="results/bench")
+    ap.add_argument("--no-runs", action="store_true")
+    ap.add_argument("--only", default=",".join(runs.ANALYSES))
+    a = ap.parse_args()
+    out = {"model": MODEL, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_avg_1m_start": round(os.getloadavg()[0], 2), "defaults": runs.DEFAULTS}
+    if not a.no_runs:
+        out["first_run"] = first_runs(a.root, a.only.split(","))
+    t = time.perf_counter()
+    with serve(MODEL, results=a.root) as url, chromium() as browser:
+        out["server_up_s"] = round(time.perf_counter() - t, 2)
+        out["page_open_first_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
+        out["page_open_again_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
+        out["page_switch_s"] = switch_times(browser, url)
+    out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

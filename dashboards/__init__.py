@@ -1,0 +1,1 @@
+"""Streamlit dashboards: thin views over probe and analyses results (run: ``headwise dashboard``)."""

@@ -1,0 +1,262 @@
+"""AppTest per dashboard page on tiny-llama, over saved results made by running each analysis on tiny-llama
+(grounding: the analysis' own detector fit and result on synthetic features, since a random model never
+answers the grounding questions)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboards" / "app.py")
+
+
+def _grounding(root: Path, L: int, H: int) -> None:
+    from analyses.grounding import GroundingResult
+    from analyses.grounding.detector import evaluate
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    X = rng.normal(size=(40, L * H)) * 0.1 + 0.5
+    X[:, 3] += 0.3 * y                                         # head L0H3 looks back when grounded
+    det, summary = evaluate(X[:28], y[:28], X[28:], y[28:], L, H, n_boot=50, n_perm=5)
+    folder = root / "grounding-tiny-llama"
+    det.save(folder.parent / "tmp-detector.json")
+    mit = pd.DataFrame({"condition": ["greedy", "guided"], "n": [6, 6], "grounded_rate": [0.25, 0.5],
+                        "contradicted_rate": [0.5, 0.25], "heads": ["[]", "[]"]})
+    GroundingResult("tiny-llama", summary, det.head_weights(), mit).save(folder)
+    (folder.parent / "tmp-detector.json").rename(folder / "detector.json")
+    rows = [{"item_id": f"i{i}", "split": "train" if i < 28 else "heldout", "label": float(y[i]), "n_new": 1,
+             "answer": "x", "row_lr": X[i].tolist()} for i in range(40)]
+    (folder / "dataset").mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "dataset" / "shard_0000.parquet")
+
+
+def _sinks(folder: Path, model) -> None:
+    """Sink profile and ACT search as ``dashboards.runs`` writes them, on 4 items per split (fast)."""
+    import dataclasses
+
+    from analyses.sinks import Calibration, SearchConfig, load_task, profile_sinks, search_act
+
+    task = load_task("sentiment")
+    task = dataclasses.replace(task, items={k: list(v)[:4] for k, v in task.items.items()})
+    profile_sinks(model, [task.prompt(it) for it in task.split("heldout")[:2]], rule="alpha", alpha=2.0).save(
+        folder / "profile.json")
+    search = search_act(model, task, SearchConfig(first_layer=0, last_layer=1, n_random=1), out=folder / "search.json")
+    Calibration.from_search(search).save(folder / "calib.json")
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory, tiny_llama):
+    """A results folder with every analysis' files, written as each analysis' CLI writes them."""
+    from dashboards import runs
+
+    root = tmp_path_factory.mktemp("results")
+    runs.run("retrieval", tiny_llama, root, lengths=[230], depths=[30.0, 70.0], k=2, max_new_tokens=6)
+    _sinks(root / "sinks-tiny-llama", tiny_llama)
+    runs.run("circuits", tiny_llama, root, n=2, n_boot=5)
+    runs.run("similarity", tiny_llama, root, n_prompts=2, n_heldout=1, max_tokens=24, variants=["same"], max_trials=1)
+    _grounding(root, tiny_llama.n_layers, tiny_llama.n_heads)
+    return root
+
+
+@pytest.fixture
+def app(monkeypatch, results):
+    monkeypatch.setenv("HEADWISE_DASHBOARD_MODEL", "tiny-llama")
+    monkeypatch.setenv("HEADWISE_RESULTS", str(results))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _open(app, page: str, title: str):
+    app.switch_page(f"views/{page}.py").run()
+    assert not app.exception, app.exception
+    assert [t.value for t in app.title] == [title]
+    assert not app.error, [e.value for e in app.error]
+    assert not app.warning, [w.value for w in app.warning]
+    return app
+
+
+def _labels(app) -> list[str]:
+    return [b.proto.label for b in app.get("download_button")]
+
+
+def _code(app) -> str:
+    """The page's "reproduce in a notebook" snippet; it must at least be valid Python."""
+    code = app.get("code")[-1].value
+    compile(code, "snippet", "exec")
+    return code
+
+
+def _run_snippet(code: str, monkeypatch) -> dict:
+    """Execute a snippet as a notebook would (figures rendered to JSON instead of a browser)."""
+    import plotly.io as pio
+
+    monkeypatch.setattr(pio.renderers, "default", "json")
+    scope: dict = {}
+    exec(compile(code, "snippet", "exec"), scope)
+    return scope
+
+
+def test_saved_results_are_found_by_kind(results):
+    from dashboards import runs
+
+    found = runs.find(results)
+    assert {k: len(v) for k, v in found.items()} == {"retrieval": 1, "sinks": 2, "circuits": 1, "similarity": 1,
+                                                      "grounding": 1}
+    assert runs.load("sinks", next(p for p in found["sinks"] if p.name == "search.json")).task == "sentiment"
+
+
+def test_head_atlas_colours_by_saved_scores_and_selects_a_head(app):
+    assert [t.value for t in app.title] == ["Head atlas"] and not app.error
+    metrics = app.selectbox(key="grid_metric").options
+    assert {"mean entropy (nats)", "retrieval: retrieval_score", "similarity: family", "grounding: coef",
+            "sinks: mass:first", "circuits: induction: in circuit"} <= set(metrics)
+    assert app.sidebar.selectbox(key="head").options[:4] == ["L0H0", "L0H1", "L0H2", "L0H3"]
+    app.selectbox(key="grid_metric").set_value("grounding: coef").run()
+    assert not app.exception
+    app.sidebar.selectbox(key="head").set_value("L1H2").run()     # selected head: its pattern and its scores
+    assert not app.exception and "L1H2" in _code(app)
+    assert [s.value for s in app.subheader][0].startswith("L1H2 (KV group 1)")
+    assert "retrieval: retrieval_score" in app.dataframe[-1].value["metric"].tolist()
+    app.text_area(key="grid_prompt").set_value("").run()          # bad input: a clear error, no traceback
+    assert not app.exception and "empty" in app.error[0].value
+
+
+def test_retrieval_page(app, monkeypatch):
+    _open(app, "retrieval", "Retrieval heads")
+    assert "Figure as HTML" in _labels(app) and "Table as CSV" in _labels(app)
+    assert len(app.get("plotly_chart")) == 2 + 3 + 1              # scores, GQA; NIAH none/top/random; masking
+    assert _run_snippet(_code(app), monkeypatch)["res"].scores.shape == (2, 4)
+    assert any("masking top-2" in m.label for m in app.metric)
+
+
+def test_sinks_page_downloads_a_calibration_file(app):
+    _open(app, "sinks", "Sinks and calibration")
+    assert "Download the calibration file (calib.json)" in _labels(app)
+    app.radio(key="sink_metric").set_value("sinks").run()
+    app.radio(key="act_metric").set_value("delta_gold_logprob").run()
+    assert not app.exception and "delta_gold_logprob" in _code(app)
+    app.text_input(key="act_prompt").set_value("Review: fine.\nSentiment:")
+    app.button(key="act_generate").click().run()                  # before/after generation on the prompt
+    assert not app.exception and {t.label for t in app.text_area} >= {"plain", "calibrated"}
+
+
+def test_circuits_page(app, monkeypatch):
+    _open(app, "circuits", "Circuits")
+    assert app.selectbox(key="circ_task").options == ["induction", "greater_than"]
+    app.selectbox(key="circ_task").set_value("greater_than").run()
+    app.radio(key="circ_method").set_value("eap").run()
+    assert not app.exception and "res.task('greater_than').plot('eap')" in _code(app)
+    assert [t.task for t in _run_snippet(_code(app), monkeypatch)["res"].tasks] == ["induction", "greater_than"]
+
+
+def test_similarity_page(app, monkeypatch):
+    _open(app, "similarity", "Layer similarity")
+    assert _run_snippet(_code(app), monkeypatch)["res"].layer_cos.shape == (2, 2)
+    assert len(app.get("plotly_chart")) == 4
+    app.radio(key="sim_metric").set_value("js").run()
+    assert not app.exception
+    app.text_area(key="opts-similarity").set_value('{"n_prompt": 1}').run()     # a typo in the run options
+    app.button(key="run-similarity").click().run()
+    assert not app.exception and "unknown option(s) ['n_prompt']" in app.error[0].value
+
+
+def test_grounding_page_roc_and_token_view(app):
+    _open(app, "grounding", "Grounding")
+    assert {"Figure as HTML", "Table as CSV"} <= set(_labels(app))
+    assert "grounding_roc(" in _code(app)
+    app.button(key="gr_generate").click().run()                   # guided decoding with the saved detector
+    assert not app.exception
+    assert "Token view as HTML" in _labels(app)
+
+
+def test_run_button_writes_a_result_the_page_then_shows(app, tmp_path):
+    app.sidebar.text_input(key="results_root").set_value(str(tmp_path)).run()
+    app.switch_page("views/similarity.py").run()
+    assert any("No saved" in i.value for i in app.info)           # empty folder: a hint, no traceback
+    app.button(key="run-similarity").click().run(timeout=120)
+    assert not app.exception, app.exception
+    assert (tmp_path / "similarity-tiny-llama" / "summary.json").exists()
+    assert json.loads((tmp_path / "similarity-tiny-llama" / "summary.json").read_text())["model_id"] == "tiny-llama"
+    assert len(app.get("plotly_chart")) == 4
+
+
+def test_pattern_explorer_page(app):
+    app.sidebar.selectbox(key="head").set_value("L1H3").run()        # selected elsewhere: opened here
+    _open(app, "pattern_explorer", "Pattern explorer")
+    assert app.number_input(key="pe_layer").value == 1 and app.selectbox(key="pe_head").value == 3
+    assert any("tokens per cell" in m.value for m in app.markdown)
+    app.select_slider(key="pe_size").set_value(16).run()
+    app.number_input(key="pe_q0").set_value(3).run()
+    assert not app.exception
+    assert "queries=(3, 19)" in _code(app)
+
+
+def test_unknown_model_falls_back_with_error(app):
+    app.sidebar.selectbox(key="model_choice").set_value("local folder…").run()
+    app.sidebar.text_input(key="model_path").set_value("/no/such/model").run()
+    assert not app.exception
+    assert app.sidebar.error and "/no/such/model" in app.sidebar.error[0].value
+
+
+def test_corrupt_saved_result_gives_a_clear_error(app, results, tmp_path):
+    import shutil
+
+    bad = tmp_path / "r"
+    shutil.copytree(results / "circuits-tiny-llama", bad / "circuits-tiny-llama")
+    (bad / "circuits-tiny-llama" / "overlap.parquet").write_bytes(b"not parquet")
+    app.sidebar.text_input(key="results_root").set_value(str(bad)).run()
+    app.switch_page("views/circuits.py").run()
+    assert not app.exception and "overlap.parquet" in app.error[0].value
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian chromium for kaleido")
+def test_png_and_svg_export_offline(tiny_llama):
+    from analyses.atlas import head_grid
+    from dashboards.common import figure_image
+
+    fig = head_grid(tiny_llama, "abc").plot("entropy")
+    assert figure_image(fig, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = figure_image(fig, "svg").decode()
+    assert svg.lstrip().startswith("<svg") and "kv1:h3" in svg
+
+
+def test_progress_bar_follows_the_analysis_tqdm_bars(monkeypatch):
+    import streamlit as st
+    from tqdm.auto import tqdm
+
+    from dashboards.progress import st_progress
+
+    seen = []
+
+    class Bar:
+        def progress(self, frac, text=""):
+            seen.append((round(frac, 2), text))
+
+        def empty(self):
+            seen.append("emptied")
+
+    monkeypatch.setattr(st, "progress", lambda *a, **k: Bar())
+    with st_progress("running"):
+        for _ in tqdm(range(4), desc="units", mininterval=0):
+            pass
+    for _ in tqdm(range(2), desc="outside", mininterval=0):       # after the block: not mirrored
+        pass
+    assert seen[-1] == "emptied" and (1.0, "units: 4/4") in seen
+    assert not any("outside" in str(s) for s in seen)
+
+
+def test_run_options_are_checked(tiny_llama, tmp_path):
+    from dashboards import runs
+    from probe.errors import InputError
+
+    with pytest.raises(InputError, match="unknown option"):
+        runs.run("similarity", tiny_llama, tmp_path, n_prompt=3)
+    with pytest.raises(InputError, match="unknown analysis"):
+        runs.run("nonsense", tiny_llama, tmp_path)
+    assert runs.defaults("retrieval", tiny_llama)["lengths"] == [tiny_llama.n_ctx - 8 - 40]
