@@ -332,3 +332,10 @@ def test_sdpa_for_unedited_heads_matches_the_all_eager_engine(tiny_llama, monkey
         slow = tiny_llama.hf(ids).logits
         slow_gen = tiny_llama.hf.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.allclose(fast, slow, atol=1e-5) and torch.equal(fast_gen, slow_gen)
+
+
+def test_profile_without_any_sink_still_gives_a_frame(tiny_llama):
+    prof = profile_sinks(tiny_llama, ["the cat sat on the mat."], tau=1.01)  # no column mean can exceed 1
+    df = prof.to_frame()
+    assert len(prof.sinks) == 0 and len(df) > 0
+    assert set(df.metric.str.split(":").str[0]) == {"mass"}

@@ -28,6 +28,15 @@ from probe.eager import detect_sinks
 TOKEN_TYPES = ("first", "newline", "punctuation", "space", "other")
 
 
+def _per_text_counts(rows: pd.DataFrame, n_texts: int, prefix: str) -> pd.DataFrame:
+    """Sinks per text for each (layer, head, token type); empty (with its columns) when no sink."""
+    if rows.empty:
+        return pd.DataFrame({"layer": [], "head": [], "type": [], "value": [], "metric": []})
+    out = rows.groupby(["layer", "head", "type"]).size().div(n_texts).reset_index(name="value")
+    out["metric"] = prefix + out.type
+    return out
+
+
 def token_type(piece: str, pos: int) -> str:
     """Type of the token at ``pos`` whose text is ``piece``: first, newline, punctuation, space, other."""
     if pos == 0:
@@ -90,10 +99,9 @@ class SinkProfile:
         mass = self.mass.groupby(["layer", "head", "type"]).mass.mean().reset_index()
         mass["metric"] = "mass:" + mass.type
         s = self.sinks
-        cal = s[~s["first"]].groupby(["layer", "head", "type"]).size().div(self.n_texts).reset_index(name="value")
-        cal["metric"] = "sinks:" + cal.type
-        first = s[s["first"]].groupby(["layer", "head", "type"]).size().div(self.n_texts).reset_index(name="value")
-        first["metric"] = "first_sink:" + first.type
+        first_flag = s["first"].astype(bool)
+        cal = _per_text_counts(s[~first_flag], self.n_texts, "sinks:")
+        first = _per_text_counts(s[first_flag], self.n_texts, "first_sink:")
         out = pd.concat([mass.rename(columns={"mass": "value"}), cal, first], ignore_index=True)
         return out[["layer", "head", "metric", "value"]].sort_values(["layer", "head", "metric"], ignore_index=True)
 
