@@ -1,0 +1,92 @@
+"""Retrieval heads (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality",
+arXiv 2404.15574; reference code nightdessert/Retrieval_Head, ``retrieval_head_detection.py``).
+
+Needle-in-a-haystack prompts over a length x depth grid; at each decode step a head makes a
+copy-paste event when its argmax key lies in the answer span and holds the emitted token; a
+sample's score is events/|span|, a head's score the mean over samples the model answers
+(ROUGE-1 recall > 0.5); retrieval heads score > 0.1. The masking experiment makes the top-K
+heads (vs K random heads from outside the top set, several seeds) uniform during decoding.
+See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t).
+
+>>> from probe import load_model
+>>> res = detect(load_model("tiny-llama"), lengths=[120], depths=[50], needles=["code"],
+...              k=2, seeds=[0], progress=False)
+>>> res.scores.shape
+(2, 4)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probe.atomic import write_json
+
+from .harness import Needle, build_prompt, load_needles, locate_span, rouge1_recall  # noqa: F401
+from .result import RetrievalResult
+from .scan import as_needles, grid, pick_random, scan_masking, scan_samples, top_heads
+from .scoring import head_scores, sample_events  # noqa: F401
+
+DEFAULT_LENGTHS = (500, 1000, 2000, 3000, 4000)
+DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
+
+
+def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=None, out=None,
+           threshold: float = 0.1, k: int = 10, seeds=(0, 1, 2), exclude_top: int | None = None,
+           mask: bool = True, mask_lengths=None, max_new_tokens: int = 50, row: str = "producing",
+           lead: bool = True, cells=None, mask_cells=None, progress: bool = True) -> RetrievalResult:
+    """Score every head on the NIAH grid, then (``mask``) run the top-K vs random-K masking.
+
+    Random heads are drawn outside the ``exclude_top`` best heads (default 2*k) with each seed.
+    ``out``: folder for per-sample files (resume) and the saved result. ``cells``/``mask_cells``:
+    explicit ``(needle name, length, depth)`` lists instead of the full grid (a reduced design).
+    """
+    ns = as_needles(needles)
+    by_name = {n.name: n for n in load_needles()} | {n.name: n for n in ns}
+    cells = [(by_name[n], int(L), float(d)) for n, L, d in cells] if cells else grid(ns, lengths, depths)
+    opts = {"max_new_tokens": max_new_tokens, "lead": lead}
+    recs = scan_samples(model, cells, out, progress=progress, row=row, **opts)
+    per = [torch.tensor(r["events"], dtype=torch.float64) for r in recs]
+    scores, _ = head_scores(per, [r["success"] for r in recs])
+    top = top_heads(scores, k)
+    conds = {"top": top}
+    masking = pd.DataFrame()
+    if mask:
+        excl = set(top_heads(scores, exclude_top or min(2 * k, scores.numel() - k)))
+        conds |= {f"random{s}": pick_random(model, top, k, s, excl) for s in seeds}
+        mcells = ([(by_name[n], int(L), float(d)) for n, L, d in mask_cells] if mask_cells
+                  else grid(ns, mask_lengths or lengths, depths))
+        masking = pd.DataFrame(scan_masking(model, mcells, conds, out, progress=progress, **opts))
+    samples = pd.DataFrame([{k_: v for k_, v in r.items() if k_ not in ("events", "span_mass")} for r in recs])
+    res = RetrievalResult(model.model_id, scores.numpy(), model.n_kv_heads, threshold, samples, masking,
+                          tuple(repr(h) for h in top), {c: [repr(h) for h in hs] for c, hs in conds.items() if c != "top"},
+                          {"k": k, "seeds": list(seeds), "row": row, "lengths": [int(x) for x in lengths],
+                           "depths": [float(x) for x in depths], "needles": [n.name for n in ns],
+                           "mask_lengths": [int(x) for x in (mask_lengths or lengths)],
+                           "weights_hash": model.weights_hash})
+    if out:
+        save_all(res, Path(out))
+    return res
+
+
+def save_all(res: RetrievalResult, out: Path) -> None:
+    """Parquet + JSON summary + figures (HTML) of a result."""
+    res.save(out)
+    figs = {"heads": res.plot("heads")}
+    conds = ["none"] + (sorted(res.masking["condition"].unique()) if len(res.masking) else [])
+    for c in conds:
+        figs[f"niah_{c}"] = res.plot("niah", condition=c)
+    for name, fig in figs.items():
+        fig.write_html(str(out / f"{name}.html"), include_plotlyjs="cdn")
+    write_json(out / "figures.json", sorted(f"{n}.html" for n in figs))
+
+
+__all__ = ["detect", "RetrievalResult", "build_prompt", "sample_events", "head_scores", "add_cli"]
+
+
+def add_cli(subparsers) -> None:
+    from .cli import add_cli as _add
+
+    _add(subparsers)
