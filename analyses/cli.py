@@ -16,7 +16,7 @@ from pathlib import Path
 from probe.errors import HeadwiseError
 
 # Analysis modules that contribute a ``scan`` subcommand (each defines add_cli(subparsers)).
-SCAN_MODULES: list[str] = ["analyses.circuits", "analyses.similarity", "analyses.retrieval"]
+SCAN_MODULES: list[str] = ["analyses.circuits", "analyses.similarity", "analyses.retrieval", "analyses.grounding"]
 # Modules that contribute top-level commands (e.g. calibrate, generate).
 COMMAND_MODULES: list[str] = ["analyses.sinks"]
 

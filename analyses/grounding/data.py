@@ -1,0 +1,156 @@
+"""Counterfactual grounding items, generated answers and automatic labels.
+
+Each item is a short passage that states a counterfactual fact ("the capital of France is
+Lyon") and asks about it. The embedded model answers greedily; the answer is labelled
+grounded (1) if it names the passage's value and not the real-world one, not grounded (0) if it
+names the real-world value and not the passage's, and dropped as ambiguous otherwise. Templates
+and facts ship in ``data/grounding/facts.json``; the generated set goes into the results folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from probe.errors import CorruptFileError, InputError
+from probe.streaming import generate_with_stats
+
+from .lookback import Regions, ratios_from_stats, regions
+
+NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+DATA = Path(__file__).resolve().parents[2] / "data" / "grounding" / "facts.json"
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    fact_id: int
+    template_id: int
+    prompt: str
+    context_end: int      # character offset where the response header (the last line) starts
+    passage_value: str
+    true_value: str
+
+
+def load_facts(path: str | Path = DATA) -> dict:
+    try:
+        spec = json.loads(Path(path).read_text())
+        assert spec["templates"] and spec["facts"] and spec["fillers"]
+    except (OSError, ValueError, KeyError, AssertionError) as exc:
+        raise CorruptFileError(f"{path}: not a grounding facts file ({exc}); restore data/grounding/facts.json") from exc
+    return spec
+
+
+def build_items(spec: dict | None = None, limit: int | None = None) -> list[Item]:
+    """Every fact x counterfactual value x template, in a fixed order (fillers rotate).
+
+    ``extra_templates`` (a later round) come after all items of ``templates``, so the shards of
+    an earlier run stay valid when templates are added.
+    """
+    spec = spec or load_facts()
+    rounds = [list(enumerate(spec["templates"]))]
+    n0 = len(spec["templates"])
+    rounds.append([(n0 + i, t) for i, t in enumerate(spec.get("extra_templates", []))])
+    items = []
+    for block in rounds:
+        items += _items(spec, block)
+    return items[:limit]
+
+
+def _items(spec: dict, templates: list[tuple[int, str]]) -> list[Item]:
+    items = []
+    for fi, fact in enumerate(spec["facts"]):
+        for ai, alt in enumerate(fact["alts"]):
+            for ti, tmpl in templates:
+                filler = spec["fillers"][(fi + ai + ti) % len(spec["fillers"])]
+                statement = fact["statement"].format(x=alt)
+                statement = statement[0].upper() + statement[1:]
+                prompt = tmpl.format(filler=filler, statement=statement, question=fact["question"])
+                items.append(Item(f"f{fi}a{ai}t{ti}", fi, ti, prompt, prompt.rindex("\n"), alt, fact["true"]))
+    return items
+
+
+def split_of(item: Item, held_out: float = 0.3) -> str:
+    """Split by fact (never the same fact in both sets), from a hash so it is stable."""
+    h = int(hashlib.sha256(f"fact{item.fact_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "heldout" if h < held_out else "train"
+
+
+def label(answer: str, passage_value: str, true_value: str) -> int | None:
+    """1 grounded (passage value only), 0 not grounded (real-world value only), None ambiguous.
+
+    >>> label(" Lyon.", "Lyon", "Paris"), label(" Paris", "Lyon", "Paris"), label(" Nice", "Lyon", "Paris")
+    (1, 0, None)
+    """
+    def has(v):
+        forms = {v.lower(), NUMBERS.get(v.lower(), v.lower())}
+        return any(re.search(rf"\b{re.escape(f)}\b", answer.lower()) for f in forms)
+
+    p, t = has(passage_value), has(true_value)
+    return 1 if p and not t else 0 if t and not p else None
+
+
+def item_regions(model, item: Item, reading: str = "code") -> tuple[torch.Tensor, Regions]:
+    """Token ids of the prompt and its key regions (context = everything before the response header)."""
+    ids = model.encode(item.prompt)
+    head = model.encode(item.prompt[:item.context_end])
+    c1 = head.shape[1]
+    if c1 >= ids.shape[1] or not torch.equal(ids[0, :c1], head[0]):
+        c1 = int((ids[0, :c1] == head[0, :min(c1, ids.shape[1])]).cumprod(0).sum())
+    return ids, regions(ids.shape[1], 0, c1, reading)
+
+
+def answer_item(model, item: Item, *, max_new_tokens: int = 10, reading: str = "code", spec=None) -> dict:
+    """Greedy answer with lookback ratios of the rows that produced each answer token."""
+    ids, reg = item_regions(model, item, reading)
+    gen = generate_with_stats(model, ids, max_new_tokens=max_new_tokens, groups=reg.groups(),
+                              stats_in_prefill="last", stop_at_newline=True, prefill_spec=spec, decode_spec=spec)
+    answer = model.tokenizer.decode(gen.new_ids[0])
+    row = {"item_id": item.item_id, "fact_id": item.fact_id, "template_id": item.template_id,
+           "split": split_of(item), "prompt": item.prompt, "answer": answer, "n_new": gen.n_new,
+           "passage_value": item.passage_value, "true_value": item.true_value,
+           "label": label(answer, item.passage_value, item.true_value), "ctx_stop": reg.ctx_stop,
+           "new_start": reg.new_start, "prompt_len": reg.prompt_len}
+    if gen.n_new and gen.stats is not None:
+        lr = ratios_from_stats(gen.stats, reg)[:gen.n_new]  # row i produced new token i
+        row["row_lr"] = lr.flatten().tolist()
+    else:
+        row["row_lr"] = []
+    return row
+
+
+def generate_dataset(model, out: str | Path, *, limit: int | None = None, shard: int = 20,
+                     max_new_tokens: int = 10, reading: str = "code", progress: bool = True):
+    """Answer every item and write ``dataset/shard_XXXX.parquet`` (finished shards are skipped on rerun).
+
+    The ``"paper"`` reading writes ``dataset_paper/`` so the two readings never share shards.
+    """
+    import pandas as pd
+    from tqdm import tqdm
+
+    from probe.atomic import atomic_path
+
+    items = build_items(limit=limit)
+    folder = Path(out) / ("dataset" if reading == "code" else f"dataset_{reading}")  # never mix readings
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = []
+    bar = tqdm(total=len(items), desc="grounding data", disable=not progress)
+    for s in range(0, len(items), shard):
+        path = folder / f"shard_{s // shard:04d}.parquet"
+        want = [it.item_id for it in items[s:s + shard]]
+        if not path.exists() or pd.read_parquet(path, columns=["item_id"])["item_id"].tolist() != want:
+            rows = []
+            for item in items[s:s + shard]:
+                rows.append(answer_item(model, item, max_new_tokens=max_new_tokens, reading=reading))
+                bar.update(1)
+            with atomic_path(path) as tmp:
+                pd.DataFrame(rows).to_parquet(tmp)
+        else:
+            bar.update(len(items[s:s + shard]))
+        frames.append(pd.read_parquet(path))
+    bar.close()
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,185 @@
+"""Lookback Lens: ratio, span averaging, detector, JSON round trip, mitigation plumbing, bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from analyses.grounding import (Detector, GroundingResult, boost_heads, boost_spec, fit, guided_generate, label,
+                                ratio, ratios_from_stats, regions, span_feature, token_scores, token_view_html)
+from analyses.grounding.data import build_items, split_of
+from analyses.grounding.detector import auroc, bootstrap_ci, evaluate
+from probe.errors import CorruptFileError, InputError
+from probe.interventions import InterventionSpec, SpanKnockout
+from probe.streaming import generate_with_stats
+
+
+def test_ratio_hand_values():
+    # A_ctx = 0.6/3 = 0.2, A_new = 0.4/4 = 0.1 -> 2/3 (means, not sums: sums would give 0.6)
+    assert float(ratio(torch.tensor(0.6), torch.tensor(0.4), 3, 4)) == pytest.approx(2 / 3)
+    assert float(ratio(torch.tensor(1.0), torch.tensor(0.0), 5, 2)) == 1.0
+    assert float(ratio(torch.tensor(0.0), torch.tensor(1.0), 5, 2)) == 0.0
+    # paper reading, first row: no new tokens visible
+    assert float(ratio(torch.tensor(0.7), torch.tensor(0.0), 5, 0)) == 1.0
+    assert torch.isnan(ratio(torch.tensor(0.7), torch.tensor(0.0), 5, 0, empty_new="nan"))
+
+
+@pytest.mark.parametrize("knock, expected", [("new", 1.0), ("ctx", 0.0)])
+def test_ratio_on_a_head_that_only_sees_one_region(tiny_llama, knock, expected):
+    """Knock out one region for head L1H2: its lookback ratio is exactly 1 (sees only context) or 0."""
+    ids = tiny_llama.encode("the context here. answer:")
+    T = ids.shape[1]
+    reg = regions(T, 0, T - 3, "code")
+    span = (reg.new_start, T + 50) if knock == "new" else (0, reg.ctx_stop)
+    spec = InterventionSpec([SpanKnockout(heads=("L1H2",), spans=(span,))])
+    gen = generate_with_stats(tiny_llama, ids, max_new_tokens=4, groups=reg.groups(), stats_in_prefill="last",
+                              prefill_spec=spec, decode_spec=spec)
+    lr = ratios_from_stats(gen.stats, reg)           # [rows, L, H]
+    assert lr.shape[1:] == (2, 4) and lr.shape[0] >= 1
+    assert torch.allclose(lr[:, 1, 2], torch.full_like(lr[:, 1, 2], expected), atol=1e-5)
+    other = lr[:, 0, 0]
+    assert bool(((other > 0) & (other < 1)).all())   # an untouched head mixes both regions
+
+
+def test_span_feature_averages_rows_and_skips_nan():
+    lr = torch.tensor([[[0.2, 1.0]], [[0.4, float("nan")]], [[0.9, 0.0]]])  # [rows=3, L=1, H=2]
+    assert span_feature(lr).tolist() == pytest.approx([0.5, 0.5])
+    assert span_feature(lr, 0, 2).tolist() == pytest.approx([0.3, 1.0])
+
+
+def _synthetic(n, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    X = rng.uniform(0.2, 0.8, (n, d))
+    X[:, 5] += 0.3 * (2 * y - 1)             # one informative head (L1H2 on a 4x3 grid)
+    return X, y
+
+
+def test_detector_separates_synthetic_features():
+    (Xtr, ytr), (Xte, yte) = _synthetic(200), _synthetic(100, seed=1)
+    det, s = evaluate(Xtr, ytr, Xte, yte, 4, 3, n_boot=200, n_perm=10)
+    assert s["auroc"] > 0.95 and s["auroc_ci"][0] > 0.85
+    assert s["null_q95"] < 0.8 and s["perm_p"] < 0.2
+    w = det.head_weights()
+    assert w.shape == (4, 3) and np.argmax(w) == 5 and w[1, 2] > 0
+
+
+def test_detector_json_round_trip_reproduces_scores(tmp_path):
+    X, y = _synthetic(80)
+    det = fit(X, y, 4, 3, meta={"note": "x"})
+    path = det.save(tmp_path / "det.json")
+    assert "coef" in path.read_text()                 # plain JSON, no pickle
+    again = Detector.load(path)
+    assert np.array_equal(again.score(X), det.score(X)) and again.meta == {"note": "x"}
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(CorruptFileError):
+        Detector.load(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="expects 12"):
+        det.score(np.zeros((2, 5)))
+
+
+def test_bad_inputs():
+    with pytest.raises(InputError, match="empty context"):
+        regions(10, 4, 4)
+    with pytest.raises(InputError, match="no generated tokens"):
+        span_feature(torch.zeros(0, 2, 3))
+    with pytest.raises(InputError, match="one class"):
+        fit(np.zeros((4, 6)), np.ones(4), 2, 3)
+    with pytest.raises(InputError, match="reading"):
+        regions(10, 0, 4, "other")
+
+
+def test_labels_and_split():
+    assert label(" Lyon.", "Lyon", "Paris") == 1 and label("Paris", "Lyon", "Paris") == 0
+    assert label("Lyon, not Paris", "Lyon", "Paris") is None and label(" 8 legs", "eight", "six") == 1
+    items = build_items()
+    splits = {}
+    for it in items:
+        splits.setdefault(it.fact_id, set()).add(split_of(it))
+    assert all(len(s) == 1 for s in splits.values())          # a fact never crosses the split
+    assert {"train", "heldout"} == set().union(*splits.values())
+    assert all(it.passage_value in it.prompt and it.prompt[it.context_end:].startswith("\n") for it in items)
+
+
+def test_guided_generate_picks_the_best_scoring_chunk(tiny_llama):
+    L, H = tiny_llama.n_layers, tiny_llama.n_heads
+    det = Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
+    out = guided_generate(tiny_llama, "some context text. q:", det, max_new_tokens=6, chunk=3, n_candidates=3,
+                          stop_at_newline=False)
+    assert 1 <= len(out.new_ids) <= 6 and out.row_lr.shape == (len(out.new_ids), L, H)
+    assert np.all((out.row_lr >= 0) & (out.row_lr <= 1))
+    # the kept chunk's score is the detector's score of its rows' mean
+    first = out.row_lr[:min(3, len(out.new_ids))].mean(0).reshape(1, -1)
+    assert out.chunk_scores[0] == pytest.approx(float(det.score(first)[0]), rel=1e-5)
+    # the detector ranks chunks by mean ratio, so the greedy choice beats a random choice on average
+    scores = token_scores(det, out.row_lr)
+    assert "P(grounded)" in token_view_html([str(t) for t in out.new_ids], scores)
+    bad = Detector(np.ones(6), 0.0, np.zeros(6), np.ones(6), 2, 3)
+    with pytest.raises(InputError, match="detector is for"):
+        guided_generate(tiny_llama, "some context. q:", bad)
+
+
+def test_boost_heads_and_result_round_trip(tmp_path):
+    L, H = 5, 3
+    coef = np.arange(L * H, dtype=float)
+    det = Detector(coef, 0.0, np.zeros(L * H), np.ones(L * H), L, H)
+    assert all(h.layer >= 2 for h in boost_heads(det)) and len(boost_heads(det)) == 9
+    top = boost_heads(det, 2)
+    assert [str(h) for h in top] == ["L4H2", "L4H1"]
+    rnd = boost_heads(det, 2, "random")
+    assert len(rnd) == 2 and all(h.layer >= 2 for h in rnd)
+    with pytest.raises(InputError):
+        boost_spec([], (0, 3))
+    import pandas as pd
+    res = GroundingResult("m", {"auroc": 0.9, "auroc_ci": [0.8, 0.95], "baseline_auroc": 0.6},
+                          det.head_weights(), pd.DataFrame([{"condition": "greedy", "n": 3, "grounded_rate": 0.5,
+                                                             "contradicted_rate": 0.2, "heads": "[]"}]))
+    again = GroundingResult.load(res.save(tmp_path / "r"))
+    assert np.array_equal(again.head_weights, res.head_weights) and again.summary == res.summary
+    f = again.to_frame()
+    assert set(f.metric) >= {"coef", "rank", "auroc", "grounded_rate:greedy"}
+    assert f[(f.metric == "rank") & (f.layer == 4) & (f["head"] == 2)]["value"].item() == 1
+    assert again.plot().data[0].z.shape == (L, H)
+
+
+def test_bootstrap_interval_contains_the_point_estimate():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    s = y + rng.normal(0, 0.8, 60)
+    lo, hi = bootstrap_ci(y, s, n=300)
+    assert lo <= auroc(y, s) <= hi and hi - lo > 0.01
+
+
+@pytest.mark.slow
+def test_embedded_model_answer_has_ratios(smol):
+    from analyses.grounding.data import answer_item
+
+    item = build_items()[0]
+    row = answer_item(smol, item, max_new_tokens=3)
+    lr = np.asarray(row["row_lr"]).reshape(row["n_new"], smol.n_layers, smol.n_heads)
+    assert row["n_new"] >= 1 and np.all((lr >= 0) & (lr <= 1)) and 0.05 < lr.mean() < 0.95
+
+
+def test_dataset_resumes_finished_shards(tiny_llama, tmp_path, monkeypatch):
+    from analyses.grounding import data
+
+    df = data.generate_dataset(tiny_llama, tmp_path, limit=3, shard=2, max_new_tokens=2, progress=False)
+    assert len(df) == 3 and len(list((tmp_path / "dataset").glob("shard_*.parquet"))) == 2
+    assert set(df["split"]) <= {"train", "heldout"} and all(len(r) == n * 8 for r, n in zip(df.row_lr, df.n_new))
+
+    def boom(*a, **k):
+        raise AssertionError("a finished shard was recomputed")
+
+    monkeypatch.setattr(data, "answer_item", boom)
+    again = data.generate_dataset(tiny_llama, tmp_path, limit=3, shard=2, progress=False)
+    assert again["answer"].tolist() == df["answer"].tolist()
+
+
+def test_cli_guided_generate_writes_token_view(tiny_llama, tmp_path):
+    from analyses.cli import main
+
+    L, H = tiny_llama.n_layers, tiny_llama.n_heads
+    Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H).save(tmp_path / "d.json")
+    rc = main(["scan", "grounding-generate", "--model", "tiny-llama", "--guided", str(tmp_path / "d.json"),
+               "--max-new-tokens", "4", "--html", str(tmp_path / "v.html"), "context. q:"])
+    assert rc == 0 and "P(grounded)" in (tmp_path / "v.html").read_text()
+    assert main(["scan", "grounding-generate", "--model", "tiny-llama", "--guided", str(tmp_path / "v.html"),
+                 "x"]) == 2
