@@ -37,7 +37,7 @@ profile = profile_sinks(model, texts, min_queries=4)
 {k: round(v["share_of_sinks"], 2) for k, v in profile.summary()["token_types"].items()}
 # %% [md]
 # What to look at: nearly every head puts most of its attention on the first token; the other
-# sinks are mostly punctuation, newlines and common words.
+# sinks are punctuation, newlines and ordinary words (`other`).
 # %%
 profile.plot("mass")
 # %%
@@ -61,7 +61,7 @@ search.to_frame().query("metric == 'delta_gold_logprob'").nlargest(5, "value")
 # Held-out: plain model, the kept heads calibrated, and random heads (the control).
 # %%
 {"plain": search.heldout["plain"], "calibrated": search.heldout["calibrated"],
- "random": search.random_summary("gold_logprob")}
+ "random heads": {m: search.random_summary(m)["mean"] for m in ("accuracy", "gold_logprob")}}
 # %% [md]
 # ## Save, load and apply the calibration
 # The search result is saved (JSON + parquet) and reloads; the calibration file records the
