@@ -68,9 +68,9 @@ conditions = {"greedy": [], "boost top-5": boost_heads(detector, 5), "boost rand
 # token of the guided answer is coloured by the detector's probability that it is grounded.
 # %%
 guided = guided_generate(model, ids, detector, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=8, chunk=4,
-                         n_candidates=4)
+                         n_candidates=4, seed=1)
 sampled = guided_generate(model, ids, detector, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=8, chunk=4,
-                          n_candidates=4, random_choice=True)
+                          n_candidates=4, seed=1, random_choice=True)
 {"guided": (guided.text, guided.chunk_scores), "random candidate": (sampled.text, sampled.chunk_scores)}
 # %%
 token_view([model.tokenizer.decode([t]) for t in guided.new_ids], token_scores(detector, guided.row_lr))
