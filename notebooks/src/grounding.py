@@ -14,8 +14,8 @@
 # every head's lookback ratio; a logistic regression is trained on some facts and evaluated on
 # held-out facts, against the mean-ratio baseline and a permutation null. Then mitigation on a
 # held-out item: the boost on the detector's top heads (random heads as the control) and guided
-# decoding (a randomly kept candidate as the control). Here only 45 items (3 facts) are
-# used, so the interval is wide; the CLI command at the end runs all 900.
+# decoding (a randomly kept candidate as the control). Here only 30 items (2 facts: one to train,
+# one held out) are used, so the interval is wide; the CLI command at the end runs all 900.
 # %%
 import tempfile
 from pathlib import Path
@@ -33,7 +33,7 @@ out = Path(tempfile.mkdtemp()) / "grounding"
 # `run_grounding` writes every stage under `out` (dataset shards, detector, mitigation) and
 # skips finished stages on a rerun.
 # %%
-res = run_grounding(model, out, limit=45, n_mitigate=0, n_perm=20, progress=False)
+res = run_grounding(model, out, limit=30, n_mitigate=0, n_perm=20, progress=False)
 {k: res.summary[k] for k in ("n_items", "n_grounded", "n_not_grounded", "n_heldout", "auroc", "auroc_ci",
                              "baseline_auroc", "null_mean", "null_q95", "perm_p")}
 # %% [md]
@@ -54,7 +54,7 @@ res.to_frame().query("metric == 'coef'").nlargest(5, "value")
 detector = Detector.load(out / "detector.json")
 data = pd.read_parquet(out / "dataset")
 wrong = data[(data.split == "heldout") & (data.label == 0)].iloc[0]
-item = {it.item_id: it for it in build_items(limit=45)}[wrong.item_id]
+item = {it.item_id: it for it in build_items(limit=30)}[wrong.item_id]
 print(item.prompt)
 ids, reg = item_regions(model, item)
 conditions = {"greedy": [], "boost top-5": boost_heads(detector, 5), "boost random-5": boost_heads(detector, 5, "random"),
