@@ -139,3 +139,89 @@ def test_bad_inputs(tiny_llama):
         build_prompt(tiny_llama, long, 200, 50)
     with pytest.raises(InputError, match="locate"):
         locate_span(tiny_llama.tokenizer, [1, 2, 3], "4817")
+
+
+def test_fast_design_matches_generate_with_stats(tiny_llama):
+    """Prefill of all but the last token + decode rows == probe's generate with the last prefill row."""
+    from analyses.retrieval.decode import decode, prefill, stop_ids
+    from probe import KeyGroup, generate_with_stats
+
+    needle = Needle("code", "The secret code is 4817.", "What is the code?", "4817", "The secret code is")
+    p = build_prompt(tiny_llama, needle, 150, 50, max_new_tokens=6)
+    past = prefill(tiny_llama, p.ids)
+    new, st = decode(tiny_llama, p.ids, past, max_new_tokens=6, span=(p.start, p.stop))
+    again, _ = decode(tiny_llama, p.ids, past, max_new_tokens=6)       # the cropped cache is reusable
+    ref = generate_with_stats(tiny_llama, p.ids, max_new_tokens=6, stats_in_prefill="last", stop_at_newline=True,
+                              groups=[KeyGroup("answer", p.start, p.stop)])
+    assert new == again == ref.new_ids[0].tolist() and len(stop_ids(tiny_llama)) > 0
+    assert st.query_pos.tolist() == ref.stats.query_pos.tolist()
+    assert torch.equal(st.argmax, ref.stats.argmax)
+
+
+def test_masking_makes_the_planted_head_lose_its_events():
+    from analyses.retrieval.decode import decode, prefill
+    from probe import HeadId
+
+    model = load_model("tiny-llama", device="cpu")
+    needle = Needle("z", "The password is ZZZ.", "What is the password?", "ZZZ", "The password is")
+    _plant_copy_head(model, head=1, token=model.tokenizer("Z", add_special_tokens=False).input_ids[0])
+    p = build_prompt(model, needle, 200, 50, max_new_tokens=3)
+    past, span = prefill(model, p.ids), (p.start, p.stop)
+    ids = p.ids[0].tolist()
+    events = {}
+    for name, heads in (("none", []), ("top", [HeadId(0, 1)]), ("other", [HeadId(0, 3)])):
+        new, st = decode(model, p.ids, past, max_new_tokens=3, span=span, heads=heads)
+        events[name] = sample_events(st.argmax, st.query_pos, ids, new, span)
+    assert events["none"][0, 1] > 0.5 and events["top"][0, 1] == 0.0      # uniform head: argmax leaves the span
+    assert torch.equal(events["other"], events["none"])                  # masking another head changes nothing here
+
+
+def test_masking_experiment_result_and_figures(tiny_llama, tmp_path):
+    res = detect(tiny_llama, lengths=[220], depths=[0, 100], needles=["code"], k=2, seeds=[0, 1],
+                 max_new_tokens=3, out=tmp_path, progress=False)
+    assert set(res.masking["condition"]) == {"top", "random0", "random1"} and len(res.masking) == 6
+    top = set(res.top)
+    for heads in res.random_sets.values():
+        assert len(heads) == 2 and not top & set(heads)                # drawn outside the top set
+    assert res.masking.groupby("condition").size().eq(2).all()
+    rates = res.masking_rates()
+    assert set(rates) == {"none", "top", "random0", "random1"} and all(0 <= v <= 1 for v in rates.values())
+    frame = res.to_frame()
+    assert set(frame["metric"]) == {"retrieval_score", "is_retrieval"} and len(frame) == 2 * 2 * 4
+    assert len(res.grouped()) == 2 * tiny_llama.n_kv_heads
+    for kind in ("heads", "grouped", "masking"):
+        assert res.plot(kind).data
+    assert res.plot("niah", condition="random").data[0].z.shape == (2, 1)
+    figs = json.loads((tmp_path / "figures.json").read_text())
+    assert {"heads.html", "grouped.html", "niah_none.html", "niah_top.html", "niah_random.html"} <= set(figs)
+    with pytest.raises(InputError):
+        res.plot("pie")
+
+
+def test_cli_scan_retrieval_resumes(tmp_path, capsys):
+    from analyses.cli import main
+
+    argv = ["scan", "retrieval", "--model", "tiny-llama", "--lengths", "220", "--depths", "50",
+            "--needles", "code", "--k", "2", "--seeds", "0", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    stamp = {f: f.stat().st_mtime_ns for f in (tmp_path / "samples").glob("*.json")}
+    assert main(argv) == 0 and "top heads" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "samples").glob("*.json")} == stamp  # nothing recomputed
+    assert main(argv[:-2] + ["--depths", "150", "--out", str(tmp_path)]) == 2                # bad depth: typed error
+
+
+@pytest.mark.slow
+def test_embedded_model_scores_match_eager_patterns(smol, reference_patterns):
+    """On SmolLM2: our events equal those from eager full patterns of prompt + answer."""
+    needle = [n for n in __import__("analyses.retrieval.harness", fromlist=["x"]).load_needles() if n.name == "code"][0]
+    rec = run_sample(smol, needle, 300, 50, max_new_tokens=6)
+    p = build_prompt(smol, needle, 300, 50, max_new_tokens=6)
+    new = rec["new_ids"]
+    T = p.ids.shape[1]
+    full = torch.cat([p.ids, torch.tensor([new])], 1)
+    pat = reference_patterns(smol, full)                               # [layer, head, T+n, T+n]
+    argmax = pat[:, :, T - 1:T - 1 + len(new)].argmax(-1)
+    ref = sample_events(argmax, list(range(T - 1, T - 1 + len(new))), p.ids[0].tolist(), new, (p.start, p.stop))
+    ours = torch.tensor(rec["events"])
+    assert rec["success"] and ours.max() > 0.5
+    assert (ours - ref).abs().max() <= 1e-6

@@ -9,8 +9,8 @@ heads (vs K random heads from outside the top set, several seeds) uniform during
 See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t).
 
 >>> from probe import load_model
->>> res = detect(load_model("tiny-llama"), lengths=[120], depths=[50], needles=["code"],
-...              k=2, seeds=[0], progress=False)
+>>> res = detect(load_model("tiny-llama"), lengths=[220], depths=[50], needles=["code"],
+...              k=2, seeds=[0], max_new_tokens=4, progress=False)
 >>> res.scores.shape
 (2, 4)
 """
@@ -59,7 +59,9 @@ def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=Non
         mcells = ([(by_name[n], int(L), float(d)) for n, L, d in mask_cells] if mask_cells
                   else grid(ns, mask_lengths or lengths, depths))
         masking = pd.DataFrame(scan_masking(model, mcells, conds, out, progress=progress, **opts))
-    samples = pd.DataFrame([{k_: v for k_, v in r.items() if k_ not in ("events", "span_mass")} for r in recs])
+    drop = ("events", "span_mass", "settings")
+    samples = pd.DataFrame([{k_: v for k_, v in r.items() if k_ not in drop} | {"new_ids": r.get("new_ids")}
+                            for r in recs])
     res = RetrievalResult(model.model_id, scores.numpy(), model.n_kv_heads, threshold, samples, masking,
                           tuple(repr(h) for h in top), {c: [repr(h) for h in hs] for c, hs in conds.items() if c != "top"},
                           {"k": k, "seeds": list(seeds), "row": row, "lengths": [int(x) for x in lengths],
@@ -72,15 +74,31 @@ def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=Non
 
 
 def save_all(res: RetrievalResult, out: Path) -> None:
-    """Parquet + JSON summary + figures (HTML) of a result."""
+    """Parquet + JSON summary + figures (HTML; PNG too where kaleido works offline) of a result."""
     res.save(out)
-    figs = {"heads": res.plot("heads")}
-    conds = ["none"] + (sorted(res.masking["condition"].unique()) if len(res.masking) else [])
-    for c in conds:
-        figs[f"niah_{c}"] = res.plot("niah", condition=c)
+    figs = {"heads": res.plot("heads"), "grouped": res.plot("grouped"), "niah_none": res.plot("niah")}
+    if len(res.masking):
+        figs |= {"niah_top": res.plot("niah", condition="top"), "niah_random": res.plot("niah", condition="random"),
+                 "masking": res.plot("masking")}
+    names = []
     for name, fig in figs.items():
         fig.write_html(str(out / f"{name}.html"), include_plotlyjs="cdn")
-    write_json(out / "figures.json", sorted(f"{n}.html" for n in figs))
+        names.append(f"{name}.html")
+        names += _png(fig, out / f"{name}.png")
+    write_json(out / "figures.json", sorted(names))
+
+
+def _png(fig, path: Path) -> list[str]:
+    """Write a PNG if kaleido is installed and works (it is optional); never fails the scan."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return []
+    try:
+        fig.write_image(str(path))
+        return [path.name]
+    except Exception:  # kaleido needs a browser it may not find offline: HTML is the figure of record
+        return []
 
 
 __all__ = ["detect", "RetrievalResult", "build_prompt", "sample_events", "head_scores", "add_cli"]

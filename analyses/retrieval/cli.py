@@ -43,5 +43,8 @@ def _run(args) -> int:
     s = res.summary()
     print(f"wrote {args.out}: {s['n_success']}/{s['n_samples']} samples answered; "
           f"{s['fraction_above_threshold']:.1%} of heads > {res.threshold}; NIAH success {s['niah_success']}")
+    if not s["n_success"]:
+        print("note: no sample was answered, so every score is 0 and the top-K set is arbitrary; "
+              "use lengths the model can handle or completion-style needles")
     print("top heads:", ", ".join(f"{h['head']}={h['score']:.3f}" for h in s["top_heads"][:10]))
     return 0

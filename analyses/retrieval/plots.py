@@ -14,13 +14,34 @@ def plot_heads(res):
     return fig
 
 
+def plot_grouped(res):
+    """GQA view: layer x KV head, the max score over the query heads sharing that KV head."""
+    g = res.grouped()
+    piv = g.pivot(index="layer", columns="kv_head", values="max_score")
+    text = g.pivot(index="layer", columns="kv_head", values="n_retrieval").astype(str).values
+    fig = go.Figure(go.Heatmap(z=piv.values, x=[f"KV{k}" for k in piv.columns], y=list(piv.index), text=text,
+                               texttemplate="%{text}", colorscale="Viridis", colorbar={"title": "max score"}))
+    fig.update_layout(title="Retrieval scores by KV group (max over its query heads; text: heads > threshold)",
+                      xaxis_title="KV head", yaxis_title="layer")
+    return fig
+
+
 def plot_niah(res, condition: str = "none"):
-    """NIAH success (mean over needles) over context length x depth for one condition."""
-    tab = res.success_table()
+    """NIAH success (mean over needles; ``"random"``: also over seeds) over length x depth."""
+    tab = res.success_table(pool_random=condition == "random")
     tab = tab[tab["condition"] == condition]
     piv = tab.pivot(index="depth", columns="length", values="success")
     fig = go.Figure(go.Heatmap(z=piv.values, x=[str(c) for c in piv.columns], y=[f"{d:g}%" for d in piv.index],
                                zmin=0, zmax=1, colorscale="RdYlGn", colorbar={"title": "success"}))
-    fig.update_layout(title=f"NIAH success, masking: {condition}", xaxis_title="context length (tokens)",
+    fig.update_layout(title=f"NIAH success, masked heads: {condition}", xaxis_title="context length (tokens)",
                       yaxis_title="needle depth")
+    return fig
+
+
+def plot_masking(res):
+    """NIAH success per condition on the masking grid (unmasked, top-K, each random-K seed)."""
+    rates = res.masking_rates()
+    fig = go.Figure(go.Bar(x=list(rates), y=list(rates.values()), text=[f"{v:.0%}" for v in rates.values()]))
+    fig.update_layout(title=f"NIAH success with K={res.meta.get('k')} heads masked during decoding",
+                      yaxis_title="success rate", yaxis_range=[0, 1], xaxis_title="masked heads")
     return fig

@@ -1,7 +1,6 @@
 """The retrieval-head result: per-head scores, the per-sample table and the masking runs."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,28 +65,55 @@ class RetrievalResult:
                 for l in range(L) for k in range(self.n_kv_heads)]
         return pd.DataFrame(rows)
 
-    def success_table(self) -> pd.DataFrame:
-        """NIAH success rate per condition, length and depth (unmasked = ``none``)."""
-        base = self.samples.assign(condition="none")[["condition", "needle", "length", "depth", "success"]]
-        both = pd.concat([base, self.masking[["condition", "needle", "length", "depth", "success"]]]
-                         if len(self.masking) else [base])
+    def success_table(self, pool_random: bool = False) -> pd.DataFrame:
+        """NIAH success rate per condition, length and depth (unmasked = ``none``).
+
+        ``pool_random``: the random-K seeds pooled into one condition ``random``.
+        """
+        cols = ["condition", "needle", "length", "depth", "success"]
+        parts = [self.samples.assign(condition="none")[cols]] + ([self.masking[cols]] if len(self.masking) else [])
+        both = pd.concat(parts, ignore_index=True)
+        if pool_random:
+            both["condition"] = both["condition"].where(~both["condition"].str.startswith("random"), "random")
+        both["success"] = both["success"].astype(float)
         return both.groupby(["condition", "length", "depth"], as_index=False)["success"].mean()
 
+    def masking_rates(self) -> dict[str, float]:
+        """Success rate per condition on the masking cells (``none``: the unmasked runs of the same cells)."""
+        if not len(self.samples):
+            return {}
+        if not len(self.masking):
+            return {"none": float(self.samples["success"].mean())}
+        keys = ["needle", "length", "depth"]
+        base = self.samples.merge(self.masking[keys].drop_duplicates(), on=keys)
+        rates = {"none": float(base["success"].mean())}
+        return rates | {c: float(g["success"].mean()) for c, g in self.masking.groupby("condition", sort=False)}
+
     def summary(self) -> dict:
-        top = self.retrieval_heads()[:20]
-        rates = {c: float(g["success"].mean()) for c, g in self.masking.groupby("condition")} if len(self.masking) else {}
+        top = top_k(self.scores, 20)
+        rates = self.masking_rates()
+        rnd = [v for c, v in rates.items() if c.startswith("random")]
         return {"model_id": self.model_id, "threshold": self.threshold, "n_samples": int(len(self.samples)),
                 "n_success": self.n_success, "n_heads": int(self.scores.size),
                 "fraction_above_threshold": self.fraction_above(),
                 "top_heads": [{"head": repr(h), "score": float(self.scores[h.layer, h.head])} for h in top],
-                "niah_success": {"none": float(self.samples["success"].mean()) if len(self.samples) else None}
-                | rates, "top_set": list(self.top), "random_sets": self.random_sets} | self.meta
+                "niah_success_full_grid": float(self.samples["success"].mean()) if len(self.samples) else None,
+                "niah_success": rates, "niah_success_random_mean": float(np.mean(rnd)) if rnd else None,
+                "top_set": list(self.top), "random_sets": self.random_sets} | self.meta
 
     def plot(self, kind: str = "heads", condition: str = "none"):
-        """``kind="heads"``: layer x head score heat map; ``"niah"``: success over length x depth."""
-        from .plots import plot_heads, plot_niah
+        """``kind``: ``"heads"`` (layer x head scores), ``"grouped"`` (GQA: layer x KV head),
+        ``"niah"`` (success over length x depth for ``condition``: none/top/random/random<seed>),
+        ``"masking"`` (success per condition)."""
+        from . import plots
 
-        return plot_heads(self) if kind == "heads" else plot_niah(self, condition)
+        kinds = {"heads": plots.plot_heads, "grouped": plots.plot_grouped, "masking": plots.plot_masking}
+        if kind == "niah":
+            return plots.plot_niah(self, condition)
+        if kind not in kinds:
+            from probe.errors import InputError
+            raise InputError(f"unknown plot kind {kind!r}: use one of {sorted(kinds) + ['niah']}")
+        return kinds[kind](self)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -109,5 +135,7 @@ class RetrievalResult:
                    samples, masking, tuple(s["top_set"]), s["random_sets"], s.get("meta", {}))
 
 
-def _json(x):
-    return json.loads(json.dumps(x, default=str))
+def top_k(scores: np.ndarray, k: int) -> list[HeadId]:
+    """The ``k`` best heads (best first)."""
+    H = scores.shape[1]
+    return [HeadId(int(i) // H, int(i) % H) for i in np.argsort(-scores, axis=None)[:k]]

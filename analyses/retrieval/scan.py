@@ -2,8 +2,9 @@
 
 Each finished grid cell is one JSON file under ``out/samples`` (``out/masking`` for masked runs),
 written atomically and skipped on rerun, so an interrupted scan resumes where it stopped.
-Prefill runs on the fast path (no patterns); only the last prefill row and the decode rows go
-through the streaming statistics (``generate_with_stats(stats_in_prefill="last")``).
+Prefill runs on the fast path (no patterns) over all but the last prompt token; the last prompt
+token and every new token are decode rows through the streaming statistics (see :mod:`.decode`).
+The masking pass prefills each prompt once and decodes it under every condition.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from probe import HeadId, InterventionSpec, KeyGroup, generate_with_stats
+from probe import HeadId
 from probe.atomic import read_json, write_json
 from probe.errors import InputError
-from probe.interventions import Uniform
 
+from .decode import decode, prefill
 from .harness import Needle, build_prompt, rouge1_recall, select_needles
 from .scoring import sample_events
 
@@ -28,30 +29,29 @@ def run_sample(model, needle: Needle, length: int, depth: float, *, max_new_toke
                row: str = "producing", lead: bool = True, seed: int = 0) -> dict:
     """One unmasked NIAH sample: response, ROUGE-1 recall and per-head events/|span|."""
     p = build_prompt(model, needle, length, depth, max_new_tokens=max_new_tokens, lead=lead, seed=seed)
-    gen = generate_with_stats(model, p.ids, max_new_tokens=max_new_tokens, stats_in_prefill="last",
-                              groups=[KeyGroup("answer", p.start, p.stop)], stop_at_newline=True)
-    new = gen.new_ids[0].tolist()
-    st = gen.stats
+    new, st = decode(model, p.ids, prefill(model, p.ids), max_new_tokens=max_new_tokens, span=(p.start, p.stop))
     ev = sample_events(st.argmax, st.query_pos, p.ids[0].tolist(), new, (p.start, p.stop), row=row)
     mass = st.mass("answer").double().mean(-1)  # mean attention mass on the span over recorded rows
     return _record(model, p, new) | {"events": ev.tolist(), "span_mass": mass.tolist(), "row": row}
 
 
-def run_masked(model, needle: Needle, length: int, depth: float, heads: list[HeadId], *,
+def run_masked(model, needle: Needle, length: int, depth: float, conditions: dict[str, list[HeadId]], *,
                max_new_tokens: int = 50, lead: bool = True, seed: int = 0) -> dict:
-    """One NIAH sample with ``heads`` made uniform (query := 0) during decoding only."""
+    """One prompt, prefilled once, decoded with each condition's heads made uniform (decode only)."""
     p = build_prompt(model, needle, length, depth, max_new_tokens=max_new_tokens, lead=lead, seed=seed)
-    spec = InterventionSpec([Uniform(heads=heads, phase="decode")]) if heads else None
-    gen = generate_with_stats(model, p.ids, max_new_tokens=max_new_tokens, decode_spec=spec,
-                              stop_at_newline=True, layers=[0])
-    return _record(model, p, gen.new_ids[0].tolist()) | {"heads": [repr(h) for h in heads]}
+    past = prefill(model, p.ids)
+    runs = {}
+    for cond, heads in conditions.items():
+        new, _ = decode(model, p.ids, past, max_new_tokens=max_new_tokens, heads=heads)
+        runs[cond] = _record(model, p, new) | {"heads": [repr(h) for h in heads]}
+    return {"weights_hash": model.weights_hash, "runs": runs}
 
 
 def _record(model, p, new: list[int]) -> dict:
     response = model.tokenizer.decode(new, skip_special_tokens=True).strip()
     recall = rouge1_recall(p.needle.answer, response)
     return {"needle": p.needle.name, "length": p.length, "depth": p.depth, "prompt_len": int(p.ids.shape[1]),
-            "span": [p.start, p.stop], "response": response, "recall": recall,
+            "span": [p.start, p.stop], "new_ids": list(new), "response": response, "recall": recall,
             "success": recall > SUCCESS_RECALL, "weights_hash": model.weights_hash}
 
 
@@ -63,23 +63,24 @@ def cell_name(prefix: str, needle: Needle, length: int, depth: float) -> str:
     return f"{prefix}_{needle.name}_L{length}_D{depth:g}.json"
 
 
-def cached(path: Path, model, compute) -> dict:
-    """Load a finished unit if it exists (same weights), else compute and write it atomically."""
-    if path.exists():
+def cached(path: Path | None, model, settings: dict, compute) -> dict:
+    """Load a finished unit if it exists (same weights and settings), else compute it and write it atomically."""
+    if path is not None and path.exists():
         rec = read_json(path, "retrieval sample")
-        if rec.get("weights_hash") == model.weights_hash:
+        if rec.get("weights_hash") == model.weights_hash and rec.get("settings") == settings:
             return rec
-    rec = compute()
-    if path.parent != Path("."):
+    rec = compute() | {"settings": settings}
+    if path is not None:
         write_json(path, rec)
     return rec
 
 
 def scan_samples(model, cells, out: Path | None, *, desc="retrieval", progress=True, **kw) -> list[dict]:
-    recs = []
+    """Unmasked samples, one file per grid cell under ``out/samples`` (skipped when already there)."""
+    recs, settings = [], {k: v for k, v in sorted(kw.items())}
     for n, L, d in tqdm(cells, desc=desc, disable=not progress):
-        path = Path(out) / "samples" / cell_name("sample", n, L, d) if out else Path(cell_name("x", n, L, d))
-        recs.append(cached(path, model, lambda: run_sample(model, n, L, d, **kw)))
+        path = Path(out) / "samples" / cell_name("sample", n, L, d) if out else None
+        recs.append(cached(path, model, settings, lambda: run_sample(model, n, L, d, **kw)))
     return recs
 
 
@@ -94,12 +95,22 @@ def pick_random(model, top: list[HeadId], k: int, seed: int, exclude: set[HeadId
 
 def scan_masking(model, cells, conditions: dict[str, list[HeadId]], out: Path | None, *,
                  progress=True, **kw) -> list[dict]:
+    """Masked runs per cell (one file per cell, recomputed if the head sets changed)."""
+    want = {c: [repr(h) for h in hs] for c, hs in conditions.items()}
+    settings = {k: v for k, v in sorted(kw.items())}
     recs = []
-    units = [(c, cell) for c in conditions for cell in cells]
-    for cond, (n, L, d) in tqdm(units, desc="masking", disable=not progress):
-        path = Path(out) / "masking" / cell_name(cond, n, L, d) if out else Path(cell_name("x", n, L, d))
-        rec = cached(path, model, lambda: run_masked(model, n, L, d, conditions[cond], **kw))
-        recs.append(rec | {"condition": cond})
+    for n, L, d in tqdm(cells, desc="masking", disable=not progress):
+        path = Path(out) / "masking" / cell_name("mask", n, L, d) if out else None
+        if path and path.exists():
+            rec = read_json(path, "retrieval masking")
+            same = rec.get("weights_hash") == model.weights_hash and rec.get("settings", settings) == settings
+            if same and {c: r["heads"] for c, r in rec["runs"].items()} == want:
+                recs += [r | {"condition": c} for c, r in rec["runs"].items()]
+                continue
+        rec = run_masked(model, n, L, d, conditions, **kw) | {"settings": settings}
+        if path:
+            write_json(path, rec)
+        recs += [r | {"condition": c} for c, r in rec["runs"].items()]
     return recs
 
 

@@ -1,0 +1,66 @@
+"""Prefill once on the fused path, then greedy decoding through the streaming engine.
+
+This is the reference's efficient design (nightdessert/Retrieval_Head, ``retrieval_head_detection.py``):
+the prompt *minus its last token* is prefilled with SDPA (no attention patterns, only the last
+logits), and the last prompt token is the first decode input. Every scored row, including the one
+that produces the first new token, is then a single decode row whose per-head argmax comes from the
+streaming statistics. Masking is decode-only, so the prefilled KV cache is cropped back and reused
+for every masking condition of a prompt (one prefill per prompt, not one per condition).
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+
+from probe import InterventionSpec, KeyGroup, StatsRequest, Uniform, collect_stats, intervene
+from probe.records import run_metadata
+
+_STOP: dict[str, set[int]] = {}
+
+
+def stop_ids(model) -> set[int]:
+    """EOS/end-of-turn ids and every token that contains a newline (cached per model)."""
+    from probe.streaming import _stop_ids
+
+    key = f"{model.model_id}:{model.weights_hash}"
+    if key not in _STOP:
+        _STOP[key] = _stop_ids(model, stop_at_newline=True)
+    return _STOP[key]
+
+
+def prefill(model, ids: torch.Tensor):
+    """KV cache of ``ids[:, :-1]`` on the fast path (the registered attention is SDPA while idle)."""
+    with torch.no_grad():
+        out = model.hf(ids[:, :-1], use_cache=True, logits_to_keep=1)
+    return out.past_key_values
+
+
+def decode(model, ids: torch.Tensor, past, *, max_new_tokens: int = 50, span=None, heads=None):
+    """Greedy decode from a prefilled cache; returns ``(new_ids, stats)``.
+
+    ``span``: record statistics (argmax, mass on the span) on every decode row; ``heads``: make these
+    heads uniform (query := 0) on decode rows. The cache is cropped back first, so it can be reused.
+    """
+    T = ids.shape[1]
+    extra = past.get_seq_length() - (T - 1)
+    if extra > 0:
+        past.crop(-extra)  # transformers >= 5: a negative count removes that many trailing tokens
+    eos, new = stop_ids(model), []
+    with ExitStack() as stack, torch.no_grad():
+        coll = None
+        if span is not None:
+            req = StatsRequest(groups=(KeyGroup("answer", span[0], span[1]),), received=False)
+            coll = stack.enter_context(collect_stats(model, req))
+        if heads:
+            stack.enter_context(intervene(model, InterventionSpec([Uniform(heads=list(heads), phase="decode")])))
+        inp = ids[:, -1:]
+        for _ in range(max_new_tokens):
+            out = model.hf(inp, past_key_values=past, use_cache=True)
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            new.append(nxt)
+            inp = torch.tensor([[nxt]], device=ids.device)
+    stats = coll.result(ids[0].tolist() + new, run_metadata(weights_hash=model.weights_hash)) if coll else None
+    return new, stats

@@ -1,0 +1,94 @@
+"""Benchmark: our retrieval scan vs the reference approach on the same small NIAH grid; prints JSON.
+
+Reference approach (as nightdessert/Retrieval_Head scores): Hugging Face ``generate`` with eager
+attention and ``output_attentions=True`` at every step; for each step, layer and head, the last row
+of the returned attention is ``topk(1)``-ed and an event counted when the key is in the answer span and
+its prompt token equals the emitted token (``+= 1/|span|``; every emitted token is scored, the stop
+token included, as the authors' loop does). Ours: fused prefill, decode rows through the streaming
+statistics (:func:`analyses.retrieval.scan.run_sample`). Both greedy, same prompts, same stop tokens.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/retrieval_scan.py [--model smollm2-135m] [--lengths 500,1000,2000]
+
+The reference holds every returned pattern (layers x heads x T x T floats for the prefill step), so
+its cost and memory grow with T^2 (about 17 GB at T=4096 for SmolLM2); ours holds none.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from analyses.retrieval.decode import stop_ids
+from analyses.retrieval.harness import build_prompt, select_needles
+from analyses.retrieval.scan import run_sample
+from probe import install, load_model
+
+
+def reference_scores(model, p, max_new_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """Per-head events/|span| from ``generate(output_attentions=True)`` with eager attention."""
+    hf, (s, e) = model.hf, (p.start, p.stop)
+    prompt = p.ids[0]
+    hf.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = hf.generate(p.ids, attention_mask=torch.ones_like(p.ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, output_attentions=True, return_dict_in_generate=True,
+                              eos_token_id=sorted(stop_ids(model)), pad_token_id=model.tokenizer.eos_token_id)
+    finally:
+        install(hf)
+    new = out.sequences[0, p.ids.shape[1]:].tolist()
+    score = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+    for step, w in enumerate(new):
+        for layer in range(model.n_layers):
+            rows = out.attentions[step][layer][0, :, -1]  # [heads, keys]
+            for head in range(model.n_heads):
+                _, idx = rows[head].topk(1)
+                i = int(idx[0])
+                if s <= i < e and w == int(prompt[i]):
+                    score[layer, head] += 1 / (e - s)
+    eos = stop_ids(model)
+    return score, [w for w in new if w not in eos]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--lengths", default="500,1000,2000")
+    ap.add_argument("--depths", default="50")
+    ap.add_argument("--needles", default="cat,code")
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = load_model(a.model)
+    cells = [(n, int(L), float(d)) for n in select_needles(a.needles.split(","))
+             for L in a.lengths.split(",") for d in a.depths.split(",")]
+    stop_ids(model)  # warm the stop-token cache (shared by both)
+    run_sample(model, cells[0][0], 200, 50, max_new_tokens=2)  # warm-up
+    ours_t = ref_t = 0.0
+    diffs, rows = [], []
+    for n, L, d in cells:
+        t0 = time.perf_counter()
+        rec = run_sample(model, n, L, d, max_new_tokens=a.max_new_tokens)
+        t1 = time.perf_counter()
+        p = build_prompt(model, n, L, d, max_new_tokens=a.max_new_tokens)
+        ref, ref_new = reference_scores(model, p, a.max_new_tokens)
+        t2 = time.perf_counter()
+        ours_t, ref_t = ours_t + t1 - t0, ref_t + t2 - t1
+        ours = torch.tensor(rec["events"], dtype=torch.float64)
+        diffs.append(float((ours - ref).abs().max()))
+        rows.append({"needle": n.name, "length": L, "depth": d, "response": rec["response"],
+                     "same_tokens": ref_new == model.tokenizer(rec["response"], add_special_tokens=False).input_ids
+                     or model.tokenizer.decode(ref_new).strip() == rec["response"],
+                     "ours_s": round(t1 - t0, 3), "reference_s": round(t2 - t1, 3), "max_abs_diff": diffs[-1]})
+    print(json.dumps({"model": model.model_id, "grid": {"lengths": a.lengths, "depths": a.depths,
+                                                          "needles": a.needles},
+                      "threads": torch.get_num_threads(), "ours_s": round(ours_t, 3), "reference_s": round(ref_t, 3),
+                      "speedup": round(ref_t / ours_t, 2), "max_abs_diff": max(diffs), "samples": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
