@@ -8,6 +8,7 @@ from analyses.grounding import (Detector, GroundingResult, boost_heads, boost_sp
 from analyses.grounding.data import build_items, split_of
 from analyses.grounding.detector import auroc, bootstrap_ci, evaluate
 from probe.errors import CorruptFileError, InputError
+from probe.heads import HeadId
 from probe.interventions import InterventionSpec, SpanKnockout
 from probe.streaming import generate_with_stats
 
@@ -109,7 +110,6 @@ def test_guided_generate_picks_the_best_scoring_chunk(tiny_llama):
     # the kept chunk's score is the detector's score of its rows' mean
     first = out.row_lr[:min(3, len(out.new_ids))].mean(0).reshape(1, -1)
     assert out.chunk_scores[0] == pytest.approx(float(det.score(first)[0]), rel=1e-5)
-    # the detector ranks chunks by mean ratio, so the greedy choice beats a random choice on average
     scores = token_scores(det, out.row_lr)
     assert "P(grounded)" in token_view_html([str(t) for t in out.new_ids], scores)
     bad = Detector(np.ones(6), 0.0, np.zeros(6), np.ones(6), 2, 3)
@@ -128,6 +128,10 @@ def test_boost_heads_and_result_round_trip(tmp_path):
     assert len(rnd) == 2 and all(h.layer >= 2 for h in rnd)
     with pytest.raises(InputError):
         boost_spec([], (0, 3))
+    with pytest.raises(InputError, match="cannot pick"):
+        boost_heads(det, 10)
+    with pytest.raises(InputError, match="at least 3 layers"):
+        boost_heads(Detector(np.ones(6), 0.0, np.zeros(6), np.ones(6), 2, 3))
     import pandas as pd
     res = GroundingResult("m", {"auroc": 0.9, "auroc_ci": [0.8, 0.95], "baseline_auroc": 0.6},
                           det.head_weights(), pd.DataFrame([{"condition": "greedy", "n": 3, "grounded_rate": 0.5,
@@ -173,13 +177,129 @@ def test_dataset_resumes_finished_shards(tiny_llama, tmp_path, monkeypatch):
     assert again["answer"].tolist() == df["answer"].tolist()
 
 
-def test_cli_guided_generate_writes_token_view(tiny_llama, tmp_path):
+def test_cli_generate_writes_token_view(tiny_llama, tmp_path, capsys):
     from analyses.cli import main
 
     L, H = tiny_llama.n_layers, tiny_llama.n_heads
     Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H).save(tmp_path / "d.json")
-    rc = main(["scan", "grounding-generate", "--model", "tiny-llama", "--guided", str(tmp_path / "d.json"),
-               "--max-new-tokens", "4", "--html", str(tmp_path / "v.html"), "context. q:"])
+    rc = main(["generate", "--model", "tiny-llama", "--guided", str(tmp_path / "d.json"),
+               "--max-new-tokens", "4", "--html", str(tmp_path / "v.html"), "context.\nq:"])
     assert rc == 0 and "P(grounded)" in (tmp_path / "v.html").read_text()
-    assert main(["scan", "grounding-generate", "--model", "tiny-llama", "--guided", str(tmp_path / "v.html"),
-                 "x"]) == 2
+    assert "chunk scores" in capsys.readouterr().out
+    assert main(["generate", "--model", "tiny-llama", "--guided", str(tmp_path / "v.html"), "x"]) == 2
+    assert main(["generate", "--model", "tiny-llama", "--html", str(tmp_path / "w.html"), "x"]) == 2
+
+
+def test_grouped_auroc_ignores_what_the_group_explains():
+    from analyses.grounding.detector import grouped_auroc
+
+    y, g = np.array([1, 0, 1, 0]), np.array(["a", "a", "b", "b"])
+    assert grouped_auroc(y, [0.9, 0.1, 0.2, 0.3], g) == 0.5          # right in a, wrong in b
+    assert grouped_auroc(y, [0.9, 0.8, 0.3, 0.2], g) == 1.0
+    y8, g8, s8 = [1, 1, 1, 0, 1, 0, 0, 0], list("aaaabbbb"), [1, 1, 1, 1, 0, 0, 0, 0]   # group-only score
+    assert auroc(y8, s8) == 0.75 and grouped_auroc(y8, s8, g8) == 0.5
+    with pytest.raises(InputError, match="both classes"):
+        grouped_auroc([1, 0], [0.1, 0.2], ["a", "b"])
+
+
+def test_center_by_group_removes_group_means_without_labels():
+    from analyses.grounding.detector import center_by_group
+
+    X = np.array([[1.0, 0.0], [3.0, 2.0], [10.0, 4.0], [12.0, 6.0]])
+    C, means = center_by_group(X, np.array([0, 0, 1, 1]))
+    assert C.mean(0).tolist() == pytest.approx(X.mean(0).tolist())
+    assert C[:2].mean(0).tolist() == pytest.approx(C[2:].mean(0).tolist())   # group offset gone
+    new, _ = center_by_group(np.array([[2.0, 1.0], [5.0, 5.0]]), np.array([0, 7]), means)
+    assert new[0].tolist() == pytest.approx([2.0 + 4.5, 1.0 + 2.0]) and new[1].tolist() == [5.0, 5.0]
+
+
+def _confounded_frame(n=240, seed=0, signal=0.0):
+    """Two templates with different grounded rates and shifted features; ``signal`` = within-template cue."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, 2, n)
+    y = (rng.random(n) < np.where(t == 0, 0.85, 0.15)).astype(int)
+    X = rng.normal(0, 1, (n, 4)) + 2.0 * t[:, None]
+    X[:, 1] += signal * (2 * y - 1)
+    return pd.DataFrame({"split": np.where(np.arange(n) % 3 == 0, "heldout", "train"), "label": y.astype(float),
+                         "n_new": 1, "template_id": t, "row_lr": list(X)})
+
+
+@pytest.mark.parametrize("signal", [0.0, 1.5])
+def test_fit_detectors_separates_template_from_within_template_signal(signal):
+    from analyses.grounding.run import fit_detectors
+
+    det, s = fit_detectors(_confounded_frame(signal=signal), 2, 2, n_perm=10, n_boot=50)
+    assert s["auroc"] > 0.75                     # pooled: the template alone is enough
+    if signal == 0.0:
+        assert 0.3 < s["w_auroc"] < 0.7 and s["w_perm_p"] > 0.05 and s["centred_w_auroc"] < 0.7
+    else:
+        assert s["w_auroc"] > 0.8 and s["centred_w_auroc"] > 0.8 and s["centred_w_perm_p"] < 0.1
+        assert np.argmax(np.abs(det.head_weights())) == 1
+    with pytest.raises(InputError, match="center"):
+        fit_detectors(_confounded_frame(), 2, 2, center="x")
+
+
+def test_paired_diff():
+    from analyses.grounding.detector import paired_diff
+
+    d, lo, hi = paired_diff([1] * 30 + [0] * 10, [0] * 40)
+    assert d == 0.75 and lo < 0.75 < hi and lo > 0.5
+    assert paired_diff([1, 0], [1, 0]) == (0.0, 0.0, 0.0)
+    with pytest.raises(InputError):
+        paired_diff([], [])
+
+
+def test_mitigation_rates_and_resume(tiny_llama, tmp_path, monkeypatch):
+    from analyses.grounding import run
+
+    items = build_items()[:2]
+    L, H = tiny_llama.n_layers, tiny_llama.n_heads
+    det = Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
+    # tiny-llama has no layers 2..L-1: boost layer-1 heads instead (the choice of heads is tested above)
+    monkeypatch.setattr(run, "boost_heads", lambda d, k=None, how="top", seed=0:
+                        [HeadId(1, h) for h in ((0, 1, 2, 3) if k is None else (0, 1) if how == "top" else (2, 3))])
+    greedy = {items[0].item_id: f" {items[0].passage_value}", items[1].item_id: f" {items[1].true_value}"}
+    kw = dict(k=2, max_new_tokens=2, greedy=greedy, progress=False, block=1)
+    m = run.mitigation(tiny_llama, items, det, tmp_path, **kw)
+    g = m.set_index("condition")
+    assert len(m) == 6 and set(m["n"]) == {2} and len(list((tmp_path / "mitigation").glob("*.parquet"))) == 12
+    assert g.loc["greedy", "grounded_rate"] == 0.5 and g.loc["greedy", "contradicted_rate"] == 0.5
+    assert g.loc["guided", "control"] == "sampled" and g.loc["boost_top2", "control"] == "boost_random2"
+    assert g.loc["greedy", "d_greedy"] == 0.0 and np.isnan(g.loc["greedy", "d_control"])
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(run, "_answer", boom)
+    assert run.mitigation(tiny_llama, items, det, tmp_path, **kw)["grounded_rate"].tolist() == \
+        m["grounded_rate"].tolist()
+    other = Detector(-np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
+    with pytest.raises(AssertionError, match="recomputed"):   # a new detector invalidates saved answers
+        run.mitigation(tiny_llama, items, other, tmp_path, **kw)
+
+
+def test_detector_stage_reloads_instead_of_refitting(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from analyses.grounding import run
+
+    fake = SimpleNamespace(n_layers=2, n_heads=2, weights_hash="h", model_id="fake")
+    df = _confounded_frame(signal=1.5)
+    df["item_id"], df["answer"] = [f"i{i}" for i in range(len(df))], "x"
+    kw = dict(center="none", n_perm=2, seed=0, reading="code")
+    real = run.fit_detectors
+    monkeypatch.setattr(run, "fit_detectors", lambda *a, **k: real(*a, **{**k, "n_boot": 20}))
+    det, s = run._detector_stage(fake, df, tmp_path, **kw)
+    assert s["n_items"] == len(df) and det.meta["model_id"] == "fake"
+
+    def boom(*a, **k):
+        raise AssertionError("refit")
+
+    monkeypatch.setattr(run, "fit_detectors", boom)
+    again, s2 = run._detector_stage(fake, df, tmp_path, **kw)
+    assert np.array_equal(again.coef, det.coef) and s2["auroc"] == s["auroc"]
+    df.loc[0, "answer"] = "changed"
+    with pytest.raises(AssertionError, match="refit"):
+        run._detector_stage(fake, df, tmp_path, **kw)

@@ -96,8 +96,20 @@ def label(answer: str, passage_value: str, true_value: str) -> int | None:
 
 def item_regions(model, item: Item, reading: str = "code") -> tuple[torch.Tensor, Regions]:
     """Token ids of the prompt and its key regions (context = everything before the response header)."""
-    ids = model.encode(item.prompt)
-    head = model.encode(item.prompt[:item.context_end])
+    return text_regions(model, item.prompt, item.context_end, reading)
+
+
+def text_regions(model, prompt: str, context_end: int | None = None, reading: str = "code"):
+    """Ids and regions of ``prompt`` whose context is ``prompt[:context_end]`` (default: up to its last line).
+
+    A one-line prompt keeps all but its last token as context.
+    """
+    ids = model.encode(prompt)
+    if context_end is None:
+        context_end = prompt.rfind("\n")
+    if context_end <= 0:
+        return ids, regions(ids.shape[1], 0, ids.shape[1] - 1, reading)
+    head = model.encode(prompt[:context_end])
     c1 = head.shape[1]
     if c1 >= ids.shape[1] or not torch.equal(ids[0, :c1], head[0]):
         c1 = int((ids[0, :c1] == head[0, :min(c1, ids.shape[1])]).cumprod(0).sum())

@@ -5,6 +5,12 @@ grounded span. The detector is saved as JSON (coefficients, intercept, scaler me
 metadata), never pickled, and scoring after loading is plain numpy, so it reproduces exactly.
 Evaluation: held-out AUROC with a bootstrap interval, the mean-ratio baseline (the average of
 all features as the score) and a permutation null (the detector refit on shuffled labels).
+
+Confound control: when the prompt template alone predicts the label, a pooled AUROC can be
+earned by recognising the template. :func:`grouped_auroc` counts only (grounded, not grounded)
+pairs of the same template (a template-only score gets exactly 0.5), its permutation null
+shuffles labels within templates, and :func:`center_by_group` removes each template's mean
+feature (label-free) before fitting.
 """
 from __future__ import annotations
 
@@ -73,6 +79,7 @@ class Detector:
 def fit(X, y, n_layers: int, n_heads: int, C: float = 1.0, meta: dict | None = None) -> Detector:
     """Standardise, then fit an L2 logistic regression (scikit-learn, lbfgs)."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     X, y = np.asarray(X, np.float64), np.asarray(y, int)
     if X.ndim != 2 or X.shape[0] != y.shape[0] or X.shape[0] == 0:
@@ -82,7 +89,8 @@ def fit(X, y, n_layers: int, n_heads: int, C: float = 1.0, meta: dict | None = N
                          "grounded and not-grounded answers occur")
     mean, scale = X.mean(0), X.std(0)
     scale = np.where(scale > 1e-8, scale, 1.0)
-    clf = LogisticRegression(C=C, max_iter=2000).fit((X - mean) / scale, y)
+    with threadpool_limits(1):  # a BLAS thread pool on a busy machine makes this 100x slower
+        clf = LogisticRegression(C=C, max_iter=2000).fit((X - mean) / scale, y)
     return Detector(clf.coef_[0].copy(), float(clf.intercept_[0]), mean, scale, n_layers, n_heads, meta or {})
 
 
@@ -110,8 +118,74 @@ def permutation_null(Xtr, ytr, Xte, yte, n_layers, n_heads, n: int = 50, seed: i
     return np.array([auroc(yte, fit(Xtr, rng.permutation(ytr), n_layers, n_heads).score(Xte)) for _ in range(n)])
 
 
-def evaluate(Xtr, ytr, Xte, yte, n_layers, n_heads, *, n_boot=1000, n_perm=50, seed=0) -> tuple[Detector, dict]:
-    """Fit on train; held-out AUROC + interval, mean-LR baseline + interval, permutation null."""
+def grouped_auroc(y, s, groups) -> float:
+    """AUROC over (positive, negative) pairs of the same group only (ties count half).
+
+    A score that depends on the group alone gets 0.5; groups with one class add no pairs.
+
+    >>> grouped_auroc([1, 0, 1, 0], [0.9, 0.1, 0.2, 0.3], ["a", "a", "b", "b"])   # a: right, b: wrong
+    0.5
+    """
+    y, s, groups = np.asarray(y), np.asarray(s, np.float64), np.asarray(groups)
+    hit = pairs = 0.0
+    for g in np.unique(groups):
+        pos, neg = s[(groups == g) & (y == 1)], s[(groups == g) & (y == 0)]
+        if len(pos) and len(neg):
+            d = pos[:, None] - neg[None, :]
+            hit += float((d > 0).sum() + 0.5 * (d == 0).sum())
+            pairs += d.size
+    if not pairs:
+        raise InputError("no group holds both classes: a within-group AUROC needs grounded and not-grounded "
+                         "answers to the same template")
+    return hit / pairs
+
+
+def center_by_group(X, groups, means: dict | None = None) -> tuple[np.ndarray, dict]:
+    """``X - mean(X of its group) + mean(X)``: removes what the group alone explains (label-free).
+
+    ``means`` (from the training set) is reused for held-out rows; an unseen group keeps its rows.
+    """
+    X, groups = np.asarray(X, np.float64), np.asarray(groups)
+    if means is None:
+        means = {"__all__": X.mean(0)} | {g: X[groups == g].mean(0) for g in np.unique(groups).tolist()}
+    shift = np.stack([means.get(g, means["__all__"]) - means["__all__"] for g in groups.tolist()]) \
+        if len(X) else np.zeros_like(X)
+    return X - shift, means
+
+
+def _ci(y, s, groups, n, seed, level=0.95):
+    """Bootstrap interval of the within-group AUROC (resamples without a same-group pair skipped)."""
+    y, s, groups = np.asarray(y), np.asarray(s), np.asarray(groups)
+    rng, vals = np.random.default_rng(seed), []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        try:
+            vals.append(grouped_auroc(y[i], s[i], groups[i]))
+        except InputError:
+            continue
+    return tuple(float(v) for v in np.quantile(vals, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def _within_null(Xtr, ytr, gtr, Xte, yte, gte, L, H, n, seed) -> np.ndarray:
+    """Within-group AUROCs of detectors refit on labels shuffled inside each training group."""
+    rng, ytr, gtr = np.random.default_rng(seed), np.asarray(ytr), np.asarray(gtr)
+    out = []
+    for _ in range(n):
+        yp = ytr.copy()
+        for g in np.unique(gtr):
+            idx = np.flatnonzero(gtr == g)
+            yp[idx] = rng.permutation(ytr[idx])
+        out.append(grouped_auroc(yte, fit(Xtr, yp, L, H).score(Xte), gte))
+    return np.array(out)
+
+
+def evaluate(Xtr, ytr, Xte, yte, n_layers, n_heads, *, n_boot=1000, n_perm=50, seed=0,
+             gtr=None, gte=None) -> tuple[Detector, dict]:
+    """Fit on train; held-out AUROC + interval, mean-LR baseline + interval, permutation null.
+
+    With groups (templates) ``gtr``/``gte`` it also reports the within-group AUROC (``w_*``) of the
+    detector and the baseline, with intervals and a within-group permutation null.
+    """
     det = fit(Xtr, ytr, n_layers, n_heads, meta={"n_train": int(len(ytr)), "n_heldout": int(len(yte))})
     s, base = det.score(Xte), np.asarray(Xte).mean(1)
     null = permutation_null(Xtr, ytr, Xte, yte, n_layers, n_heads, n_perm, seed)
@@ -122,4 +196,26 @@ def evaluate(Xtr, ytr, Xte, yte, n_layers, n_heads, *, n_boot=1000, n_perm=50, s
                "perm_p": float((1 + (null >= a).sum()) / (1 + len(null))),
                "n_train": int(len(ytr)), "n_heldout": int(len(yte)),
                "heldout_grounded": int(np.sum(yte)), "train_grounded": int(np.sum(ytr))}
+    if gtr is not None and gte is not None:
+        wa = grouped_auroc(yte, s, gte)
+        wnull = _within_null(Xtr, ytr, gtr, Xte, yte, gte, n_layers, n_heads, n_perm, seed)
+        summary.update({"w_auroc": wa, "w_auroc_ci": _ci(yte, s, gte, n_boot, seed),
+                        "w_baseline_auroc": grouped_auroc(yte, base, gte),
+                        "w_baseline_ci": _ci(yte, base, gte, n_boot, seed),
+                        "w_null_mean": float(wnull.mean()), "w_null_q95": float(np.quantile(wnull, 0.95)),
+                        "w_perm_p": float((1 + (wnull >= wa).sum()) / (1 + len(wnull)))})
     return det, summary
+
+
+def paired_diff(a, b, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired items (e.g. grounded after vs before) and its bootstrap interval.
+
+    >>> paired_diff([1, 1, 0, 1], [0, 1, 0, 1])[0]
+    0.25
+    """
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.size == 0:
+        raise InputError("no paired items to compare: run the mitigation on at least one item")
+    i = np.random.default_rng(seed).integers(0, d.size, (n, d.size))
+    lo, hi = np.quantile(d[i].mean(1), [0.025, 0.975])
+    return float(d.mean()), float(lo), float(hi)

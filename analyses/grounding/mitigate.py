@@ -119,6 +119,9 @@ def boost_heads(detector: Detector, k: int | None = None, how: str = "top", seed
     """Heads in layers ``2..L-1``: all (``k=None``), the top-``k`` by detector coefficient, or ``k`` random."""
     L, H = detector.n_layers, detector.n_heads
     pool = [HeadId(l, h) for l in range(2, L) for h in range(H)]
+    if not pool or (k is not None and not 0 < k <= len(pool)):
+        raise InputError(f"cannot pick {k} heads from layers 2..{L - 1} ({len(pool)} heads): "
+                         "use a model with at least 3 layers and 0 < k <= that many heads")
     if k is None:
         return pool
     if how == "random":

@@ -18,9 +18,11 @@ FORMAT = "headwise.grounding_result"
 class GroundingResult:
     """Lookback Lens on one model.
 
-    ``summary``: held-out AUROC (+ interval), mean-LR baseline, permutation null, dataset counts.
+    ``summary``: held-out AUROC (+ interval), mean-LR baseline, permutation null, dataset counts;
+    ``w_*`` the same within templates (confound control), ``centred_*`` for the template-centred fit.
     ``head_weights``: ``[layers, heads]`` detector coefficients (standardised features).
-    ``mitigation``: one row per condition: grounded / contradicted rate on held-out items.
+    ``mitigation``: one row per condition: grounded / contradicted rate on held-out items and the
+    paired change vs greedy (``d_greedy``) and vs its control (``d_control``), with 95% intervals.
     """
 
     model_id: str
@@ -41,8 +43,9 @@ class GroundingResult:
             if isinstance(v, (int, float)):
                 rows.append({"layer": -1, "head": -1, "metric": k, "value": float(v)})
         for _, r in self.mitigation.iterrows():
-            rows.append({"layer": -1, "head": -1, "metric": f"grounded_rate:{r['condition']}",
-                         "value": float(r["grounded_rate"])})
+            for m in ("grounded_rate", "contradicted_rate", "d_greedy", "d_control"):
+                if m in r and not pd.isna(r[m]):
+                    rows.append({"layer": -1, "head": -1, "metric": f"{m}:{r['condition']}", "value": float(r[m])})
         return pd.DataFrame(rows)
 
     def plot(self):
@@ -56,7 +59,8 @@ class GroundingResult:
         s = self.summary
         title = (f"Lookback Lens on {self.model_id}: held-out AUROC {s.get('auroc', float('nan')):.3f} "
                  f"[{s.get('auroc_ci', [np.nan, np.nan])[0]:.3f}, {s.get('auroc_ci', [np.nan, np.nan])[1]:.3f}]"
-                 f" vs mean-LR {s.get('baseline_auroc', float('nan')):.3f}")
+                 f" vs mean-LR {s.get('baseline_auroc', float('nan')):.3f};"
+                 f" within template {s.get('w_auroc', float('nan')):.3f}")
         fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=700)
         return fig
 
