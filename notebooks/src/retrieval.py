@@ -41,27 +41,31 @@ f"{res.fraction_above():.1%} of heads score > {res.threshold}", res.retrieval_he
 frame = res.to_frame()
 frame[frame.metric == "retrieval_score"].nlargest(8, "value")
 # %% [md]
-# GQA: the 9 query heads of a layer share 3 key/value heads; `grouped()` sums up per KV head.
+# GQA: the 9 query heads of a layer share 3 key/value heads; the grouped view sums up per KV head.
+# %%
+res.plot("grouped")
 # %%
 res.grouped().nlargest(5, "max_score")
 # %% [md]
 # ## Control: mask the top-K heads vs K random heads
 # Masking the retrieval heads should hurt the answers more than masking random heads drawn
-# outside the top set (`random0`). With two prompts this is an illustration, not evidence: on a
-# 200-token context, with the answer's lead-in in the prompt, masking only 5 of 270 heads may
-# leave the answer intact; the full study masks more heads on longer contexts.
+# outside the top set (`random0`). With two prompts this is an illustration, not evidence; the
+# full study masks more heads, with several random seeds, on longer contexts.
 # %%
 res.masking[["condition", "depth", "heads", "response", "recall"]]
 # %%
-res.success_table()
+res.masking_rates()
+# %%
+res.plot("masking")
 # %% [md]
 # ## Save and load
-# `detect(..., out=...)` already saved the result (parquet + JSON summary + HTML figures).
+# `detect(..., out=...)` already saved the result (parquet + JSON summary + HTML figures);
+# rerunning it with the same `out` reuses every finished sample.
 # %%
 sorted(p.name for p in out.iterdir())
 # %%
 again = RetrievalResult.load(out)
-bool((again.scores == res.scores).all()), again.summary()["niah_success"]
+bool((again.scores == res.scores).all()), again.masking_rates() == res.masking_rates()
 # %% [md]
 # ## The same from the command line
 # ```
