@@ -35,10 +35,12 @@ out = Path(tempfile.mkdtemp()) / "grounding"
 # %%
 res = run_grounding(model, out, limit=30, n_mitigate=0, n_perm=20, progress=False)
 {k: res.summary[k] for k in ("n_items", "n_grounded", "n_not_grounded", "n_heldout", "auroc", "auroc_ci",
-                             "baseline_auroc", "null_mean", "null_q95", "perm_p")}
+                             "baseline_auroc", "null_q95", "perm_p", "w_auroc", "template_baseline_auroc")}
 # %% [md]
 # What to look at: the held-out AUROC against the mean-ratio baseline and the permutation null
-# (`null_q95`); the head map shows which heads' looking back predicts a grounded answer.
+# (`null_q95`). The prompt template alone predicts much of the label (`template_baseline_auroc`),
+# so `w_auroc` counts only pairs of answers to the same template. The head map shows which heads'
+# looking back predicts a grounded answer.
 # %%
 res.plot()
 # %%
