@@ -24,11 +24,12 @@ out = Path(tempfile.mkdtemp()) / "retrieval"
 # %% [md]
 # ## Score every head
 # `detect` builds the prompts, decodes greedily with streaming statistics (no `T × T` matrix),
-# scores the heads, and runs the masking experiment on `mask_cells`. With `out` every finished
-# sample is a file, so an interrupted run resumes.
+# scores the heads, and runs the masking experiment on `mask_cells`. Given `out=DIR`, every
+# finished sample is a file (an interrupted run resumes) and the result and its figures are
+# saved there.
 # %%
 res = detect(model, lengths=[200], depths=[0, 50, 100], needles=["code"], k=5, seeds=[0],
-             max_new_tokens=8, mask_cells=[("code", 200, 0), ("code", 200, 100)], out=out, progress=False)
+             max_new_tokens=8, mask_cells=[("code", 200, 0), ("code", 200, 100)], progress=False)
 res.samples[["needle", "length", "depth", "response", "recall", "success"]]
 # %% [md]
 # What to look at: the scores are sparse (a handful of bright cells), and the fraction of heads
@@ -59,9 +60,9 @@ res.masking_rates()
 res.plot("masking")
 # %% [md]
 # ## Save and load
-# `detect(..., out=...)` already saved the result (parquet + JSON summary + HTML figures);
-# rerunning it with the same `out` reuses every finished sample.
+# Parquet tables and a JSON summary, written atomically.
 # %%
+res.save(out)
 sorted(p.name for p in out.iterdir())
 # %%
 again = RetrievalResult.load(out)
