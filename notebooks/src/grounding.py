@@ -87,5 +87,6 @@ again.summary["auroc"] == res.summary["auroc"], again.head_weights.shape
 # ## The same from the command line
 # ```
 # headwise scan grounding --model smollm2-135m --out runs/grounding
-# headwise grounding-generate --guided runs/grounding/detector.json "Passage: ... Question: ... Answer:"
 # ```
+# Rerun the same command to resume; `runs/grounding/detector.json` is the detector that
+# `guided_generate` (and the guided generation command) uses.
