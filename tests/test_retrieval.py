@@ -101,7 +101,8 @@ def test_planted_copying_head_is_detected():
 
 
 def test_resume_after_interruption_loses_nothing(tiny_llama, tmp_path, monkeypatch):
-    kw = dict(lengths=[200], depths=[0, 100], needles=["code"], max_new_tokens=3, mask=False, progress=False)
+    kw = dict(lengths=[200], depths=[0, 100], needles=["code"], max_new_tokens=3, mask=False, progress=False,
+              png=False)
     full = detect(tiny_llama, out=tmp_path / "a", **kw)
     import analyses.retrieval.scan as scan
     real, calls = scan.run_sample, []
@@ -178,7 +179,7 @@ def test_masking_makes_the_planted_head_lose_its_events():
 
 def test_masking_experiment_result_and_figures(tiny_llama, tmp_path):
     res = detect(tiny_llama, lengths=[220], depths=[0, 100], needles=["code"], k=2, seeds=[0, 1],
-                 max_new_tokens=3, out=tmp_path, progress=False)
+                 max_new_tokens=3, out=tmp_path, progress=False, png=False)
     assert set(res.masking["condition"]) == {"top", "random0", "random1"} and len(res.masking) == 6
     top = set(res.top)
     for heads in res.random_sets.values():
@@ -202,7 +203,7 @@ def test_cli_scan_retrieval_resumes(tmp_path, capsys):
     from analyses.cli import main
 
     argv = ["scan", "retrieval", "--model", "tiny-llama", "--lengths", "220", "--depths", "50",
-            "--needles", "code", "--k", "2", "--seeds", "0", "--max-new-tokens", "2", "--out", str(tmp_path)]
+            "--needles", "code", "--k", "2", "--seeds", "0", "--max-new-tokens", "2", "--no-png", "--out", str(tmp_path)]
     assert main(argv) == 0
     stamp = {f: f.stat().st_mtime_ns for f in (tmp_path / "samples").glob("*.json")}
     assert main(argv) == 0 and "top heads" in capsys.readouterr().out

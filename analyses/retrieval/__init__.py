@@ -36,12 +36,13 @@ DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=None, out=None,
            threshold: float = 0.1, k: int = 10, seeds=(0, 1, 2), exclude_top: int | None = None,
            mask: bool = True, mask_lengths=None, max_new_tokens: int = 50, row: str = "producing",
-           lead: bool = True, cells=None, mask_cells=None, progress: bool = True) -> RetrievalResult:
+           lead: bool = True, cells=None, mask_cells=None, progress: bool = True, png: bool = True) -> RetrievalResult:
     """Score every head on the NIAH grid, then (``mask``) run the top-K vs random-K masking.
 
     Random heads are drawn outside the ``exclude_top`` best heads (default 2*k) with each seed.
     ``out``: folder for per-sample files (resume) and the saved result. ``cells``/``mask_cells``:
     explicit ``(needle name, length, depth)`` lists instead of the full grid (a reduced design).
+    ``png``: also write PNG figures when kaleido works (slow: it starts a browser); HTML always.
     """
     ns = as_needles(needles)
     by_name = {n.name: n for n in load_needles()} | {n.name: n for n in ns}
@@ -69,11 +70,11 @@ def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=Non
                            "mask_lengths": [int(x) for x in (mask_lengths or lengths)],
                            "weights_hash": model.weights_hash})
     if out:
-        save_all(res, Path(out))
+        save_all(res, Path(out), png=png)
     return res
 
 
-def save_all(res: RetrievalResult, out: Path) -> None:
+def save_all(res: RetrievalResult, out: Path, png: bool = True) -> None:
     """Parquet + JSON summary + figures (HTML; PNG too where kaleido works offline) of a result."""
     res.save(out)
     figs = {"heads": res.plot("heads"), "grouped": res.plot("grouped"), "niah_none": res.plot("niah")}
@@ -84,7 +85,7 @@ def save_all(res: RetrievalResult, out: Path) -> None:
     for name, fig in figs.items():
         fig.write_html(str(out / f"{name}.html"), include_plotlyjs="cdn")
         names.append(f"{name}.html")
-        names += _png(fig, out / f"{name}.png")
+        names += _png(fig, out / f"{name}.png") if png else []
     write_json(out / "figures.json", sorted(names))
 
 

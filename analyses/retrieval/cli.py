@@ -26,6 +26,7 @@ def add_cli(subparsers) -> None:
     s.add_argument("--row", choices=["producing", "consuming"], default="producing",
                    help="attention row scored for the emitted token (reference: producing)")
     s.add_argument("--max-new-tokens", type=int, default=50)
+    s.add_argument("--no-png", action="store_true", help="HTML figures only (PNG needs kaleido and is slow)")
     s.set_defaults(run=_run)
 
 
@@ -39,7 +40,7 @@ def _run(args) -> int:
                  needles=args.needles.split(",") if args.needles else None, out=args.out,
                  threshold=args.threshold, k=args.k, seeds=[int(x) for x in args.seeds], mask=not args.no_mask,
                  mask_lengths=[int(x) for x in args.mask_lengths] if args.mask_lengths else None,
-                 max_new_tokens=args.max_new_tokens, row=args.row)
+                 max_new_tokens=args.max_new_tokens, row=args.row, png=not args.no_png)
     s = res.summary()
     print(f"wrote {args.out}: {s['n_success']}/{s['n_samples']} samples answered; "
           f"{s['fraction_above_threshold']:.1%} of heads > {res.threshold}; NIAH success {s['niah_success']}")
