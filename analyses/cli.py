@@ -16,9 +16,9 @@ from pathlib import Path
 from probe.errors import HeadwiseError
 
 # Analysis modules that contribute a ``scan`` subcommand (each defines add_cli(subparsers)).
-SCAN_MODULES: list[str] = ["analyses.circuits", "analyses.similarity", "analyses.retrieval", "analyses.grounding"]
+SCAN_MODULES: list[str] = ["analyses.retrieval", "analyses.circuits", "analyses.similarity", "analyses.grounding"]
 # Modules that contribute top-level commands (e.g. calibrate, generate).
-COMMAND_MODULES: list[str] = ["analyses.sinks"]
+COMMAND_MODULES: list[str] = ["analyses.sinks", "analyses.generate"]
 
 
 def main(argv: list[str] | None = None) -> int:

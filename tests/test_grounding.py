@@ -303,3 +303,12 @@ def test_detector_stage_reloads_instead_of_refitting(tmp_path, monkeypatch):
     df.loc[0, "answer"] = "changed"
     with pytest.raises(AssertionError, match="refit"):
         run._detector_stage(fake, df, tmp_path, **kw)
+
+
+def test_generate_command_options_are_checked_before_loading(tmp_path, capsys):
+    from analyses.cli import main
+
+    assert main(["generate", "--model", "tiny-llama", "--max-new-tokens", "0", "x"]) == 2
+    assert main(["generate", "--model", "tiny-llama", "--chat", "--guided", str(tmp_path / "d.json"), "x"]) == 2
+    assert "--chat applies to greedy" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-llama", "--max-new-tokens", "2", "abc"]) == 0

@@ -63,3 +63,26 @@ def test_bridge_matches_plain_model_and_costs_no_weights(smol):
     assert torch.allclose(plain, bridged, atol=1e-3)
     ptr = smol.hf.model.embed_tokens.weight.data_ptr()
     assert any(p.data_ptr() == ptr for p in smol.bridge.parameters())
+
+
+def test_weights_hash_ignores_thread_count_but_sees_one_changed_weight(tiny_llama):
+    """Cached results and calibration files are keyed on it: it must not change with torch threads."""
+    from probe.models import weights_fingerprint
+
+    before = torch.get_num_threads()
+    try:
+        hashes = set()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            hashes.add(weights_fingerprint(tiny_llama.hf))
+    finally:
+        torch.set_num_threads(before)
+    assert hashes == {tiny_llama.weights_hash}
+    w = tiny_llama.hf.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        old = float(w[0, 0])
+        w[0, 0] += 1.0
+        try:
+            assert weights_fingerprint(tiny_llama.hf) != tiny_llama.weights_hash
+        finally:
+            w[0, 0] = old

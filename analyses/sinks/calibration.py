@@ -13,15 +13,13 @@ figures of that search. Applying it is one call; the edit is the engine's ``Sink
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from probe import InterventionSpec, SinkCalibration, apply
 from probe.atomic import read_json, write_json
-from probe.errors import CorruptFileError, InputError, ModelMismatchError
+from probe.errors import CorruptFileError, ModelMismatchError
 from probe.heads import HeadId
 
 FORMAT = "headwise.calibration"
@@ -148,7 +146,7 @@ def calibrate(model, task: str, *, shots: int = 0, out=None, work_dir=None, prog
 # ----------------------------------------------------------------------------- CLI
 
 def add_cli(sub) -> None:
-    """``headwise calibrate`` and ``headwise generate``."""
+    """``headwise calibrate`` (``headwise generate --calibration`` lives in :mod:`analyses.generate`)."""
     s = sub.add_parser("calibrate", help="ACT: search the heads whose sink calibration helps a task; write calib.json")
     s.add_argument("--model", default=None)
     s.add_argument("--task", required=True, help="sentiment, topic or qtype (data/sinks/)")
@@ -163,13 +161,6 @@ def add_cli(sub) -> None:
     s.add_argument("--last-layer", type=int, default=None, help="last candidate layer (default L-2)")
     s.add_argument("--seeds", type=int, default=5, help="random-head control: number of seeds")
     s.set_defaults(run=_calibrate_cmd)
-    g = sub.add_parser("generate", help="greedy generation, optionally with an ACT calibration file applied")
-    g.add_argument("prompt")
-    g.add_argument("--model", default=None)
-    g.add_argument("--calibration", default=None)
-    g.add_argument("--max-new-tokens", type=int, default=40)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.set_defaults(run=_generate_cmd)
 
 
 def _load(name):
@@ -192,21 +183,4 @@ def _calibrate_cmd(args) -> int:
         f"random heads {rnd['mean']:.3f} +- {rnd['std']:.3f} over {rnd['n']} seeds"
     print(f"wrote {args.out}: {len(c.heads)} heads {list(c.heads)}; held-out accuracy "
           f"{f['heldout_plain']['accuracy']:.3f} -> {f['heldout_calibrated']['accuracy']:.3f} ({control})")
-    return 0
-
-
-def _generate_cmd(args) -> int:
-    if args.max_new_tokens < 1 or not math.isfinite(args.max_new_tokens):
-        raise InputError("--max-new-tokens must be at least 1")
-    m = _load(args.model)
-    ids = m.encode(m.chat(args.prompt) if args.chat else args.prompt)
-    handle = apply_calibration(m, args.calibration) if args.calibration else None
-    try:
-        with torch.no_grad():
-            out = m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                do_sample=False, pad_token_id=m.tokenizer.eos_token_id)
-    finally:
-        if handle is not None:
-            handle.remove()
-    print(m.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0

@@ -218,12 +218,16 @@ def share_weights(hf: torch.nn.Module) -> torch.nn.Module:
 
 
 def weights_fingerprint(hf: torch.nn.Module) -> str:
-    """A stable hash of the weights: names, shapes, dtypes and a strided sample of every tensor."""
+    """A stable hash of the weights: names, shapes, dtypes and a strided sample of every tensor.
+
+    Only exact element values enter it (no float reductions, whose order depends on the thread
+    count), so the same weights give the same hash on any machine and thread setting.
+    """
     h = hashlib.sha256()
     for name, p in sorted(hf.state_dict().items()):
         flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
-        sample = flat[::step][:256].float().cpu()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(flat.float().sum()):.6e}".encode())
+        step = max(1, flat.numel() // 4096)
+        sample = torch.cat([flat[::step][:4096], flat[-1:]]).float().cpu()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
