@@ -104,6 +104,8 @@ again.summary["auroc"] == res.summary["auroc"], again.head_weights.shape
 # ## The same from the command line
 # ```
 # headwise scan grounding --model smollm2-135m --out runs/grounding
+# headwise generate --guided runs/grounding/detector.json --html view.html "The capital of France is Lyon.
+# Q: What is the capital of France?
+# A:"
 # ```
-# Rerun the same command to resume; `runs/grounding/detector.json` is the detector that
-# `guided_generate` (and the guided generation command) uses.
+# Rerun the scan to resume; `generate --guided` decodes with the detector and writes the token view.
