@@ -204,7 +204,14 @@ EDIT_TYPES: dict[str, type[Edit]] = {cls.kind: cls for cls in (
 
 @dataclass(frozen=True)
 class InterventionSpec:
-    """An ordered list of edits; serialisable to JSON and checked against a model's layout."""
+    """An ordered list of edits; serialisable to JSON and checked against a model's layout.
+
+    >>> spec = InterventionSpec([ZeroAblate(heads=["L0H1"]), SpanBoost(heads=["L1H0"], spans=[(0, 2)], alpha=0.5)])
+    >>> spec.heads()
+    [L0H1, L1H0]
+    >>> InterventionSpec.from_json(spec.to_json()) == spec
+    True
+    """
 
     edits: tuple[Edit, ...] = ()
 

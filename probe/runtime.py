@@ -274,7 +274,17 @@ def _attached(rt: Runtime, items: list, item):
 
 @contextmanager
 def intervene(model, spec: InterventionSpec) -> Iterator[InterventionSpec]:
-    """Apply ``spec`` to a headwise ``Model`` or a plain HF model; always removed on exit."""
+    """Apply ``spec`` to a headwise ``Model`` or a plain HF model; always removed on exit.
+
+    >>> import torch
+    >>> from probe import InterventionSpec, Uniform, load_model
+    >>> m = load_model("tiny-llama")
+    >>> ids = m.encode("hello")
+    >>> with intervene(m, InterventionSpec([Uniform(heads=["L1H0", "L1H1"])])):
+    ...     edited = m.hf(ids).logits
+    >>> torch.equal(edited, m.hf(ids).logits)   # edited inside the block, plain again after it
+    False
+    """
     hf = _hf(model)
     previous = hf.config._attn_implementation
     rt = install(hf)
@@ -334,5 +344,12 @@ class Applied:
 
 
 def apply(model, spec: InterventionSpec) -> Applied:
-    """Apply ``spec`` persistently (forward and ``generate``) until ``.remove()`` is called."""
+    """Apply ``spec`` persistently (forward and ``generate``) until ``.remove()`` is called.
+
+    >>> from probe import InterventionSpec, ZeroAblate, load_model
+    >>> m = load_model("tiny-llama")
+    >>> handle = apply(m, InterventionSpec([ZeroAblate(heads=["L0H0"])]))
+    >>> out = m.hf.generate(m.encode("ab"), max_new_tokens=2, do_sample=False)
+    >>> handle.remove()
+    """
     return Applied(model, spec)

@@ -26,7 +26,15 @@ ANNOUNCE_FROM = 2048  # print the memory estimate before runs at least this long
 
 def stream_stats(model, text: str | torch.Tensor, *, groups=(), layers=None, spec: InterventionSpec | None = None,
                  budget: int | None = None, received: bool = True, verbose: bool = True) -> HeadStats:
-    """Per-head statistics of one prefill, computed chunk by chunk (never ``T x T`` per head)."""
+    """Per-head statistics of one prefill, computed chunk by chunk (never ``T x T`` per head).
+
+    >>> from probe import KeyGroup, load_model
+    >>> st = stream_stats(load_model("tiny-llama"), "abcd", groups=[KeyGroup("first", 0, 1)])
+    >>> tuple(st.max_prob.shape)            # [layer, head, query]
+    (2, 4, 4)
+    >>> float(st.mass("first")[0, 0, 0])    # the first query can only see the first key
+    1.0
+    """
     ids = model.encode(text) if isinstance(text, str) else _check_ids(model, text)
     request = StatsRequest(layers=None if layers is None else tuple(layers), groups=tuple(groups), received=received)
     rt = install(model.hf)
@@ -63,6 +71,11 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
     step is one query row through the streaming engine with ``decode_spec`` applied.
     ``stats_in_prefill="last"`` adds the last prefill row (the query that produced the first new
     token), ``True`` every prefill row.
+
+    >>> from probe import load_model
+    >>> g = generate_with_stats(load_model("tiny-llama"), "abc", max_new_tokens=3, stats_in_prefill="last")
+    >>> g.n_new, g.stats.query_pos.tolist()    # rows: the last prompt row, then the decode steps
+    (3, [2, 3, 4])
     """
     ids = model.encode(text) if isinstance(text, str) else _check_ids(model, text)
     from_pos = ids.shape[1] - 1 if stats_in_prefill == "last" else 0

@@ -23,6 +23,8 @@ def build(src: str) -> nbformat.NotebookNode:
             kind, lines = ("md" if "[md]" in line else "code"), []
         else:
             lines.append(line)
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # stable ids: rebuilding an unchanged source gives an identical file
     return nb
 
 

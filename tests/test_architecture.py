@@ -47,15 +47,24 @@ def test_no_pickle_loading():
     assert not offenders, offenders
 
 
-def probe_modules():
-    import probe
+def package_modules(package: str, skip: tuple[str, ...] = ()) -> list[str]:
+    pkg = importlib.import_module(package)
+    return sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, f"{package}.")
+                  if not m.name.startswith(skip))
 
-    return sorted(m.name for m in pkgutil.walk_packages(probe.__path__, "probe.")
-                  if not m.name.startswith("probe.kernels"))
 
-
-@pytest.mark.parametrize("name", probe_modules())
-def test_probe_doctests(name):
+def run_doctests(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("name", package_modules("probe", skip=("probe.kernels",)))
+def test_probe_doctests(name):
+    run_doctests(name)
+
+
+@pytest.mark.parametrize("name", package_modules("analyses"))
+def test_analyses_doctests(name):
+    """The examples in the analyses' docstrings run (on tiny-llama: the whole set stays well under a minute)."""
+    run_doctests(name)

@@ -26,9 +26,11 @@ def run_task(model, name: str, n: int = 32, seed: int = 0, ig_steps: int = 5, fr
     """Exact patching, EAP and EAP-IG for every head on ``n`` prompts of task ``name``; circuit + faithfulness.
 
     >>> from probe import load_model
-    >>> r = run_task(load_model("smollm2-135m"), "ioi", n=4, progress=False)   # doctest: +SKIP
-    >>> r.scores().shape                                                       # doctest: +SKIP
-    (30, 9)
+    >>> r = run_task(load_model("tiny-llama"), "induction", n=2, ig_steps=1, frac=0.25, progress=False)
+    >>> r.scores().shape, len(r.circuit), sorted(r.effects)     # [layer, head]; 25% of 8 heads
+    ((2, 4), 2, ['eap', 'eap_ig', 'exact'])
+
+    On the embedded model: ``run_task(load_model("smollm2-135m"), "ioi", n=32)`` (minutes on a CPU).
     """
     task = make_task(model, name, n, seed)
     t0 = time.perf_counter()
@@ -65,7 +67,15 @@ def run_task(model, name: str, n: int = 32, seed: int = 0, ig_steps: int = 5, fr
 
 def scan(model, tasks, out, n: int = 32, seed: int = 0, ig_steps: int = 5, frac: float = 0.05,
          n_boot: int = 200, progress: bool = True) -> CircuitsResult:
-    """Run :func:`run_task` per task (resumable: finished tasks are loaded), then overlap, roles, intervention."""
+    """Run :func:`run_task` per task (resumable: finished tasks are loaded), then overlap, roles, intervention.
+
+    >>> import tempfile
+    >>> from probe import load_model
+    >>> r = scan(load_model("tiny-llama"), ["induction"], tempfile.mkdtemp(), n=2, ig_steps=1, frac=0.25,
+    ...          n_boot=5, progress=False)
+    >>> [t.task for t in r.tasks], sorted(r.roles)[:3]
+    (['induction'], ['duplicate_token', 'induction', 'mover_induction'])
+    """
     out = Path(out)
     results = []
     for name in tqdm(tasks, desc="tasks", disable=not progress):

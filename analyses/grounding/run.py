@@ -189,7 +189,23 @@ def _detector_stage(model, df: pd.DataFrame, out: Path, *, center: str, n_perm: 
 def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigate: int = 60, k: int = 20,
                   alpha: float = 0.3, n_perm: int = 50, seed: int = 0, mitigate_templates=(1, 2, 3, 4),
                   reading: str = "code", center: str = "none", progress: bool = True) -> GroundingResult:
-    """Data → detectors → mitigation on ``model``; writes ``out/`` (resumable) and returns the result."""
+    """Data → detectors → mitigation on ``model``; writes ``out/`` (resumable) and returns the result.
+
+    The detector needs both grounded and ungrounded answers, so the example needs the embedded
+    model (about a minute for 30 items on a CPU; ``notebooks/grounding.ipynb`` runs it):
+
+    >>> from probe import load_model
+    >>> res = run_grounding(load_model("smollm2-135m"), "runs/grounding", limit=30, n_mitigate=0)  # doctest: +SKIP
+    >>> sorted(res.summary)[:3]                                                                     # doctest: +SKIP
+    ['auroc', 'auroc_ci', 'baseline_auroc']
+
+    Its first stage runs on any model:
+
+    >>> import tempfile
+    >>> df = generate_dataset(load_model("tiny-llama"), tempfile.mkdtemp(), limit=2, max_new_tokens=2, progress=False)
+    >>> len(df), {"answer", "label", "row_lr"} <= set(df.columns)
+    (2, True)
+    """
     out = Path(out)
     df = generate_dataset(model, out, limit=limit, reading=reading, progress=progress)
     det, summary = _detector_stage(model, df, out, center=center, n_perm=n_perm, seed=seed, reading=reading)

@@ -43,6 +43,12 @@ def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=Non
     ``out``: folder for per-sample files (resume) and the saved result. ``cells``/``mask_cells``:
     explicit ``(needle name, length, depth)`` lists instead of the full grid (a reduced design).
     ``png``: also write PNG figures when kaleido works (slow: it starts a browser); HTML always.
+
+    >>> from probe import load_model
+    >>> r = detect(load_model("tiny-llama"), cells=[("code", 220, 50)], k=2, mask=False, max_new_tokens=3,
+    ...            progress=False)
+    >>> r.scores.shape, len(r.samples), r.masking.empty      # [layer, head]; one sample; no masking run
+    ((2, 4), 1, True)
     """
     ns = as_needles(needles)
     by_name = {n.name: n for n in load_needles()} | {n.name: n for n in ns}

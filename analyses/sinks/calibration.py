@@ -102,6 +102,12 @@ def apply_calibration(model, calibration):
 
     ``model`` is a headwise ``Model`` or a plain Hugging Face model, e.g.
     ``h = apply_calibration(AutoModelForCausalLM.from_pretrained(folder), "calib.json")``.
+
+    >>> from probe import load_model
+    >>> m = load_model("tiny-llama")
+    >>> handle = apply_calibration(m, Calibration.from_heads(m, ["L1H0", "L1H3"], beta=0.4))
+    >>> out = m.hf.generate(m.encode("ab"), max_new_tokens=2, do_sample=False)
+    >>> handle.remove()
     """
     calib = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
     check_model(model, calib)
@@ -111,7 +117,17 @@ def apply_calibration(model, calibration):
 def calibrate(model, task: str, *, shots: int = 0, out=None, work_dir=None, progress: bool = True,
               **settings) -> Calibration:
     """Search the heads for ``task`` (see :func:`~analyses.sinks.search.search_act`) and return, and
-    with ``out`` save atomically, the calibration file. ``settings``: any :class:`SearchConfig` field."""
+    with ``out`` save atomically, the calibration file. ``settings``: any :class:`SearchConfig` field.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from probe import load_model
+    >>> m = load_model("tiny-llama")
+    >>> path = Path(tempfile.mkdtemp()) / "calib.json"
+    >>> c = calibrate(m, "sentiment", out=path, first_layer=0, last_layer=0, n_random=1, progress=False)
+    >>> load_calibration(path) == c, c.task
+    (True, 'sentiment')
+    """
     from .search import SearchConfig, search_act
     from .tasks import load_task
 

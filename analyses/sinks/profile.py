@@ -164,7 +164,13 @@ class SinkProfile:
 
 def profile_sinks(model, texts, *, tau: float = 0.1, rule: str = "tau", alpha: float = 5.0, min_queries: int = 1,
                   progress: bool = False) -> SinkProfile:
-    """Profile the sinks of every head over ``texts`` (streaming statistics, any length)."""
+    """Profile the sinks of every head over ``texts`` (streaming statistics, any length).
+
+    >>> from probe import load_model
+    >>> p = profile_sinks(load_model("tiny-llama"), ["Hi there.\\nBye."])
+    >>> p.n_texts, bool(p.sinks["first"].any())     # every head's first sink is left to ACT untouched
+    (1, True)
+    """
     edit = SinkCalibration(tau=tau, rule=rule, alpha=alpha, min_queries=min_queries)
     texts = list(texts)
     sinks, mass = [], []

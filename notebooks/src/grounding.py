@@ -1,60 +1,111 @@
 # %% [md]
-# # Hallucination grounding: Lookback Lens on SmolLM2-135M
-# Lookback Lens (Chuang et al., EMNLP 2024, [arXiv 2407.07071](https://arxiv.org/abs/2407.07071)): the
-# *lookback ratio* of a head at a generated token is its mean attention on the context divided by
-# (that + its mean attention on the new tokens). A logistic regression on the ratios of all
-# `30 × 9` heads, averaged over an answer, tells grounded answers from ungrounded ones. Mitigation:
-# guided decoding (best of 8 sampled chunks by the detector) and the PAINT-style boost
-# `z + α|z|` of context scores ([arXiv 2501.12206](https://arxiv.org/abs/2501.12206)).
+# # Grounding: Lookback Lens and the PAINT-style boost
+# **Claims.** Lookback Lens (Chuang et al., EMNLP 2024, arXiv 2407.07071): the *lookback ratio*
+# of each head, the attention on the context over the attention on the context plus the newly
+# generated tokens, averaged over an answer, is enough for a linear detector of ungrounded
+# (hallucinated) answers (AUROC 0.91 in-domain on Llama-2-7B-chat); choosing among sampled
+# chunks the one the detector finds most grounded reduces hallucinations. PAINT (arXiv
+# 2501.12206) boosts the pre-softmax scores of context tokens (`z + α|z|`) in layers 2…L−1 to the
+# same end. See methods.md §5.
 #
-# The data: passages stating counterfactual facts ("The capital of France is Lyon.") with a
-# question; an answer naming the passage's value is grounded, one naming the real value is not.
-# The figures below are the saved validation run (`data/grounding/smollm2-135m/`, made by
-# `headwise scan grounding`); the cells after them run the model live.
+# **What we run:** passages that state a *counterfactual* fact ("the capital of France is Lyon"),
+# then a question; an answer copying the passage is grounded, one giving the real-world value is
+# not (labelled automatically). The model answers greedily while the streaming statistics record
+# every head's lookback ratio; a logistic regression is trained on some facts and evaluated on
+# held-out facts, against the mean-ratio baseline and a permutation null. Then mitigation on a
+# held-out item: the boost on the detector's top heads (random heads as the control) and guided
+# decoding (a randomly kept candidate as the control). First the shipped full run (760 items),
+# then a live run on 30 items (2 facts: one to train, one held out), whose interval is wide.
 # %%
-import numpy as np
+import tempfile
+from pathlib import Path
+
 import pandas as pd
-import plotly.express as px
 
-from analyses.grounding import Detector, GroundingResult, guided_generate, token_scores, token_view
-from analyses.grounding.data import DATA, answer_item, build_items, item_regions, split_of
-
-RUN = DATA.parent / "smollm2-135m"
-res = GroundingResult.load(RUN)
-keys = ["n_train", "n_heldout", "auroc", "auroc_ci", "baseline_auroc", "null_q95", "perm_p", "w_auroc",
-        "w_auroc_ci", "w_baseline_auroc", "w_null_q95", "w_perm_p", "template_baseline_auroc"]
-pd.Series({k: res.summary[k] for k in keys}, dtype=object)
-# %% [md]
-# `auroc` is pooled over held-out items; `w_auroc` counts only pairs of answers to the same prompt
-# template, because the template alone predicts much of the label (`template_baseline_auroc`).
-# Heads ranked by detector coefficient (red: looking back at the passage predicts grounded):
-# %%
-res.plot()
-# %% [md]
-# Grounded rate on held-out items before (greedy) and after each mitigation, with the paired
-# change vs greedy and vs each condition's control (sampled for guided, random heads for top heads).
-# %%
-res.mitigation.drop(columns=["heads"]).round(3)
-# %% [md]
-# ## Live: one held-out item
-# %%
 from probe import load_model
+from analyses.grounding import (Detector, GroundingResult, boost_heads, boost_spec, build_items, guided_generate,
+                                item_regions, run_grounding, token_scores, token_view)
+from analyses.grounding.data import DATA, answer_item
 
 model = load_model("smollm2-135m")
-det = Detector.load(RUN / "detector.json")
-item = next(it for it in build_items() if split_of(it) == "heldout" and it.template_id == 1)
-row = answer_item(model, item)
-print(item.prompt, "|", row["answer"], "| label:", row["label"])
+out = Path(tempfile.mkdtemp()) / "grounding"
 # %% [md]
-# Lookback ratio of every head, averaged over the greedy answer's tokens:
+# ## The full run, as shipped
+# `data/grounding/smollm2-135m/` holds the validation run of the embedded model (760 items,
+# made by `headwise scan grounding`, see `data/grounding/README.md`); loading it is instant.
 # %%
-lr = np.asarray(row["row_lr"]).reshape(row["n_new"], model.n_layers, model.n_heads)
-px.imshow(lr.mean(0), color_continuous_scale="Viridis", zmin=0, zmax=1,
-          labels={"x": "head", "y": "layer", "color": "lookback ratio"}, aspect="auto")
+full = GroundingResult.load(DATA.parent / "smollm2-135m")
+{k: full.summary[k] for k in ("n_train", "n_heldout", "auroc", "auroc_ci", "baseline_auroc", "null_q95", "perm_p",
+                              "w_auroc", "w_auroc_ci", "template_baseline_auroc")}
+# %%
+full.plot()
 # %% [md]
-# Guided decoding on the same item, each generated token coloured by the detector's P(grounded):
+# Grounded rate on 60 held-out items per condition, with the paired change against greedy
+# decoding and against each condition's control (sampling for guided decoding, random heads for
+# the boost on the detector's top heads), and bootstrap intervals.
 # %%
+full.mitigation.drop(columns=["heads"]).round(3)
+# %% [md]
+# ## A small run, live
+# `run_grounding` writes every stage under `out` (dataset shards, detector, mitigation) and
+# skips finished stages on a rerun.
+# %%
+res = run_grounding(model, out, limit=30, n_mitigate=0, n_perm=20, progress=False)
+{k: res.summary[k] for k in ("n_items", "n_grounded", "n_not_grounded", "n_heldout", "auroc", "auroc_ci",
+                             "baseline_auroc", "null_q95", "perm_p", "w_auroc", "template_baseline_auroc")}
+# %% [md]
+# What to look at: the held-out AUROC against the mean-ratio baseline and the permutation null
+# (`null_q95`). The prompt template alone predicts much of the label (`template_baseline_auroc`),
+# so `w_auroc` counts only pairs of answers to the same template. The head map shows which heads'
+# looking back predicts a grounded answer.
+# %%
+res.plot()
+# %%
+res.to_frame().query("metric == 'coef'").nlargest(5, "value")
+# %% [md]
+# ## Mitigation, with controls
+# On the first held-out item the model got wrong (its greedy answer contradicts the passage), the
+# greedy answer again, then the PAINT-style boost
+# (`z + 0.3|z|` on the passage keys, last query row) in the detector's top-5 heads, in 5 random
+# heads of layers 2…L−1 (the control) and in all of them. One item: an illustration of the
+# protocol; `run_grounding(..., n_mitigate=40)` measures grounded rates over held-out items.
+# %%
+detector = Detector.load(out / "detector.json")
+data = pd.read_parquet(out / "dataset")
+wrong = data[(data.split == "heldout") & (data.label == 0)].iloc[0]
+item = {it.item_id: it for it in build_items(limit=30)}[wrong.item_id]
+print(item.prompt)
 ids, reg = item_regions(model, item)
-out = guided_generate(model, ids, det, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=10)
-print(repr(out.text), [round(s, 3) for s in out.chunk_scores])
-token_view([model.tokenizer.decode([t]) for t in out.new_ids], token_scores(det, out.row_lr))
+conditions = {"greedy": [], "boost top-5": boost_heads(detector, 5), "boost random-5": boost_heads(detector, 5, "random"),
+              "boost all": boost_heads(detector)}
+{name: answer_item(model, item, spec=boost_spec(heads, (reg.ctx_start, reg.ctx_stop), 0.3) if heads else None)["answer"]
+ for name, heads in conditions.items()}
+# %% [md]
+# Guided decoding keeps, chunk by chunk, the sampled candidate the detector scores most grounded;
+# its control keeps a random candidate (`random_choice=True`). A chunk is scored on the rows that
+# *produced* its tokens, so two chunks differing only in their last token score the same. Each
+# token of the guided answer is coloured by the detector's probability that it is grounded.
+# %%
+guided = guided_generate(model, ids, detector, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=8, chunk=4,
+                         n_candidates=4, seed=1)
+sampled = guided_generate(model, ids, detector, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=8, chunk=4,
+                          n_candidates=4, seed=1, random_choice=True)
+{"guided": (guided.text, guided.chunk_scores), "random candidate": (sampled.text, sampled.chunk_scores)}
+# %%
+token_view([model.tokenizer.decode([t]) for t in guided.new_ids], token_scores(detector, guided.row_lr))
+# %% [md]
+# ## Save and load
+# %%
+sorted(p.name for p in out.iterdir())
+# %%
+again = GroundingResult.load(out)
+again.summary["auroc"] == res.summary["auroc"], again.head_weights.shape
+# %% [md]
+# ## The same from the command line
+# ```
+# headwise scan grounding --model smollm2-135m --out runs/grounding
+# headwise generate --guided runs/grounding/detector.json --html view.html "The capital of France is Lyon.
+# Q: What is the capital of France?
+# A:"
+# ```
+# Rerun the scan to resume; `generate --guided` decodes with the detector and writes the token view.

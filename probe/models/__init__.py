@@ -118,7 +118,14 @@ class Model:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None) -> Model:
-    """Load a named model, a local HF folder, or (only when named) a hub id; see :func:`list_models`."""
+    """Load a named model, a local HF folder, or (only when named) a hub id; see :func:`list_models`.
+
+    >>> m = load_model("tiny-llama")
+    >>> m.n_layers, m.n_heads, m.n_kv_heads
+    (2, 4, 2)
+    >>> m.str_tokens(m.encode("hi")[0].tolist())
+    ['h', 'i']
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(dtype, device)
     from transformers.utils import logging as hf_logging
