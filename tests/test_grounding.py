@@ -312,3 +312,21 @@ def test_generate_command_options_are_checked_before_loading(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-llama", "--chat", "--guided", str(tmp_path / "d.json"), "x"]) == 2
     assert "--chat applies to greedy" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny-llama", "--max-new-tokens", "2", "abc"]) == 0
+
+
+def test_guided_generate_never_keeps_an_empty_chunk_over_a_real_one(tiny_llama, monkeypatch):
+    """An empty candidate is scored on the prompt's row alone; it must not beat a chunk with tokens."""
+    from analyses.grounding import mitigate
+
+    L, H = tiny_llama.n_layers, tiny_llama.n_heads
+    det = Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
+    calls = iter(range(100))
+
+    def fake_candidate(model, reg, past, logits, n, stop, sample):
+        i = next(calls)
+        toks = [] if i % 2 == 0 else [65]  # empty first, then one token (same features: ties)
+        return toks, torch.zeros(len(toks), L, H), past, logits
+
+    monkeypatch.setattr(mitigate, "_candidate", fake_candidate)
+    out = guided_generate(tiny_llama, "some context text. q:", det, max_new_tokens=4, chunk=4, n_candidates=2)
+    assert out.new_ids == [65]

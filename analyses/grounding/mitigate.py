@@ -66,6 +66,8 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
                     random_choice: bool = False) -> GuidedOutput:
     """Lookback Lens guided decoding; ``ctx`` = context key span (default: the whole prompt but its last token).
 
+    Each step samples ``n_candidates`` chunks and keeps the one the detector scores most grounded;
+    an empty chunk (stop at once) is kept only when every candidate is empty.
     ``random_choice=True`` keeps a random candidate instead (the sampling control).
     """
     ids = model.encode(prompt) if isinstance(prompt, str) else prompt
@@ -92,7 +94,8 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
                                            lambda lg: _sample(lg, gen, temperature, top_p))
             feats = torch.cat([carry, lr[:-1]]) if len(toks) else carry
             s = float(detector.score(feats.mean(0).flatten().numpy()[None])[0])
-            key = float(torch.rand(1, generator=gen)) if random_choice else s
+            # a candidate that stops at once is scored on the prompt's row alone: it wins only if all do
+            key = (bool(toks), float(torch.rand(1, generator=gen)) if random_choice else s)
             if best is None or key > best[0]:
                 best = (key, s, toks, feats, p2, lg2, lr)
         _, s, toks, feats, past, logits, lr = best
