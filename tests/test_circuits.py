@@ -175,3 +175,12 @@ def test_cli_scan_circuits(tmp_path, capsys):
     assert (tmp_path / "summary.json").exists() and "induction" in capsys.readouterr().out
     assert main(args + ["--tasks", "induction,sorting"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["ioi", "colored_objects"])
+def test_word_tasks_on_a_byte_tokenizer_give_a_typed_error(tiny_llama, task):
+    from analyses.circuits import make_task
+    from probe.errors import InputError
+
+    with pytest.raises(InputError, match="single-token"):
+        make_task(tiny_llama, task, 2, 0)

@@ -100,9 +100,14 @@ def make_pair(model, clean: str, corrupt: str, answer: str, counter: str) -> tup
     return c, d, a, b
 
 
-def _vocab(tok, words):
-    """Words (with a leading space) that are single tokens for this tokenizer."""
-    return [w for w in words if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
+def _vocab(tok, words, need: int = 1, what: str = "words"):
+    """Words (with a leading space) that are single tokens for this tokenizer; at least ``need`` of them."""
+    found = [w for w in words if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
+    if len(found) < need:
+        raise InputError(f"this tokenizer has {len(found)} single-token {what} (the task needs {need}): "
+                         "choose a task without one-token words (induction, greater_than) or a model "
+                         "with a word-level tokenizer")
+    return found
 
 
 def _pack(name, rows) -> TaskBatch:
@@ -123,11 +128,11 @@ def _index(tok_ids, token, start=0):
 
 def ioi(model, n: int, seed: int = 0) -> TaskBatch:
     rng, tok = random.Random(seed), model.tokenizer
-    names = _vocab(tok, NAMES)
+    names = _vocab(tok, NAMES, 5, "names")
     rows = []
     while len(rows) < n:
         a, b, c, d, e = rng.sample(names, 5)
-        p, o = rng.choice(_vocab(tok, PLACES)), rng.choice(_vocab(tok, OBJECTS_IOI))
+        p, o = rng.choice(_vocab(tok, PLACES, 1, "places")), rng.choice(_vocab(tok, OBJECTS_IOI, 1, "objects"))
         if rng.random() < 0.5:  # ABB and BAB orders
             clean_t = IOI_TEMPLATE.format(A=a, B=b, P=p, C=b, O=o)
         else:
@@ -142,7 +147,7 @@ def ioi(model, n: int, seed: int = 0) -> TaskBatch:
 
 def colored_objects(model, n: int, seed: int = 0) -> TaskBatch:
     rng, tok = random.Random(seed), model.tokenizer
-    colors, things = _vocab(tok, COLORS), _vocab(tok, THINGS)
+    colors, things = _vocab(tok, COLORS, 3, "colours"), _vocab(tok, THINGS, 3, "objects")
     rows = []
     while len(rows) < n:
         cs, os_ = rng.sample(colors, 3), rng.sample(things, 3)
