@@ -27,7 +27,7 @@ DEFAULTS: dict[str, dict] = {
     "retrieval": {"lengths": [250], "depths": [50.0], "needles": ["code"], "k": 5, "seeds": [0],
                   "max_new_tokens": 8},
     "sinks": {"task": "sentiment", "n_profile": 2, "first_layer": 27, "last_layer": 28, "n_random": 1},
-    "circuits": {"tasks": ["ioi", "induction"], "n": 4, "n_boot": 50},
+    "circuits": {"tasks": ["ioi", "induction"], "n": 2, "n_boot": 50},
     "similarity": {"n_prompts": 3, "n_heldout": 1, "max_tokens": 48, "variants": ["matched"], "max_trials": 2},
     "grounding": {"limit": 40, "n_mitigate": 4, "k": 10, "n_perm": 10},
 }
