@@ -180,30 +180,12 @@ def _run_grounding(model, out, **o):
 # ----------------------------------------------------------------------------- grounding files
 
 def grounding_dataset(folder: str | Path, reading: str = "code"):
-    """The answered items of a saved grounding run (``dataset/shard_*.parquet``), or ``None``."""
-    import pandas as pd
-    shards = sorted((Path(folder) / ("dataset" if reading == "code" else f"dataset_{reading}")).glob("shard_*.parquet"))
-    return pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True) if shards else None
+    """The answered items of a saved grounding run (see :func:`analyses.grounding.saved_dataset`)."""
+    from analyses.grounding import saved_dataset
+    return saved_dataset(folder, reading)
 
 
 def grounding_roc(folder: str | Path):
-    """Held-out ROC points (``scorer, fpr, tpr``) of a saved grounding run: the saved detector and the
-    mean-ratio baseline, scored with the analysis' own ``features`` and ``Detector.score``."""
-    import pandas as pd
-    from sklearn.metrics import roc_curve
-
-    from analyses.grounding import Detector
-    from analyses.grounding.run import features
-
-    det = Detector.load(Path(folder) / "detector.json")
-    df = grounding_dataset(folder, det.meta.get("reading", "code"))
-    if df is None:
-        return pd.DataFrame(columns=["scorer", "fpr", "tpr"])
-    X, y = features(df[df["split"] == "heldout"], det.n_layers, det.n_heads)
-    if len(set(y.tolist())) < 2:
-        return pd.DataFrame(columns=["scorer", "fpr", "tpr"])
-    parts = []
-    for name, s in (("Lookback Lens detector", det.score(X)), ("mean lookback ratio (baseline)", X.mean(1))):
-        fpr, tpr, _ = roc_curve(y, s)
-        parts.append(pd.DataFrame({"scorer": name, "fpr": fpr, "tpr": tpr}))
-    return pd.concat(parts, ignore_index=True)
+    """Held-out ROC points of a saved grounding run (see :func:`analyses.grounding.heldout_roc`)."""
+    from analyses.grounding import heldout_roc
+    return heldout_roc(folder)

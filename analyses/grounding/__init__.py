@@ -28,7 +28,7 @@ from .detector import Detector, evaluate, fit  # noqa: F401
 from .lookback import ratio, ratios_from_stats, regions, span_feature  # noqa: F401
 from .mitigate import boost_heads, boost_spec, guided_generate  # noqa: F401
 from .result import GroundingResult, token_scores, token_view, token_view_html  # noqa: F401
-from .run import add_cli, features, mitigation, run_grounding  # noqa: F401
+from .run import add_cli, features, heldout_roc, mitigation, run_grounding, saved_dataset  # noqa: F401
 
-__all__ = ["run_grounding", "GroundingResult", "Detector", "guided_generate", "ratio", "ratios_from_stats",
+__all__ = ["run_grounding", "heldout_roc", "saved_dataset", "GroundingResult", "Detector", "guided_generate", "ratio", "ratios_from_stats",
            "span_feature", "boost_spec", "boost_heads", "token_view", "token_view_html", "add_cli"]

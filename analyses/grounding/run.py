@@ -253,3 +253,28 @@ def _cli_scan(args) -> int:
     print(json.dumps(res.summary, indent=2))
     print(res.mitigation.to_string(index=False))
     return 0
+
+
+def saved_dataset(folder: str | Path, reading: str = "code"):
+    """The answered items of a saved grounding run (``dataset/shard_*.parquet``), or ``None``."""
+    shards = sorted((Path(folder) / ("dataset" if reading == "code" else f"dataset_{reading}")).glob("shard_*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True) if shards else None
+
+
+def heldout_roc(folder: str | Path):
+    """Held-out ROC points (``scorer, fpr, tpr``) of a saved grounding run: the saved detector and the
+    mean-ratio baseline, scored with :func:`features` and ``Detector.score``."""
+    from sklearn.metrics import roc_curve
+
+    det = Detector.load(Path(folder) / "detector.json")
+    df = saved_dataset(folder, det.meta.get("reading", "code"))
+    if df is None:
+        return pd.DataFrame(columns=["scorer", "fpr", "tpr"])
+    X, y = features(df[df["split"] == "heldout"], det.n_layers, det.n_heads)
+    if len(set(y.tolist())) < 2:
+        return pd.DataFrame(columns=["scorer", "fpr", "tpr"])
+    parts = []
+    for name, s in (("Lookback Lens detector", det.score(X)), ("mean lookback ratio (baseline)", X.mean(1))):
+        fpr, tpr, _ = roc_curve(y, s)
+        parts.append(pd.DataFrame({"scorer": name, "fpr": fpr, "tpr": tpr}))
+    return pd.concat(parts, ignore_index=True)

@@ -81,10 +81,10 @@ with tab[3]:
 reproduce(f'''
 from probe import load_model
 from analyses.grounding import GroundingResult, Detector, guided_generate, token_scores, token_view_html
-from dashboards.runs import grounding_roc
+from analyses.grounding import heldout_roc
 res = GroundingResult.load({str(path)!r})
 res.plot().show(); res.summary; res.mitigation
-grounding_roc({str(path)!r})                     # held-out ROC points
+heldout_roc({str(path)!r})                       # held-out ROC points
 det = Detector.load({str(path / "detector.json")!r})
 model = load_model({model_name()!r})
 out = guided_generate(model, "passage ... Question: ... Answer:", det, max_new_tokens=12)
