@@ -4,61 +4,12 @@ answers the grounding questions)."""
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboards" / "app.py")
 
 
-def _grounding(root: Path, L: int, H: int) -> None:
-    from analyses.grounding import GroundingResult
-    from analyses.grounding.detector import evaluate
-
-    rng = np.random.default_rng(0)
-    y = np.arange(40) % 2
-    X = rng.normal(size=(40, L * H)) * 0.1 + 0.5
-    X[:, 3] += 0.3 * y                                         # head L0H3 looks back when grounded
-    det, summary = evaluate(X[:28], y[:28], X[28:], y[28:], L, H, n_boot=50, n_perm=5)
-    folder = root / "grounding-tiny-llama"
-    det.save(folder.parent / "tmp-detector.json")
-    mit = pd.DataFrame({"condition": ["greedy", "guided"], "n": [6, 6], "grounded_rate": [0.25, 0.5],
-                        "contradicted_rate": [0.5, 0.25], "heads": ["[]", "[]"]})
-    GroundingResult("tiny-llama", summary, det.head_weights(), mit).save(folder)
-    (folder.parent / "tmp-detector.json").rename(folder / "detector.json")
-    rows = [{"item_id": f"i{i}", "split": "train" if i < 28 else "heldout", "label": float(y[i]), "n_new": 1,
-             "answer": "x", "row_lr": X[i].tolist()} for i in range(40)]
-    (folder / "dataset").mkdir()
-    pd.DataFrame(rows).to_parquet(folder / "dataset" / "shard_0000.parquet")
-
-
-def _sinks(folder: Path, model) -> None:
-    """Sink profile and ACT search as ``dashboards.runs`` writes them, on 4 items per split (fast)."""
-    import dataclasses
-
-    from analyses.sinks import Calibration, SearchConfig, load_task, profile_sinks, search_act
-
-    task = load_task("sentiment")
-    task = dataclasses.replace(task, items={k: list(v)[:4] for k, v in task.items.items()})
-    profile_sinks(model, [task.prompt(it) for it in task.split("heldout")[:2]], rule="alpha", alpha=2.0).save(
-        folder / "profile.json")
-    search = search_act(model, task, SearchConfig(first_layer=0, last_layer=1, n_random=1), out=folder / "search.json")
-    Calibration.from_search(search).save(folder / "calib.json")
-
-
-@pytest.fixture(scope="session")
-def results(tmp_path_factory, tiny_llama):
-    """A results folder with every analysis' files, written as each analysis' CLI writes them."""
-    from dashboards import runs
-
-    root = tmp_path_factory.mktemp("results")
-    runs.run("retrieval", tiny_llama, root, lengths=[230], depths=[30.0, 70.0], k=2, max_new_tokens=6)
-    _sinks(root / "sinks-tiny-llama", tiny_llama)
-    runs.run("circuits", tiny_llama, root, n=2, n_boot=5)
-    runs.run("similarity", tiny_llama, root, n_prompts=2, n_heldout=1, max_tokens=24, variants=["same"], max_trials=1)
-    _grounding(root, tiny_llama.n_layers, tiny_llama.n_heads)
-    return root
 
 
 @pytest.fixture

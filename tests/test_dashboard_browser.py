@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from dashboards.browser import CHROMIUM, ROOT, chromium, serve, wait_for_page
-from tests.test_dashboard import results  # noqa: F401  (session fixture: saved tiny-llama results)
 
 SHOTS = ROOT / "out" / "screenshots"
 # url path, title, plotly charts drawn, text that must appear
