@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from analyses.retrieval.decode import stop_ids
+from probe import stop_ids
 from analyses.retrieval.harness import build_prompt, select_needles
 from analyses.retrieval.scan import run_sample
 from probe import install, load_model
@@ -38,7 +38,7 @@ def reference_scores(model, p, max_new_tokens: int) -> tuple[torch.Tensor, list[
         with torch.no_grad():
             out = hf.generate(p.ids, attention_mask=torch.ones_like(p.ids), max_new_tokens=max_new_tokens,
                               do_sample=False, output_attentions=True, return_dict_in_generate=True,
-                              eos_token_id=sorted(stop_ids(model)), pad_token_id=model.tokenizer.eos_token_id)
+                              eos_token_id=sorted(stop_ids(model, newline=True)), pad_token_id=model.tokenizer.eos_token_id)
     finally:
         install(hf)
     new = out.sequences[0, p.ids.shape[1]:].tolist()
@@ -51,7 +51,7 @@ def reference_scores(model, p, max_new_tokens: int) -> tuple[torch.Tensor, list[
                 i = int(idx[0])
                 if s <= i < e and w == int(prompt[i]):
                     score[layer, head] += 1 / (e - s)
-    eos = stop_ids(model)
+    eos = stop_ids(model, newline=True)
     return score, [w for w in new if w not in eos]
 
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     model = load_model(a.model)
     cells = [(n, int(L), float(d)) for n in select_needles(a.needles.split(","))
              for L in a.lengths.split(",") for d in a.depths.split(",")]
-    stop_ids(model)  # warm the stop-token cache (shared by both)
+    stop_ids(model, newline=True)  # warm the stop-token cache (shared by both)
     run_sample(model, cells[0][0], 200, 50, max_new_tokens=2)  # warm-up
     ours_t = ref_t = 0.0
     diffs, rows = [], []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import _check_ids
+from .decoding import greedy, stop_ids
 from .interventions import InterventionSpec
 from .memory import stream_estimate
 from .records import run_metadata
@@ -82,8 +83,7 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
     request = StatsRequest(layers=None if layers is None else tuple(layers), groups=tuple(groups), from_pos=from_pos)
     rt = install(model.hf)
     _announce(model, rt, ids.shape[1] + max_new_tokens, len(request.groups), verbose)
-    eos = _stop_ids(model, stop_at_newline)
-    new: list[int] = []
+    eos = stop_ids(model, newline=stop_at_newline)
     with ExitStack() as stack:
         if budget:
             stack.enter_context(memory_budget(model, budget))
@@ -91,18 +91,8 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
         with torch.no_grad():
             with _maybe(bool(stats_in_prefill), collector, rt), _maybe_spec(model, prefill_spec):
                 out = model.hf(ids, use_cache=True, **_last_logits_only(model.hf))
-            past = out.past_key_values
             with _maybe_spec(model, decode_spec):
-                for _ in range(max_new_tokens):
-                    nxt = int(out.logits[0, -1].argmax())
-                    if nxt in eos:
-                        break
-                    new.append(nxt)
-                    if len(new) == max_new_tokens:
-                        break
-                    step = torch.tensor([[nxt]], device=ids.device)
-                    out = model.hf(step, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                new = greedy(model, out.logits[0, -1], out.past_key_values, max_new_tokens=max_new_tokens, stop=eos)
     stats = None
     if collector.has_rows:
         stats = collector.result(ids[0].tolist() + new, run_metadata(weights_hash=model.weights_hash))
@@ -135,18 +125,6 @@ class _maybe:
 
 def _maybe_spec(model, spec):
     return intervene(model, spec) if spec else ExitStack()
-
-
-def _stop_ids(model, stop_at_newline: bool) -> set[int]:
-    tok = model.tokenizer
-    stop = {i for i in (tok.eos_token_id,) if i is not None}
-    for special in ("<|im_end|>", "<|endoftext|>"):
-        tid = tok.convert_tokens_to_ids(special) if special in tok.get_vocab() else None
-        if tid is not None:
-            stop.add(tid)
-    if stop_at_newline:
-        stop |= {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
-    return stop
 
 
 def _announce(model, rt, n_tokens: int, n_groups: int, verbose: bool) -> None:

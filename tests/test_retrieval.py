@@ -144,8 +144,8 @@ def test_bad_inputs(tiny_llama):
 
 def test_fast_design_matches_generate_with_stats(tiny_llama):
     """Prefill of all but the last token + decode rows == probe's generate with the last prefill row."""
-    from analyses.retrieval.decode import decode, prefill, stop_ids
-    from probe import KeyGroup, generate_with_stats
+    from analyses.retrieval.decode import decode, prefill
+    from probe import KeyGroup, generate_with_stats, stop_ids
 
     needle = Needle("code", "The secret code is 4817.", "What is the code?", "4817", "The secret code is")
     p = build_prompt(tiny_llama, needle, 150, 50, max_new_tokens=6)
@@ -154,7 +154,7 @@ def test_fast_design_matches_generate_with_stats(tiny_llama):
     again, _ = decode(tiny_llama, p.ids, past, max_new_tokens=6)       # the cropped cache is reusable
     ref = generate_with_stats(tiny_llama, p.ids, max_new_tokens=6, stats_in_prefill="last", stop_at_newline=True,
                               groups=[KeyGroup("answer", p.start, p.stop)])
-    assert new == again == ref.new_ids[0].tolist() and len(stop_ids(tiny_llama)) > 0
+    assert new == again == ref.new_ids[0].tolist() and len(stop_ids(tiny_llama, newline=True)) > 0
     assert st.query_pos.tolist() == ref.stats.query_pos.tolist()
     assert torch.equal(st.argmax, ref.stats.argmax)
 

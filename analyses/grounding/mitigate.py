@@ -22,7 +22,7 @@ from probe.heads import HeadId
 from probe.interventions import InterventionSpec, SpanBoost
 from probe.runtime import collect_stats
 from probe.stats import StatsRequest
-from probe.streaming import _stop_ids
+from probe.decoding import stop_ids
 
 from .detector import Detector
 from .lookback import Regions, ratios_from_stats, regions
@@ -79,7 +79,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
     if detector.n_layers != model.n_layers or detector.n_heads != model.n_heads:
         raise InputError(f"detector is for {detector.n_layers}x{detector.n_heads} heads, model has "
                          f"{model.n_layers}x{model.n_heads}: train a detector on this model")
-    gen, stop = torch.Generator().manual_seed(seed), _stop_ids(model, stop_at_newline)
+    gen, stop = torch.Generator().manual_seed(seed), stop_ids(model, newline=stop_at_newline)
     request = StatsRequest(groups=tuple(reg.groups()), received=False, from_pos=T - 1)
     with collect_stats(model, request) as col, torch.no_grad():
         out = model.hf(ids, use_cache=True)

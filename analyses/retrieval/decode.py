@@ -13,21 +13,8 @@ from contextlib import ExitStack
 
 import torch
 
-from probe import InterventionSpec, KeyGroup, StatsRequest, Uniform, collect_stats, intervene
+from probe import InterventionSpec, KeyGroup, StatsRequest, Uniform, collect_stats, greedy, intervene, stop_ids
 from probe.records import run_metadata
-
-_STOP: dict[str, set[int]] = {}
-
-
-def stop_ids(model) -> set[int]:
-    """EOS/end-of-turn ids and every token that contains a newline (cached per model)."""
-    from probe.streaming import _stop_ids
-
-    key = f"{model.model_id}:{model.weights_hash}"
-    if key not in _STOP:
-        _STOP[key] = _stop_ids(model, stop_at_newline=True)
-    return _STOP[key]
-
 
 def prefill(model, ids: torch.Tensor):
     """KV cache of ``ids[:, :-1]`` on the fast path (the registered attention is SDPA while idle)."""
@@ -46,7 +33,6 @@ def decode(model, ids: torch.Tensor, past, *, max_new_tokens: int = 50, span=Non
     extra = past.get_seq_length() - (T - 1)
     if extra > 0:
         past.crop(-extra)  # transformers >= 5: a negative count removes that many trailing tokens
-    eos, new = stop_ids(model), []
     with ExitStack() as stack, torch.no_grad():
         coll = None
         if span is not None:
@@ -54,13 +40,8 @@ def decode(model, ids: torch.Tensor, past, *, max_new_tokens: int = 50, span=Non
             coll = stack.enter_context(collect_stats(model, req))
         if heads:
             stack.enter_context(intervene(model, InterventionSpec([Uniform(heads=list(heads), phase="decode")])))
-        inp = ids[:, -1:]
-        for _ in range(max_new_tokens):
-            out = model.hf(inp, past_key_values=past, use_cache=True)
-            nxt = int(out.logits[0, -1].argmax())
-            if nxt in eos:
-                break
-            new.append(nxt)
-            inp = torch.tensor([[nxt]], device=ids.device)
+        out = model.hf(ids[:, -1:], past_key_values=past, use_cache=True)
+        new = greedy(model, out.logits[0, -1], out.past_key_values, max_new_tokens=max_new_tokens,
+                     stop=stop_ids(model, newline=True))
     stats = coll.result(ids[0].tolist() + new, run_metadata(weights_hash=model.weights_hash)) if coll else None
     return new, stats
