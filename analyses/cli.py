@@ -1,23 +1,27 @@
-"""The ``headwise`` command line.
+"""The ``headwise`` command line, generated from the registry.
 
-``headwise models`` lists models; ``headwise capture`` writes an AttentionRecord;
-``headwise stats`` writes streaming HeadStats for long inputs; ``headwise dashboard`` serves the
-app on localhost; ``headwise scan <analysis>`` runs an analysis (each analysis module adds its
-own subcommand through ``add_cli``).
+``headwise scan <analysis>`` exists for every registered analysis, with one flag per field of its
+config (typed, with the default in ``--help``) and the shared model group (``--model --device
+--dtype --threads``) and ``--out``; the run resumes when repeated with the same ``--out``.
+``headwise models``, ``prepare``, ``capture``, ``stats``, ``generate`` and ``dashboard`` are the
+commands around them.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from probe.errors import HeadwiseError
 
-# Analysis modules that contribute a ``scan`` subcommand (each defines add_cli(subparsers)).
-SCAN_MODULES: list[str] = ["analyses.retrieval", "analyses.circuits", "analyses.similarity", "analyses.grounding"]
-# Modules that contribute top-level commands (e.g. calibrate, generate).
+from . import registry
+from .config import add_arguments, from_args
+
+# Analyses not yet on the registry contribute their own ``scan`` subcommand (add_cli).
+LEGACY_SCANS: list[str] = ["analyses.circuits", "analyses.similarity", "analyses.grounding"]
 COMMAND_MODULES: list[str] = ["analyses.sinks", "analyses.generate"]
 
 
@@ -37,6 +41,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def model_args(parser: argparse.ArgumentParser, out: str | None = None, out_required: bool = True) -> None:
+    """The shared group every command that loads a model takes (and ``--out`` where it writes)."""
+    g = parser.add_argument_group("model and output")
+    g.add_argument("--model", default=None, help="a named model (headwise models), a local HF folder or a hub id")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
+    if out is not None:
+        g.add_argument("--out", required=out_required, default=None, help=out)
+
+
+def load(args):
+    """The model the shared flags name (the one loader of every command)."""
+    import torch
+
+    from probe import DEFAULT_MODEL, load_model
+
+    if args.threads:
+        if args.threads < 1:
+            raise HeadwiseError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headwise", description="A workbench for attention heads.")
     sub = p.add_subparsers(title="commands")
@@ -48,19 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_prepare)
 
     s = sub.add_parser("capture", help="capture full patterns of a short text into an AttentionRecord")
-    s.add_argument("--model", default=None)
     s.add_argument("--text", required=True)
-    s.add_argument("--out", required=True)
     s.add_argument("--layers", type=_ints, default=None, help="comma-separated layers (default all)")
     s.add_argument("--heads", type=_ints, default=None, help="comma-separated heads (default all)")
+    model_args(s, "the record file to write (.safetensors)")
     s.set_defaults(run=_capture)
 
     s = sub.add_parser("stats", help="streaming per-head statistics of a (long) text into a HeadStats file")
-    s.add_argument("--model", default=None)
     group = s.add_mutually_exclusive_group(required=True)
     group.add_argument("--text")
     group.add_argument("--file", help="read the text from this file")
-    s.add_argument("--out", required=True)
+    model_args(s, "the statistics file to write (.safetensors)")
     s.set_defaults(run=_stats)
 
     s = sub.add_parser("dashboard", help="serve the dashboard on localhost")
@@ -70,12 +97,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default=None, help="results folder the pages open (default: ./results)")
     s.set_defaults(run=_dashboard)
 
-    scan = sub.add_parser("scan", help="run an analysis").add_subparsers(title="analyses")
-    for name in SCAN_MODULES:
-        importlib.import_module(name).add_cli(scan)
+    scan = sub.add_parser("scan", help="run an analysis (rerun with the same --out to resume)")
+    names = scan.add_subparsers(title="analyses")
+    for analysis in registry.analyses():
+        scan_parser(names, analysis.name, analysis, help=f"{analysis.title} ({analysis.paper.split(',')[0]})")
+    for name in LEGACY_SCANS:
+        importlib.import_module(name).add_cli(names)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_cli(sub)
     return p
+
+
+def scan_parser(sub, command: str, analysis, help: str) -> argparse.ArgumentParser:
+    """``command``: run ``analysis`` with its config's flags and the shared group."""
+    s = sub.add_parser(command, help=help, description=f"{analysis.description} {analysis.citation()}.")
+    add_arguments(s.add_argument_group(f"{analysis.name} settings"), analysis.config)
+    model_args(s, "results folder (rerun with the same folder to resume)")
+    s.add_argument("--png", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write PNG figures (needs kaleido and a Chromium; slow)")
+    s.set_defaults(run=lambda args: _scan(args, analysis))
+    return s
+
+
+def _scan(args, analysis) -> int:
+    from .runner import run
+
+    config = from_args(analysis.config, args)        # bad flags fail before the model loads
+    result = run(analysis, load(args), config, store=args.out, png=args.png)
+    print(f"wrote {args.out}")
+    for stat in result.summary().values():
+        note = stat.help()
+        print(f"  {stat.label}: {stat.text()}" + (f" ({note})" if note else ""))
+    return 0
 
 
 def _ints(text: str) -> list[int]:
@@ -83,12 +136,6 @@ def _ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _model(name):
-    from probe import DEFAULT_MODEL, load_model
-
-    return load_model(name or DEFAULT_MODEL)
 
 
 def _models(args) -> int:
@@ -110,7 +157,7 @@ def _prepare(args) -> int:
 def _capture(args) -> int:
     from probe import capture
 
-    rec = capture(_model(args.model), args.text, layers=args.layers, heads=args.heads)
+    rec = capture(load(args), args.text, layers=args.layers, heads=args.heads)
     rec.save(args.out)
     print(f"wrote {args.out}: patterns {list(rec.patterns.shape)} for {len(rec.token_ids)} tokens")
     return 0
@@ -120,7 +167,7 @@ def _stats(args) -> int:
     from probe import stream_stats
 
     text = args.text if args.text is not None else Path(args.file).read_text()
-    st = stream_stats(_model(args.model), text)
+    st = stream_stats(load(args), text)
     st.save(args.out)
     print(f"wrote {args.out}: {len(st.layers)} layers x {st.entropy.shape[1]} heads x {st.entropy.shape[2]} rows")
     return 0
@@ -130,8 +177,6 @@ def _dashboard(args) -> int:
     app = Path(__file__).resolve().parent.parent / "dashboards" / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    import os
-
     env = dict(os.environ)
     if args.model:
         env["HEADWISE_DASHBOARD_MODEL"] = args.model

@@ -5,7 +5,7 @@ attention and ``output_attentions=True`` at every step; for each step, layer and
 of the returned attention is ``topk(1)``-ed and an event counted when the key is in the answer span and
 its prompt token equals the emitted token (``+= 1/|span|``; every emitted token is scored, the stop
 token included, as the authors' loop does). Ours: fused prefill, decode rows through the streaming
-statistics (:func:`analyses.retrieval.scan.run_sample`). Both greedy, same prompts, same stop tokens.
+statistics (:func:`analyses.retrieval.run.run_sample`). Both greedy, same prompts, same stop tokens.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/retrieval_scan.py [--model smollm2-135m] [--lengths 2000,3000]
 
@@ -25,7 +25,7 @@ import torch
 
 from probe import stop_ids
 from analyses.retrieval.harness import build_prompt, select_needles
-from analyses.retrieval.scan import run_sample
+from analyses.retrieval.run import run_sample
 from probe import install, load_model
 
 

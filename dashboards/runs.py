@@ -63,9 +63,7 @@ def kind_of(path: Path) -> str | None:
     d = _summary(path)
     fmt = d.get("format")
     if path.name == "summary.json":
-        if fmt is None and "top_set" in d and "scores" in d:
-            return "retrieval"
-        return {"headwise.circuits": "circuits", "headwise.similarity": "similarity",
+        return {"headwise.retrieval": "retrieval", "headwise.circuits": "circuits", "headwise.similarity": "similarity",
                 "headwise.grounding_result": "grounding"}.get(fmt)
     return {"headwise.act_search": "sinks", "headwise.sink_profile": "sinks"}.get(fmt)
 
@@ -141,9 +139,11 @@ def run(kind: str, model, root: str | Path, **options):
 
 
 def _run_retrieval(model, out, **o):
-    from analyses.retrieval import detect
-    return detect(model, lengths=o["lengths"], depths=o["depths"], needles=o["needles"], k=o["k"],
-                  seeds=o["seeds"], max_new_tokens=o["max_new_tokens"], out=out, png=False)
+    from analyses import run
+    from analyses.retrieval import RETRIEVAL, RetrievalConfig
+    cfg = RetrievalConfig(lengths=o["lengths"], depths=o["depths"], needles=o["needles"], k=o["k"], seeds=o["seeds"],
+                          max_new_tokens=o["max_new_tokens"])
+    return run(RETRIEVAL, model, cfg, store=out)
 
 
 def _run_sinks(model, out, **o):

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from analyses.retrieval import build_prompt, detect, head_scores, sample_events
+from analyses import run
+from analyses.retrieval import RETRIEVAL, RetrievalConfig, build_prompt, head_scores, sample_events
 from analyses.retrieval.harness import Needle, locate_span, rouge1_recall
-from analyses.retrieval.scan import run_sample
+from analyses.retrieval.run import run_sample
 from probe import load_model
 from probe.errors import ContextLengthError, InputError
 
@@ -101,11 +102,10 @@ def test_planted_copying_head_is_detected():
 
 
 def test_resume_after_interruption_loses_nothing(tiny_llama, tmp_path, monkeypatch):
-    kw = dict(lengths=[200], depths=[0, 100], needles=["code"], max_new_tokens=3, mask=False, progress=False,
-              png=False)
-    full = detect(tiny_llama, out=tmp_path / "a", **kw)
-    import analyses.retrieval.scan as scan
-    real, calls = scan.run_sample, []
+    cfg = RetrievalConfig(lengths=(200,), depths=(0, 100), needles=("code",), max_new_tokens=3, mask=False)
+    full = run(RETRIEVAL, tiny_llama, cfg, store=tmp_path / "a", progress=False)
+    import analyses.retrieval.run as stages
+    real, calls = stages.run_sample, []
 
     def dying(*a, **k):
         if calls:
@@ -113,18 +113,34 @@ def test_resume_after_interruption_loses_nothing(tiny_llama, tmp_path, monkeypat
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(scan, "run_sample", dying)
+    monkeypatch.setattr(stages, "run_sample", dying)
     with pytest.raises(KeyboardInterrupt):
-        detect(tiny_llama, out=tmp_path / "b", **kw)
-    assert len(list((tmp_path / "b" / "samples").glob("*.json"))) == 1
-    monkeypatch.setattr(scan, "run_sample", lambda *a, **k: calls.append(2) or real(*a, **k))
-    resumed = detect(tiny_llama, out=tmp_path / "b", **kw)
+        run(RETRIEVAL, tiny_llama, cfg, store=tmp_path / "b", progress=False)
+    assert len(list((tmp_path / "b" / "units" / "samples").glob("*"))) == 1
+    monkeypatch.setattr(stages, "run_sample", lambda *a, **k: calls.append(2) or real(*a, **k))
+    resumed = run(RETRIEVAL, tiny_llama, cfg, store=tmp_path / "b", progress=False)
     assert calls.count(2) == 1                      # only the unfinished cell ran again
     assert (resumed.scores == full.scores).all()
     assert resumed.samples["response"].tolist() == full.samples["response"].tolist()
     loaded = type(resumed).load(tmp_path / "b")
     assert (loaded.scores == resumed.scores).all() and len(loaded.to_frame()) == 2 * loaded.scores.size
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["n_samples"] == 2
+    assert loaded.top == resumed.top and all(isinstance(h, type(resumed.top[0])) for h in loaded.top)
+
+
+def test_changed_settings_recompute_only_what_they_determine(tiny_llama, tmp_path, capsys):
+    cfg = RetrievalConfig(cells=(("code", 200, 50.0),), k=2, seeds=(0,), max_new_tokens=3)
+    run(RETRIEVAL, tiny_llama, cfg, store=tmp_path, progress=False)
+    sample = next((tmp_path / "units" / "samples").iterdir())
+    stamp = sample.stat().st_mtime_ns
+    run(RETRIEVAL, tiny_llama, RetrievalConfig(cells=cfg.cells, k=2, seeds=(1,), max_new_tokens=3),
+        store=tmp_path, progress=False)
+    assert sample.stat().st_mtime_ns == stamp       # another random-head seed: the samples are reused
+    err = capsys.readouterr().err
+    assert "resumed 1 of 1" in err and "masking: recomputing 1 unit" in err and "spec" in err
+    run(RETRIEVAL, tiny_llama, RetrievalConfig(cells=cfg.cells, k=2, seeds=(1,), max_new_tokens=2),
+        store=tmp_path, progress=False)
+    assert sample.stat().st_mtime_ns != stamp and "settings" in capsys.readouterr().err
 
 
 def test_bad_inputs(tiny_llama):
@@ -178,8 +194,8 @@ def test_masking_makes_the_planted_head_lose_its_events():
 
 
 def test_masking_experiment_result_and_figures(tiny_llama, tmp_path):
-    res = detect(tiny_llama, lengths=[220], depths=[0, 100], needles=["code"], k=2, seeds=[0, 1],
-                 max_new_tokens=3, out=tmp_path, progress=False, png=False)
+    cfg = RetrievalConfig(lengths=(220,), depths=(0, 100), needles=("code",), k=2, seeds=(0, 1), max_new_tokens=3)
+    res = run(RETRIEVAL, tiny_llama, cfg, store=tmp_path, progress=False)
     assert set(res.masking["condition"]) == {"top", "random0", "random1"} and len(res.masking) == 6
     top = set(res.top)
     for heads in res.random_sets.values():
@@ -193,8 +209,9 @@ def test_masking_experiment_result_and_figures(tiny_llama, tmp_path):
     for kind in ("heads", "grouped", "masking"):
         assert res.plot(kind).data
     assert res.plot("niah", condition="random").data[0].z.shape == (2, 1)
-    figs = json.loads((tmp_path / "figures.json").read_text())
-    assert {"heads.html", "grouped.html", "niah_none.html", "niah_top.html", "niah_random.html"} <= set(figs)
+    figs = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"heads.html", "grouped.html", "niah_none.html", "niah_top.html", "niah_random.html",
+            "plotly.min.js"} <= figs
     with pytest.raises(InputError):
         res.plot("pie")
 
@@ -205,9 +222,9 @@ def test_cli_scan_retrieval_resumes(tmp_path, capsys):
     argv = ["scan", "retrieval", "--model", "tiny-llama", "--lengths", "220", "--depths", "50",
             "--needles", "code", "--k", "2", "--seeds", "0", "--max-new-tokens", "2", "--no-png", "--out", str(tmp_path)]
     assert main(argv) == 0
-    stamp = {f: f.stat().st_mtime_ns for f in (tmp_path / "samples").glob("*.json")}
+    stamp = {f: f.stat().st_mtime_ns for f in (tmp_path / "units").rglob("*.*")}
     assert main(argv) == 0 and "top heads" in capsys.readouterr().out
-    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "samples").glob("*.json")} == stamp  # nothing recomputed
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "units").rglob("*.*")} == stamp  # nothing recomputed
     assert main(argv[:-2] + ["--depths", "150", "--out", str(tmp_path)]) == 2                # bad depth: typed error
 
 

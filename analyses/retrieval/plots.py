@@ -1,17 +1,15 @@
-"""Plotly figures for the retrieval result (never Streamlit)."""
+"""Plotly figures of the retrieval result (never Streamlit)."""
 from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from ..plots import head_map
+
 
 def plot_heads(res):
-    """Layer x head heat map of retrieval scores."""
-    L, H = res.scores.shape
-    fig = go.Figure(go.Heatmap(z=res.scores, x=[f"H{h}" for h in range(H)], y=list(range(L)),
-                               colorscale="Viridis", colorbar={"title": "score"}))
-    fig.update_layout(title=f"Retrieval scores ({res.model_id}; {res.fraction_above():.1%} heads > {res.threshold})",
-                      xaxis_title="query head", yaxis_title="layer")
-    return fig
+    """Layer x head retrieval scores (click a cell to select the head)."""
+    return head_map(res.scores, f"Retrieval scores ({res.model_id}; {res.fraction_above():.1%} heads > "
+                                f"{res.threshold})", "score")
 
 
 def plot_grouped(res):
@@ -22,7 +20,7 @@ def plot_grouped(res):
     fig = go.Figure(go.Heatmap(z=piv.values, x=[f"KV{k}" for k in piv.columns], y=list(piv.index), text=text,
                                texttemplate="%{text}", colorscale="Viridis", colorbar={"title": "max score"}))
     fig.update_layout(title="Retrieval scores by KV group (max over its query heads; text: heads > threshold)",
-                      xaxis_title="KV head", yaxis_title="layer")
+                      xaxis_title="KV head", yaxis_title="layer", yaxis_autorange="reversed")
     return fig
 
 

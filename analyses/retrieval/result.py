@@ -8,24 +8,32 @@ import numpy as np
 import pandas as pd
 
 from probe import HeadId
-from probe.atomic import atomic_path, read_json, write_json
+from probe.atomic import atomic_path
+from probe.shapes import HeadScores
+
+from ..contract import Result, Stat, head_frame
+from ..layout import Figure, Note, Section, Table
 
 
-@dataclass(frozen=True)
-class RetrievalResult:
+@dataclass(frozen=True, eq=False)
+class RetrievalResult(Result):
     """Retrieval scores ``[layer, head]`` (mean events/|span| over successful samples).
 
     ``samples``: one row per NIAH sample (needle, length, depth, response, recall, success);
-    ``masking``: one row per masked run (condition ``none``/``top``/``random<seed>``).
+    ``masking``: one row per masked run (condition ``top`` or ``random<seed>``); ``top`` and
+    ``random_sets``: the masked head sets. Frame: ``retrieval_score`` and ``is_retrieval`` per head,
+    with the ``kv_head`` column.
     """
 
+    FORMAT = "headwise.retrieval"
+
     model_id: str
-    scores: np.ndarray
+    scores: HeadScores
     n_kv_heads: int
     threshold: float
     samples: pd.DataFrame
     masking: pd.DataFrame = field(default_factory=pd.DataFrame)
-    top: tuple[str, ...] = ()
+    top: tuple[HeadId, ...] = ()
     random_sets: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
@@ -35,26 +43,68 @@ class RetrievalResult:
 
     def retrieval_heads(self) -> list[HeadId]:
         """Heads scoring above the threshold, best first."""
-        order = np.argsort(-self.scores, axis=None)
+        order = np.argsort(-self.scores, axis=None, kind="stable")
         H = self.scores.shape[1]
         return [HeadId(int(i) // H, int(i) % H) for i in order if self.scores.flat[i] > self.threshold]
 
     def fraction_above(self) -> float:
         return float((self.scores > self.threshold).mean())
 
-    def to_frame(self) -> pd.DataFrame:
-        """Tidy: one row per layer, head and metric (``retrieval_score``, ``is_retrieval``)."""
-        L, H = self.scores.shape
-        group = H // self.n_kv_heads
-        rows = []
-        for l in range(L):
-            for h in range(H):
-                s = float(self.scores[l, h])
-                base = {"layer": l, "head": h, "kv_head": h // group, "head_id": f"L{l}H{h}"}
-                rows.append(base | {"metric": "retrieval_score", "value": s})
-                rows.append(base | {"metric": "is_retrieval", "value": float(s > self.threshold)})
-        return pd.DataFrame(rows)
+    # ------------------------------------------------------------------ the contract
+    def head_scores(self) -> dict[str, HeadScores]:
+        return {"retrieval_score": self.scores, "is_retrieval": (self.scores > self.threshold).astype(float)}
 
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy: ``retrieval_score`` and ``is_retrieval`` per layer and head, with ``kv_head``."""
+        df = head_frame(self.head_scores())
+        df["kv_head"] = df["head"] // (self.scores.shape[1] // self.n_kv_heads)
+        return df
+
+    def roles(self, top: int = 10) -> dict[HeadId, list[str]]:
+        return {h: [f"retrieval {self.scores[h.layer, h.head]:.2f}"] for h in self.retrieval_heads()[:top]}
+
+    def n_samples(self) -> int:
+        return int(len(self.samples))
+
+    def summary(self) -> dict[str, Stat]:
+        rates = self.masking_rates()
+        n_mask = int(self.masking["needle"].count() // max(1, self.masking["condition"].nunique())) \
+            if len(self.masking) else None
+        out = {"answered": Stat("samples answered", f"{self.n_success}/{len(self.samples)}", n=len(self.samples)),
+               "above": Stat(f"heads > {self.threshold}", self.fraction_above(), n=int(self.scores.size), fmt=".1%"),
+               "niah_none": Stat("NIAH success, no masking", rates.get("none"), n=n_mask or len(self.samples),
+                                 fmt=".0%")}
+        if "top" in rates:
+            rnd = [v for c, v in rates.items() if c.startswith("random")]
+            k = len(self.top)
+            out["niah_top"] = Stat(f"NIAH success, masking top-{k}", rates["top"], n=n_mask, fmt=".0%")
+            out["niah_random"] = Stat(f"NIAH success, masking random-{k} ({len(rnd)} seeds)",
+                                      float(np.mean(rnd)) if rnd else None, n=n_mask, fmt=".0%")
+        out["top"] = Stat("top heads", ", ".join(f"{h}={self.scores[h.layer, h.head]:.3f}"
+                                                 for h in _best(self.scores, 10)))
+        return out
+
+    def plots(self) -> dict:
+        from . import plots
+
+        return {"heads": lambda: plots.plot_heads(self), "grouped": lambda: plots.plot_grouped(self),
+                "niah": lambda condition="none": plots.plot_niah(self, condition),
+                "masking": lambda: plots.plot_masking(self)}
+
+    def sections(self) -> list[Section]:
+        conds = ["none"] + (["top", "random"] if len(self.masking) else [])
+        out = [Section("", (Figure("heads", selects_head=True), Figure("grouped")), "columns"),
+               Section("NIAH success over context length x needle depth",
+                       tuple(Figure("niah", fixed={"condition": c}) for c in conds), "columns")]
+        if len(self.masking):
+            sets = "; ".join(f"{c} = {', '.join(map(str, hs))}" for c, hs in self.random_sets.items())
+            out.append(Section("", (Figure("masking"), Note(f"Masked sets: top = {', '.join(map(str, self.top))}; {sets}"))))
+        out.append(Section("", (Table("per-head scores", self.to_frame()), Table("GQA groups", self.grouped()),
+                                Table("samples", self.samples), Table("masking runs", self.masking),
+                                Table("success table", self.success_table())), "tabs"))
+        return out
+
+    # ------------------------------------------------------------------ derived tables
     def grouped(self) -> pd.DataFrame:
         """GQA view: per layer and KV head, the mean/max score of the query heads sharing it."""
         L, H = self.scores.shape
@@ -89,53 +139,33 @@ class RetrievalResult:
         rates = {"none": float(base["success"].mean())}
         return rates | {c: float(g["success"].mean()) for c, g in self.masking.groupby("condition", sort=False)}
 
-    def summary(self) -> dict:
-        top = top_k(self.scores, 20)
-        rates = self.masking_rates()
-        rnd = [v for c, v in rates.items() if c.startswith("random")]
-        return {"model_id": self.model_id, "threshold": self.threshold, "n_samples": int(len(self.samples)),
-                "n_success": self.n_success, "n_heads": int(self.scores.size),
-                "fraction_above_threshold": self.fraction_above(),
-                "top_heads": [{"head": repr(h), "score": float(self.scores[h.layer, h.head])} for h in top],
-                "niah_success_full_grid": float(self.samples["success"].mean()) if len(self.samples) else None,
-                "niah_success": rates, "niah_success_random_mean": float(np.mean(rnd)) if rnd else None,
-                "top_set": list(self.top), "random_sets": self.random_sets} | self.meta
-
-    def plot(self, kind: str = "heads", condition: str = "none"):
-        """``kind``: ``"heads"`` (layer x head scores), ``"grouped"`` (GQA: layer x KV head),
-        ``"niah"`` (success over length x depth for ``condition``: none/top/random/random<seed>),
-        ``"masking"`` (success per condition)."""
-        from . import plots
-
-        kinds = {"heads": plots.plot_heads, "grouped": plots.plot_grouped, "masking": plots.plot_masking}
-        if kind == "niah":
-            return plots.plot_niah(self, condition)
-        if kind not in kinds:
-            from probe.errors import InputError
-            raise InputError(f"unknown plot kind {kind!r}: use one of {sorted(kinds) + ['niah']}")
-        return kinds[kind](self)
-
+    # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         for name, df in (("heads", self.to_frame()), ("samples", self.samples), ("masking", self.masking),
                          ("grouped", self.grouped())):
             with atomic_path(path / f"{name}.parquet") as tmp:
                 df.to_parquet(tmp, index=False)
-        write_json(path / "summary.json", self.summary() | {"scores": self.scores.tolist(),
-                                                            "n_kv_heads": self.n_kv_heads, "meta": self.meta})
+        top = [{"head": str(h), "score": float(self.scores[h.layer, h.head])}
+               for h in _best(self.scores, 20)]
+        self.write_summary(path, {
+            "threshold": self.threshold, "n_samples": int(len(self.samples)), "n_success": self.n_success,
+            "fraction_above_threshold": self.fraction_above(), "top_heads": top,
+            "niah_success": self.masking_rates(), "top_set": [str(h) for h in self.top],
+            "random_sets": {c: [str(h) for h in hs] for c, hs in self.random_sets.items()},
+            "scores": self.scores.tolist(), "n_kv_heads": self.n_kv_heads, "meta": self.meta})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "RetrievalResult":
         path = Path(path)
-        s = read_json(path / "summary.json", "retrieval summary")
-        samples = pd.read_parquet(path / "samples.parquet")
-        masking = pd.read_parquet(path / "masking.parquet")
+        s = cls.read_summary(path)
         return cls(s["model_id"], np.asarray(s["scores"], dtype=float), s["n_kv_heads"], s["threshold"],
-                   samples, masking, tuple(s["top_set"]), s["random_sets"], s.get("meta", {}))
+                   pd.read_parquet(path / "samples.parquet"), pd.read_parquet(path / "masking.parquet"),
+                   tuple(HeadId.parse(h) for h in s["top_set"]),
+                   {c: tuple(HeadId.parse(h) for h in hs) for c, hs in s["random_sets"].items()}, s.get("meta", {}))
 
 
-def top_k(scores: np.ndarray, k: int) -> list[HeadId]:
-    """The ``k`` best heads (best first)."""
+def _best(scores: np.ndarray, k: int) -> list[HeadId]:
     H = scores.shape[1]
-    return [HeadId(int(i) // H, int(i) % H) for i in np.argsort(-scores, axis=None)[:k]]
+    return [HeadId(int(i) // H, int(i) % H) for i in np.argsort(-scores, axis=None, kind="stable")[:k]]

@@ -10,15 +10,9 @@ st.caption("Needle-in-a-haystack: a head makes a copy-paste event when its argma
            "the emitted token; masking makes the top-K heads (vs random K) uniform while decoding.")
 path, res = result_source("retrieval", "the retrieval-head scan")
 source_caption(path, res, model)
-s = res.summary()
 c = st.columns(4)
-c[0].metric("samples answered", f"{s['n_success']}/{s['n_samples']}")
-c[1].metric(f"heads > {res.threshold}", f"{s['fraction_above_threshold']:.1%}")
-rates = s["niah_success"]
-c[2].metric("NIAH success, no masking", f"{rates.get('none') or 0:.0%}")
-if "top" in rates:
-    rnd = [v for k, v in rates.items() if k.startswith("random")]
-    c[3].metric(f"masking top-{len(res.top)} / random", f"{rates['top']:.0%} / {sum(rnd) / max(1, len(rnd)):.0%}")
+for col, stat in zip(c, res.summary().values()):
+    col.metric(stat.label, stat.text())
 head_scores("retrieval", res)
 
 L, H = res.scores.shape
@@ -38,8 +32,8 @@ for i, cond in enumerate(conds):
         show_figure(res.plot("niah", condition=cond), f"niah_{cond}", key=f"ret_niah_{cond}")
 if len(res.masking):
     show_figure(res.plot("masking"), "retrieval_masking", key="ret_masking")
-    st.caption("Masked sets: top = " + ", ".join(res.top) + "; " +
-               "; ".join(f"{k} = {', '.join(v)}" for k, v in res.random_sets.items()))
+    st.caption("Masked sets: top = " + ", ".join(map(str, res.top)) + "; " +
+               "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in res.random_sets.items()))
 
 tab = st.tabs(["per-head scores", "GQA groups", "samples", "masking runs", "success table"])
 with tab[0]:
@@ -54,7 +48,7 @@ with tab[4]:
     show_table(res.success_table(), "retrieval_success")
 
 reproduce(f'''
-from analyses.retrieval import RetrievalResult, detect
+from analyses.retrieval import RetrievalResult
 res = RetrievalResult.load({str(path)!r})
 # or run it (the page's defaults; files as the CLI writes them):
 # from probe import load_model; from dashboards import runs

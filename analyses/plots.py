@@ -1,0 +1,45 @@
+"""The one layer x head heat map every result draws (hover and click name the head).
+
+Layer 0 is on top, query heads left to right; each cell carries ``[layer, head]`` as customdata,
+so a click on any result's grid selects that head in the dashboard, and the hover shows the head
+(``L3H1``) and its value. Columns may be reordered (e.g. grouped by KV head) with ``order``.
+
+>>> import numpy as np
+>>> fig = head_map(np.arange(6.0).reshape(2, 3), "demo", "score")
+>>> fig.data[0].customdata[1][2].tolist()[:3], fig.layout.yaxis.autorange
+([1, 2, 'L1H2'], 'reversed')
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from probe.heads import HeadId
+
+
+def head_map(z, title: str, colorbar: str, *, order=None, x_labels=None, colorscale: str = "Viridis",
+             zmid: float | None = None, zmin=None, zmax=None, text=None, extra=None) -> go.Figure:
+    """Heat map of ``z [layer, head]``; ``extra``: per-cell hover lines ``[layer, head]`` of str."""
+    z = np.asarray(z, dtype=float)
+    L, H = z.shape
+    order = list(range(H)) if order is None else list(order)
+    cells = np.array([[[l, h] for h in order] for l in range(L)], dtype=object)
+    names = np.array([[str(HeadId(l, h)) for h in order] for l in range(L)], dtype=object)
+    lines = np.full((L, H), "", dtype=object) if extra is None else np.asarray(extra, dtype=object)[:, order]
+    custom = np.concatenate([cells, names[..., None], lines[..., None]], axis=-1)
+    trace = go.Heatmap(z=z[:, order], x=x_labels or [f"H{h}" for h in order], y=list(range(L)), customdata=custom,
+                       colorscale=colorscale, zmid=zmid, zmin=zmin, zmax=zmax, colorbar={"title": colorbar},
+                       hovertemplate="<b>%{customdata[2]}</b> %{z:.4g}%{customdata[3]}<extra></extra>",
+                       text=None if text is None else np.asarray(text, dtype=object)[:, order],
+                       texttemplate=None if text is None else "%{text}")
+    fig = go.Figure(trace)
+    fig.update_layout(title=title, xaxis_title="query head", yaxis_title="layer", yaxis_autorange="reversed",
+                      height=max(360, 18 * L + 160))
+    return fig
+
+
+def clicked_head(event) -> HeadId | None:
+    """The head of the cell a plotly selection event points at (customdata ``[layer, head, ...]``)."""
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    cd = points[0].get("customdata") if points else None
+    return HeadId(int(cd[0]), int(cd[1])) if isinstance(cd, (list, tuple)) and len(cd) >= 2 else None

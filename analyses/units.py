@@ -1,0 +1,123 @@
+"""The unit store: one file per finished unit under ``<root>/units/<stage>/``, stamped and atomic.
+
+A unit file holds the unit's payload and its *stamp*: the analysis and stage, the model's weights
+hash, the settings that determine the stage (``Stage.depends``), the unit's spec and the store
+format. :meth:`UnitStore.status` compares a saved stamp with the wanted one, so a unit made for
+another model or other settings is recomputed, never reused. Files are written atomically
+(``probe.atomic``): an interrupted run loses at most the unit in progress.
+
+Payloads are dicts of JSON values and arrays: without arrays the file is JSON (``<id>.json``),
+with them safetensors (``<id>.safetensors``, the JSON part in its metadata). Arrays come back as
+numpy arrays of the same dtype; :func:`normalise` gives a fresh payload exactly that form, so a
+resumed run reduces the same values as an uninterrupted one.
+
+>>> import tempfile, numpy as np
+>>> store = UnitStore(tempfile.mkdtemp())
+>>> stamp = {"model": "abc", "settings": {"k": 2}}
+>>> _ = store.put("scores", "cell-1", stamp, {"events": np.eye(2), "answer": "4817"})
+>>> store.status("scores", "cell-1", stamp), store.status("scores", "cell-1", {**stamp, "model": "other"})
+('ok', 'stale: model')
+>>> store.get("scores", "cell-1")["events"].tolist()
+[[1.0, 0.0], [0.0, 1.0]]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from probe.atomic import read_json, read_tensors, write_json, write_tensors
+from probe.errors import CorruptFileError
+
+FORMAT = "headwise.unit"
+VERSION = 1
+
+
+def _split(payload: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    data, arrays = {}, {}
+    for k, v in payload.items():
+        if isinstance(v, torch.Tensor):
+            arrays[k] = v.detach().cpu().numpy()
+        elif isinstance(v, np.ndarray):
+            arrays[k] = v
+        else:
+            data[k] = v
+    return json.loads(json.dumps(data, default=_json_default)), arrays
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"a unit payload holds {type(obj).__name__}: use JSON values or arrays")
+
+
+def normalise(payload: dict) -> dict:
+    """``payload`` as the store gives it back: JSON types, arrays as numpy arrays."""
+    data, arrays = _split(payload)
+    return {**data, **{k: np.array(v) for k, v in arrays.items()}}
+
+
+class UnitStore:
+    """Finished units of one results folder (``root``); see the module docstring."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folder(self, stage: str) -> Path:
+        return self.root / "units" / stage
+
+    def path(self, stage: str, unit_id: str) -> Path | None:
+        """The unit's file, or None when it was never written."""
+        for ext in (".json", ".safetensors"):
+            p = self.folder(stage) / f"{unit_id}{ext}"
+            if p.exists():
+                return p
+        return None
+
+    def status(self, stage: str, unit_id: str, stamp: dict) -> str:
+        """``"ok"``, ``"missing"``, ``"stale: <what differs>"`` or ``"unreadable: <why>"``."""
+        path = self.path(stage, unit_id)
+        if path is None:
+            return "missing"
+        try:
+            saved, _ = self._read(path)
+        except CorruptFileError as exc:
+            return f"unreadable: {exc}"
+        want = json.loads(json.dumps(stamp))
+        differ = sorted(k for k in set(want) | set(saved["stamp"]) if want.get(k) != saved["stamp"].get(k))
+        return "ok" if not differ else "stale: " + ", ".join(differ)
+
+    def get(self, stage: str, unit_id: str) -> dict:
+        """The saved payload (check :meth:`status` first)."""
+        path = self.path(stage, unit_id)
+        if path is None:
+            raise FileNotFoundError(f"no unit {stage}/{unit_id} under {self.root}")
+        meta, arrays = self._read(path)
+        return {**meta["payload"], **arrays}
+
+    def put(self, stage: str, unit_id: str, stamp: dict, payload: dict) -> Path:
+        """Write a finished unit atomically (replacing an older file of the same id)."""
+        data, arrays = _split(payload)
+        meta = {"format": FORMAT, "version": VERSION, "stamp": json.loads(json.dumps(stamp)), "payload": data}
+        folder = self.folder(stage)
+        if arrays:
+            path = write_tensors(folder / f"{unit_id}.safetensors",
+                                 {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, meta)
+            other = folder / f"{unit_id}.json"
+        else:
+            path = write_json(folder / f"{unit_id}.json", meta)
+            other = folder / f"{unit_id}.safetensors"
+        other.unlink(missing_ok=True)
+        return path
+
+    def _read(self, path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+        if path.suffix == ".json":
+            meta, arrays = read_json(path, "unit"), {}
+        else:
+            tensors, meta = read_tensors(path, FORMAT)
+            arrays = {k: v.numpy() for k, v in tensors.items()}
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "stamp" not in meta:
+            raise CorruptFileError(f"{path} is not a headwise unit file")
+        return meta, arrays
