@@ -73,6 +73,11 @@ class Stage:
     repeat: bool = False
 
 
+def no_units(model, config, previous) -> list[Unit]:
+    """The plan of a stage that only reduces (e.g. the last one, assembling the result)."""
+    return []
+
+
 @dataclass(frozen=True)
 class Stat:
     """A headline number with its sample size and confidence interval where the analysis has them."""

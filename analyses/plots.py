@@ -17,25 +17,38 @@ import plotly.graph_objects as go
 from probe.heads import HeadId
 
 
+def head_cells(n_layers: int, order, extra=None) -> np.ndarray:
+    """Per-cell customdata ``[layer, head, "L3H1", extra]`` of a ``[layer, len(order)]`` grid."""
+    L, order = n_layers, list(order)
+    cells = np.empty((L, len(order), 4), dtype=object)
+    for l in range(L):
+        for j, h in enumerate(order):
+            cells[l, j] = [l, h, str(HeadId(l, h)), "" if extra is None else extra[l][h]]
+    return cells
+
+
 def head_map(z, title: str, colorbar: str, *, order=None, x_labels=None, colorscale: str = "Viridis",
              zmid: float | None = None, zmin=None, zmax=None, text=None, extra=None) -> go.Figure:
-    """Heat map of ``z [layer, head]``; ``extra``: per-cell hover lines ``[layer, head]`` of str."""
+    """Heat map of ``z [layer, head]``; ``extra``: per-cell hover lines ``[layer][head]`` of str."""
+    fig = go.Figure(head_trace(z, colorbar, order=order, x_labels=x_labels, colorscale=colorscale, zmid=zmid,
+                               zmin=zmin, zmax=zmax, text=text, extra=extra))
+    fig.update_layout(title=title, xaxis_title="query head", yaxis_title="layer", yaxis_autorange="reversed",
+                      height=max(360, 18 * len(fig.data[0].y) + 160))
+    return fig
+
+
+def head_trace(z, colorbar: str | None = None, *, order=None, x_labels=None, colorscale: str = "Viridis",
+               zmid=None, zmin=None, zmax=None, text=None, extra=None) -> go.Heatmap:
+    """The heat-map trace of :func:`head_map` (for subplots)."""
     z = np.asarray(z, dtype=float)
     L, H = z.shape
     order = list(range(H)) if order is None else list(order)
-    cells = np.array([[[l, h] for h in order] for l in range(L)], dtype=object)
-    names = np.array([[str(HeadId(l, h)) for h in order] for l in range(L)], dtype=object)
-    lines = np.full((L, H), "", dtype=object) if extra is None else np.asarray(extra, dtype=object)[:, order]
-    custom = np.concatenate([cells, names[..., None], lines[..., None]], axis=-1)
-    trace = go.Heatmap(z=z[:, order], x=x_labels or [f"H{h}" for h in order], y=list(range(L)), customdata=custom,
-                       colorscale=colorscale, zmid=zmid, zmin=zmin, zmax=zmax, colorbar={"title": colorbar},
-                       hovertemplate="<b>%{customdata[2]}</b> %{z:.4g}%{customdata[3]}<extra></extra>",
-                       text=None if text is None else np.asarray(text, dtype=object)[:, order],
-                       texttemplate=None if text is None else "%{text}")
-    fig = go.Figure(trace)
-    fig.update_layout(title=title, xaxis_title="query head", yaxis_title="layer", yaxis_autorange="reversed",
-                      height=max(360, 18 * L + 160))
-    return fig
+    return go.Heatmap(z=z[:, order], x=x_labels or [f"H{h}" for h in order], y=list(range(L)),
+                      customdata=head_cells(L, order, extra), colorscale=colorscale, zmid=zmid, zmin=zmin,
+                      zmax=zmax, colorbar={"title": colorbar} if colorbar else None, showscale=colorbar is not None,
+                      hovertemplate="<b>%{customdata[2]}</b> %{z:.4g}%{customdata[3]}<extra></extra>",
+                      text=None if text is None else np.asarray(text, dtype=object)[:, order],
+                      texttemplate=None if text is None else "%{text}")
 
 
 def clicked_head(event) -> HeadId | None:

@@ -164,12 +164,9 @@ def _run_circuits(model, out, **o):
 
 
 def _run_similarity(model, out, **o):
-    from analyses.similarity import load_texts, similarity_scan
-    r = similarity_scan(model, load_texts("prompts")[:o["n_prompts"]], load_texts("heldout")[:o["n_heldout"]],
-                        max_tokens=o["max_tokens"], variants=tuple(o["variants"]), max_trials=o["max_trials"],
-                        work_dir=out)
-    r.save(out)
-    return r
+    from analyses import run
+    from analyses.similarity import SIMILARITY, SimilarityConfig
+    return run(SIMILARITY, model, SimilarityConfig(**o), store=out)
 
 
 def _run_grounding(model, out, **o):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.similarity import (Accumulator, SimilarityResult, accumulate_prompt, greedy_plan, js_rows,
-                                 match_heads, similarity_scan)
+from analyses import run
+from analyses.similarity import (SIMILARITY, Accumulator, SimilarityConfig, SimilarityResult, accumulate_prompt,
+                                 greedy_plan, js_rows, match_heads, tokenize)
 from analyses.similarity.echo import echo_edits, mean_loss
-from analyses.similarity.scan import tokenize
 from probe import InputError, InterventionSpec, capture, intervene
 
 
@@ -45,9 +45,17 @@ def test_identical_patterns_give_cosine_one_and_zero_divergence():
     assert m["layer_cos"][0, 2] < 1 - 1e-3 and m["layer_js"][0, 2] > 1e-3
 
 
-def test_symmetry_unit_diagonal_and_ranges(tiny_llama):
-    r = similarity_scan(tiny_llama, ["the cat sat on the mat", "numbers: 1 2 3 4 5 6"], ["some held out words"],
-                        window=4, head_js="all", variants=("same",), max_trials=1, n_clusters=3)
+def _texts(tmp_path, name, *texts):
+    path = tmp_path / f"{name}.txt"
+    path.write_text("\n\n".join(texts))
+    return str(path)
+
+
+def test_symmetry_unit_diagonal_and_ranges(tiny_llama, tmp_path):
+    cfg = SimilarityConfig(prompts=_texts(tmp_path, "p", "the cat sat on the mat", "numbers: 1 2 3 4 5 6"),
+                           heldout=_texts(tmp_path, "h", "some held out words"), window=4, head_js="all",
+                           variants=("same",), max_trials=1, n_clusters=3)
+    r = run(SIMILARITY, tiny_llama, cfg, progress=False)
     for m in (r.layer_cos, r.head_cos, r.layer_js, r.head_js):
         assert np.allclose(m, m.T, atol=1e-9)
     assert np.allclose(np.diag(r.layer_cos), 1.0) and np.allclose(np.diag(r.head_cos), 1.0)
@@ -177,13 +185,14 @@ def test_greedy_plan_merges_most_similar_first_and_respects_budget():
 
 # ----------------------------------------------------------------------------- bad inputs
 
-def test_bad_inputs(tiny_llama):
+def test_bad_inputs(tiny_llama, tmp_path):
     with pytest.raises(InputError, match="one token"):
         tokenize(tiny_llama, ["ok text", "a"], 64, "prompt")
     with pytest.raises(InputError, match="non-empty list"):
         tokenize(tiny_llama, "a bare string", 64, "prompt")
-    with pytest.raises(InputError, match="empty"):
-        similarity_scan(tiny_llama, ["fine"], ["  "])
+    with pytest.raises(InputError, match="no text"):
+        run(SIMILARITY, tiny_llama, SimilarityConfig(prompts=_texts(tmp_path, "p", "fine"),
+                                                     heldout=_texts(tmp_path, "h", "  ")), progress=False)
     acc = Accumulator(2, 4)
     with pytest.raises(InputError, match="one model"):  # a window from another model's prompt set
         acc.add_window(_random_causal(3, 4, 5))
@@ -192,7 +201,7 @@ def test_bad_inputs(tiny_llama):
     with pytest.raises(InputError, match="no prompt"):
         acc.finish()
     with pytest.raises(InputError, match="variant"):
-        similarity_scan(tiny_llama, ["fine"], ["fine too"], variants=("shuffled",))
+        SimilarityConfig(variants=("shuffled",))
 
 
 # ----------------------------------------------------------------------------- result, files, CLI
@@ -203,20 +212,21 @@ def test_cli_writes_results_resumes_and_loads(tmp_path, capsys):
     argv = ["scan", "similarity", "--model", "tiny-llama", "--out", str(tmp_path), "--n-prompts", "2",
             "--n-heldout", "2", "--max-tokens", "24", "--window", "8", "--max-trials", "2"]
     assert main(argv) == 0
-    units = sorted(p.name for p in (tmp_path / "units").iterdir())
+    units = sorted(p.name for p in (tmp_path / "units").rglob("*.*"))
     assert any(u.startswith("prompt-") for u in units) and any("baseline" in u for u in units)
-    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "units").iterdir()}
+    assert any(u.startswith("trial-") for u in units)          # every measured plan trial is a unit too
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "units").rglob("*.*")}
     assert main(argv) == 0  # resumes: every unit reused, none rewritten
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "units").iterdir()} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "units").rglob("*.*")} == stamps
     r = SimilarityResult.load(tmp_path)
-    assert (tmp_path / "figures.html").stat().st_size > 1000
+    assert all((tmp_path / "figures" / f"{k}.html").stat().st_size > 1000 for k in ("layers", "echo"))
     df = r.to_frame()
     assert {"scope", "layer", "head", "layer2", "head2", "metric", "value"} <= set(df.columns)
     assert len(df[(df.scope == "echo") & (df.metric == "loss_increase_matched")]) == 1
     for kind in ("layers", "heads", "clusters", "echo"):
         assert r.plot(kind).data
     s = r.summary()
-    assert math.isfinite(s["plan_cost"]) and s["baseline_loss"] > 0
+    assert math.isfinite(s["plan_cost"].value) and r.baseline_loss > 0 and "plan: layers shared" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -5,23 +5,28 @@ Models" (arXiv 2409.14595): inner layers of LLMs have highly similar attention m
 of layers can share one layer's attention. Related: LiSA (Mu et al. 2024, arXiv 2408.01890):
 sharing needs head realignment across layers, and shallow layers are fragile. See methods.md §4.
 
-Pipeline: :func:`similarity_scan` measures layer x layer (head-averaged, causal lower-triangle
-maps) and head x head similarity over a prompt set (cosine and row-wise Jensen–Shannon,
-accumulated window by window, :mod:`.measure`), matches heads between adjacent layers
-(Hungarian) and clusters heads into families; then on held-out text it reuses layer l's pattern
-in layer l+1 (``PatternEcho``; same-index, matched and random-permutation heads) and measures
-the loss increase, rank-correlates it with similarity, and grows a sharing plan greedily under
-a loss budget, measuring its total cost (:mod:`.echo`).
+The analysis (:data:`SIMILARITY`, stages in :mod:`.run`) measures layer x layer (head-averaged,
+causal lower-triangle maps) and head x head similarity over a prompt set (cosine and row-wise
+Jensen–Shannon, accumulated window by window, :mod:`.measure`), matches heads between adjacent
+layers (Hungarian) and clusters heads into families; then on held-out text it reuses layer l's
+pattern in layer l+1 (``PatternEcho``; same-index, matched and random-permutation heads) and
+measures the loss increase, rank-correlates it with similarity, and grows a sharing plan greedily
+under a loss budget, measuring its total cost (:mod:`.echo`).
 
 >>> from probe import load_model
->>> r = similarity_scan(load_model("tiny-llama"), ["one two three"], ["four five six"], variants=("same",),
-...                     max_trials=1)
->>> sorted(r.to_frame().scope.unique())
-['echo', 'family', 'head', 'layer', 'match']
+>>> from analyses import run
+>>> r = run(SIMILARITY, load_model("tiny-llama"), SimilarityConfig(n_prompts=1, n_heldout=1, max_tokens=8,
+...         variants=("same",), max_trials=1), progress=False)
+>>> sorted(r.to_frame().scope.unique()), r.layer_cos.shape
+(['echo', 'family', 'head', 'layer', 'match'], (2, 2))
 """
-from .cli import add_cli  # noqa: F401
-from .data import load_texts  # noqa: F401
-from .echo import greedy_plan, mean_loss, plan_spec  # noqa: F401
-from .measure import Accumulator, accumulate_prompt, head_families, js_rows, match_heads  # noqa: F401
-from .result import SimilarityResult  # noqa: F401
-from .scan import similarity_scan  # noqa: F401
+from .data import load_texts
+from .echo import greedy_plan, mean_loss, plan_spec
+from .measure import Accumulator, accumulate_prompt, head_families, js_rows, match_heads
+from .result import SimilarityResult
+from .run import SIMILARITY, SimilarityConfig, tokenize
+
+ANALYSIS = SIMILARITY
+
+__all__ = ["ANALYSIS", "SIMILARITY", "SimilarityConfig", "SimilarityResult", "load_texts", "greedy_plan", "mean_loss",
+           "plan_spec", "Accumulator", "accumulate_prompt", "head_families", "js_rows", "match_heads", "tokenize"]

@@ -14,6 +14,7 @@ within ``budget`` nats.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -68,31 +69,55 @@ def plan_spec(blocks: Sequence[Sequence[int]], variant: str, head_cos: np.ndarra
     return InterventionSpec(edits)
 
 
+@dataclass(frozen=True)
+class PlanSearch:
+    """The state of the greedy sharing-plan search: current blocks, their cost, rejected merges, trial log."""
+
+    blocks: tuple[tuple[int, ...], ...]
+    cost: float = 0.0
+    rejected: tuple[tuple[int, int, int], ...] = ()
+    log: tuple[dict, ...] = ()
+
+    @classmethod
+    def start(cls, n_layers: int) -> "PlanSearch":
+        return cls(tuple((l,) for l in range(n_layers)))
+
+
+def next_trial(layer_cos: np.ndarray, state: PlanSearch, min_layer: int = 0):
+    """The best untried merge of two neighbouring blocks: ``(blocks, score, merge)`` or ``None``.
+
+    A merge's score is the lowest layer cosine between the left block's first layer and each
+    layer of the right block; layers below ``min_layer`` never share.
+    """
+    blocks = state.blocks
+    cands = [(min(layer_cos[a[0], t] for t in b), i) for i, (a, b) in enumerate(zip(blocks, blocks[1:]))
+             if a[0] >= min_layer and (a[0], b[0], b[-1]) not in state.rejected]
+    if not cands:
+        return None
+    score, i = max(cands)
+    trial = blocks[:i] + (blocks[i] + blocks[i + 1],) + blocks[i + 2:]
+    return trial, float(score), (blocks[i][0], blocks[i + 1][0], blocks[i + 1][-1])
+
+
+def record_trial(state: PlanSearch, trial, score: float, merge, cost: float, budget: float) -> PlanSearch:
+    """The search after measuring ``trial`` (its loss increase ``cost``): kept when within ``budget``."""
+    ok = cost <= budget
+    entry = {"trial": len(state.log), "merge": list(merge), "score": score, "loss_increase": float(cost),
+             "accepted": bool(ok)}
+    if ok:
+        return PlanSearch(tuple(trial), float(cost), state.rejected, state.log + (entry,))
+    return PlanSearch(state.blocks, state.cost, state.rejected + (tuple(merge),), state.log + (entry,))
+
+
 def greedy_plan(layer_cos: np.ndarray, measure: Callable[[list[list[int]]], float], budget: float,
                 max_trials: int = 12, min_layer: int = 0) -> tuple[list[list[int]], float, list[dict]]:
     """Grow blocks greedily under a loss budget; returns (blocks, measured cost, trial log).
 
-    A candidate merges two neighbouring blocks; its score is the lowest layer cosine between
-    the left block's first layer and each layer of the right block. Candidates are tried best
-    first; ``measure(blocks)`` gives the loss increase of a whole plan, and a merge is kept
-    when that stays ``<= budget``. Layers below ``min_layer`` are never shared.
+    Candidates (see :func:`next_trial`) are tried best first; ``measure(blocks)`` gives the loss
+    increase of a whole plan, and a merge is kept when that stays ``<= budget``.
     """
-    n = layer_cos.shape[0]
-    blocks = [[l] for l in range(n)]
-    cost, rejected, log = 0.0, set(), []
-    while len(log) < max_trials:
-        cands = [(min(layer_cos[a[0], t] for t in b), i) for i, (a, b) in enumerate(zip(blocks, blocks[1:]))
-                 if a[0] >= min_layer and (a[0], b[0], b[-1]) not in rejected]
-        if not cands:
-            break
-        score, i = max(cands)
-        trial = blocks[:i] + [blocks[i] + blocks[i + 1]] + blocks[i + 2:]
-        got = measure(trial)
-        ok = got <= budget
-        log.append({"trial": len(log), "merge": [blocks[i][0], blocks[i + 1][0], blocks[i + 1][-1]],
-                    "score": float(score), "loss_increase": float(got), "accepted": bool(ok)})
-        if ok:
-            blocks, cost = trial, got
-        else:
-            rejected.add((blocks[i][0], blocks[i + 1][0], blocks[i + 1][-1]))
-    return blocks, cost, log
+    state = PlanSearch.start(layer_cos.shape[0])
+    while len(state.log) < max_trials and (step := next_trial(layer_cos, state, min_layer)) is not None:
+        trial, score, merge = step
+        state = record_trial(state, trial, score, merge, measure([list(b) for b in trial]), budget)
+    return [list(b) for b in state.blocks], state.cost, list(state.log)

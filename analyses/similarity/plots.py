@@ -2,45 +2,46 @@
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from probe.heads import HeadId
+
+from ..plots import head_trace
 
 
 def figure(r, kind: str = "layers", metric: str = "cos"):
-    import plotly.graph_objects as go
-
     if kind == "layers":
+        if metric not in ("cos", "js"):
+            from probe.errors import InputError
+            raise InputError(f"metric must be 'cos' or 'js', not {metric!r}")
         m = r.layer_cos if metric == "cos" else r.layer_js
         title = "layer x layer " + ("cosine (head-averaged maps)" if metric == "cos" else "row-wise JS divergence (bits)")
         fig = go.Figure(go.Heatmap(z=m, colorscale="Viridis", colorbar={"title": metric}))
         return fig.update_layout(title=f"{r.model_id}: {title}", xaxis_title="layer", yaxis_title="layer",
                                  yaxis_autorange="reversed")
     if kind == "heads":
-        labels = [f"L{i // r.n_heads}H{i % r.n_heads}" for i in range(r.n_layers * r.n_heads)]
+        labels = [str(HeadId(i // r.n_heads, i % r.n_heads)) for i in range(r.n_layers * r.n_heads)]
         fig = go.Figure(go.Heatmap(z=r.head_cos, x=labels, y=labels, colorscale="Viridis"))
         return fig.update_layout(title=f"{r.model_id}: head x head cosine", yaxis_autorange="reversed")
     if kind == "clusters":
-        return _clusters(r, go)
-    if kind == "echo":
-        return _echo(r, go)
-    raise ValueError(f"unknown plot kind {kind!r}: use 'layers', 'heads', 'clusters' or 'echo'")
+        return _clusters(r)
+    return _echo(r)
 
 
-def _clusters(r, go):
-    from plotly.subplots import make_subplots
-
+def _clusters(r):
     L, H = r.n_layers, r.n_heads
     order = np.argsort(r.families, kind="stable")
-    labels = [f"L{i // H}H{i % H} (f{r.families[i]})" for i in order]
+    labels = [f"{HeadId(i // H, i % H)} (f{r.families[i]})" for i in order]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65],
                         subplot_titles=("head families (layer x head)", "head cosine, ordered by family"))
-    grid = r.families.reshape(L, H)
-    fig.add_trace(go.Heatmap(z=grid, colorscale="Turbo", showscale=False,
-                             hovertemplate="layer %{y} head %{x}: family %{z}<extra></extra>"), 1, 1)
+    fig.add_trace(head_trace(r.families.reshape(L, H), colorscale="Turbo"), 1, 1)   # click a cell: select the head
     fig.add_trace(go.Heatmap(z=r.head_cos[np.ix_(order, order)], x=labels, y=labels, colorscale="Viridis"), 1, 2)
     fig.update_yaxes(autorange="reversed")
     return fig.update_layout(title=f"{r.model_id}: head families (agglomerative, average linkage on 1 - cosine)")
 
 
-def _echo(r, go):
+def _echo(r):
     fig = go.Figure()
     sims = {"same": r.adjacent("same"), "matched": r.adjacent("matched")}
     for v, loss in r.echo.items():

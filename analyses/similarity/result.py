@@ -2,6 +2,10 @@
 
 Files (all atomic): ``arrays.safetensors`` (matrices), ``summary.json`` (scalars, plan, rank
 correlations), ``results.parquet`` (the tidy frame, for pandas users).
+
+Frame convention: ``scope`` says what a row compares (``layer``: layer pairs with ``head = -1``;
+``head``/``match``: head pairs, the second head in ``layer2, head2``; ``echo``: adjacent layer pairs;
+``family``: one row per head).
 """
 from __future__ import annotations
 
@@ -12,15 +16,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probe.atomic import atomic_path, read_json, read_tensors, write_json, write_tensors
+from probe.atomic import atomic_path, read_tensors, write_tensors
 from probe.errors import CorruptFileError
+from probe.heads import HeadId
+from probe.shapes import HeadScores
+
+from ..contract import Result, Stat
+from ..layout import Figure, Note, Section, Table
 
 FORMAT = "headwise.similarity"
 ARRAYS = ("layer_cos", "layer_js", "head_cos", "head_js", "perms", "families")
 
 
 @dataclass(frozen=True, eq=False)
-class SimilarityResult:
+class SimilarityResult(Result):
+    FORMAT = FORMAT
+
     model_id: str
     n_layers: int
     n_heads: int
@@ -67,10 +78,11 @@ class SimilarityResult:
                 out[f"{v}~{sim_kind}"] = {"rho": float(rho), "p": float(p), "n": int(len(loss))}
         return out
 
-    def summary(self) -> dict:
+    def to_dict(self) -> dict:
+        """Every scalar, the plan and the rank correlations (the body of ``summary.json``)."""
         adj = self.adjacent("layer")
         inner = adj[1:-1] if len(adj) > 2 else adj
-        return {"format": FORMAT, "version": 1, "model_id": self.model_id, "n_layers": self.n_layers,
+        return {"n_layers": self.n_layers,
                 "n_heads": self.n_heads, "n_prompts": self.n_prompts, "n_rows": self.n_rows, "window": self.window,
                 "baseline_loss": self.baseline_loss, "n_heldout_tokens": self.n_heldout_tokens,
                 "adjacent_layer_cos": adj.tolist(), "first_pair_cos": float(adj[0]), "last_pair_cos": float(adj[-1]),
@@ -111,12 +123,64 @@ class SimilarityResult:
                                   "value": self.families.astype(float)}))
         return pd.concat(rows, ignore_index=True)
 
-    # ------------------------------------------------------------------ plots
-    def plot(self, kind: str = "layers", metric: str = "cos"):
-        """Plotly figure: "layers" (layer heat map, metric "cos" or "js"), "heads", "clusters", "echo"."""
+    # ------------------------------------------------------------------ the contract
+    def cos_next(self) -> HeadScores:
+        """``[layer, head]``: cosine of each head with its matched head of the next layer (last layer NaN)."""
+        L, H = self.n_layers, self.n_heads
+        out = np.full((L, H), np.nan)
+        for l in range(L - 1):
+            out[l] = self.head_cos[l * H + np.arange(H), (l + 1) * H + self.perms[l]]
+        return out
+
+    def head_scores(self) -> dict[str, HeadScores]:
+        return {"family": self.families.reshape(self.n_layers, self.n_heads).astype(float),
+                "matched cos to next layer": self.cos_next()}
+
+    def roles(self) -> dict[HeadId, list[str]]:
+        H = self.n_heads
+        return {HeadId(i // H, i % H): [f"family {int(f)}"] for i, f in enumerate(self.families)}
+
+    def n_samples(self) -> int:
+        return self.n_prompts
+
+    def summary(self) -> dict[str, Stat]:
+        adj = self.adjacent("layer")
+        inner = adj[1:-1] if len(adj) > 2 else adj
+        out = {"first_pair_cos": Stat("adjacent layers, first pair (cos)", float(adj[0]), n=self.n_prompts),
+               "inner_pairs_mean_cos": Stat("inner pairs, mean (cos)", float(inner.mean()), n=self.n_prompts),
+               "last_pair_cos": Stat("adjacent layers, last pair (cos)", float(adj[-1]), n=self.n_prompts),
+               "plan_shared_layers": Stat("plan: layers shared", int(sum(len(b) - 1 for b in self.plan_blocks)),
+                                          fmt="d"),
+               "plan_cost": Stat("plan: measured loss increase (nats)", self.plan_cost, n=self.n_heldout_tokens,
+                                 fmt="+.4f")}
+        for k, c in self.correlations().items():
+            out[f"spearman {k}"] = Stat(f"spearman echo cost ~ similarity ({k})", c["rho"], n=c["n"], fmt="+.3f")
+        return out
+
+    def echo_table(self) -> pd.DataFrame:
+        """Per adjacent pair: layer, same-head and matched-head cosine, and each variant's loss increase."""
+        return pd.DataFrame({"pair": [f"{l}->{l + 1}" for l in range(self.n_layers - 1)],
+                             "layer cos": self.adjacent("layer"), "same-head cos": self.adjacent("same"),
+                             "matched-head cos": self.adjacent("matched")}
+                            | {f"loss +{v}": np.asarray(loss) for v, loss in self.echo.items()})
+
+    def plots(self) -> dict:
         from . import plots
 
-        return plots.figure(self, kind, metric)
+        return {"layers": lambda metric="cos": plots.figure(self, "layers", metric),
+                "clusters": lambda: plots.figure(self, "clusters"), "heads": lambda: plots.figure(self, "heads"),
+                "echo": lambda: plots.figure(self, "echo")}
+
+    def sections(self) -> list[Section]:
+        plan = (f"Sharing plan ({self.plan_variant} heads, budget {self.plan_budget} nats/token): blocks "
+                f"{[list(b) for b in self.plan_blocks]}")
+        return [Section("", (Section("layer matrices", (Figure("layers", choices={"metric": ("cos", "js")}),)),
+                             Section("head families", (Figure("clusters", selects_head=True),)),
+                             Section("head x head", (Figure("heads"),)),
+                             Section("echo costs", (Figure("echo"), Note(plan), Table("echo costs", self.echo_table())))),
+                        "tabs"),
+                Section("Tidy table (layer pairs, head pairs, matches, echo, families)",
+                        (Table("similarity", self.to_frame()),), "expander")]
 
     # ------------------------------------------------------------------ files
     def save(self, out_dir: str | Path) -> Path:
@@ -126,15 +190,13 @@ class SimilarityResult:
         write_tensors(out / "arrays.safetensors", arrays, {"format": FORMAT, "version": 1})
         with atomic_path(out / "results.parquet") as tmp:
             self.to_frame().to_parquet(tmp, index=False)
-        write_json(out / "summary.json", self.summary())
+        self.write_summary(out, self.to_dict())
         return out
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "SimilarityResult":
         out = Path(out_dir)
-        s = read_json(out / "summary.json", "similarity summary")
-        if s.get("format") != FORMAT:
-            raise CorruptFileError(f"{out}/summary.json is not a {FORMAT} summary; rerun the scan")
+        s = cls.read_summary(out)
         t, _ = read_tensors(out / "arrays.safetensors", FORMAT)
         try:
             return cls(model_id=s["model_id"], n_layers=s["n_layers"], n_heads=s["n_heads"],

@@ -13,12 +13,9 @@ st.caption("Cosine and Jensen-Shannon similarity of attention maps between layer
 path, res = result_source("similarity", "the similarity scan")
 source_caption(path, res, model)
 head_scores("similarity", res)
-s = res.summary()
 c = st.columns(4)
-c[0].metric("adjacent layers, first pair (cos)", f"{s['first_pair_cos']:.3f}")
-c[1].metric("inner pairs, mean (cos)", f"{s['inner_pairs_mean_cos']:.3f}")
-c[2].metric("plan: layers shared", s["plan_shared_layers"])
-c[3].metric("plan: measured loss increase", f"+{s['plan_cost']:.4f} nats")
+for col, key in zip(c, ("first_pair_cos", "inner_pairs_mean_cos", "plan_shared_layers", "plan_cost")):
+    col.metric(res.summary()[key].label, res.summary()[key].text())
 
 tab = st.tabs(["layer matrices", "head families", "head x head", "echo costs"])
 with tab[0]:
