@@ -21,7 +21,7 @@ tab = st.tabs(["layer matrices", "head families", "head x head", "echo costs"])
 with tab[0]:
     metric = st.radio("Metric", ["cos", "js"], horizontal=True, key="sim_metric",
                       format_func={"cos": "cosine", "js": "Jensen-Shannon (bits)"}.get)
-    show_figure(res.plot("layers", metric), f"layer_similarity_{metric}", key="sim_layers")
+    show_figure(res.plot("layers", metric=metric), f"layer_similarity_{metric}", key="sim_layers")
 with tab[1]:
     fig = clickable_heads(res.plot("clusters"), res.n_layers, res.n_heads)
     event = show_figure(fig, "head_families", key="sim_clusters", on_select="rerun", selection_mode="points")
@@ -43,12 +43,12 @@ with st.expander("Tidy table (layer pairs, head pairs, matches, echo, families)"
     show_table(frame[frame["scope"].isin(scope)], "similarity")
 
 reproduce(f'''
-from analyses.similarity import SimilarityResult, similarity_scan, load_texts
+from analyses.similarity import SimilarityResult
 res = SimilarityResult.load({str(path)!r})
 # or run it (the page's defaults; files as the CLI writes them):
 # from probe import load_model; from dashboards import runs
 # runs.run('similarity', load_model({model_name()!r}), {str(results_root())!r})
 for kind in ("layers", "clusters", "heads", "echo"):
     res.plot(kind).show()
-res.summary()["spearman"]; res.to_frame()
+res.correlations(); res.to_frame()
 ''')
