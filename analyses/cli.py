@@ -21,7 +21,7 @@ from . import registry
 from .config import add_arguments, from_args
 
 # Analyses not yet on the registry contribute their own ``scan`` subcommand (add_cli).
-LEGACY_SCANS: list[str] = ["analyses.circuits", "analyses.grounding"]
+LEGACY_SCANS: list[str] = ["analyses.grounding"]
 COMMAND_MODULES: list[str] = ["analyses.sinks", "analyses.generate"]
 
 

@@ -159,8 +159,9 @@ def _run_sinks(model, out, **o):
 
 
 def _run_circuits(model, out, **o):
-    from analyses.circuits import scan
-    return scan(model, o["tasks"], out, n=o["n"], n_boot=o["n_boot"])
+    from analyses import run
+    from analyses.circuits import CIRCUITS, CircuitsConfig
+    return run(CIRCUITS, model, CircuitsConfig(**o), store=out)
 
 
 def _run_similarity(model, out, **o):

@@ -6,7 +6,9 @@ import torch
 from analyses.circuits import patching as P
 from analyses.circuits.overlap import (bootstrap_ci, jaccard, overlap_coefficient, random_null, rank_correlation,
                                        select_circuit)
-from analyses.circuits.tasks import TaskBatch, make_pair, make_task, parse_tasks
+from analyses.circuits.tasks import TaskBatch, make_pair, make_task
+from analyses import run
+from analyses.circuits import CIRCUITS, CircuitsConfig
 from probe import HeadId, InputError
 
 
@@ -100,6 +102,12 @@ def test_faithfulness_full_and_empty_circuit(tiny_llama):
     everyone = tiny_llama.layout.all_heads()
     f = P.faithfulness(tiny_llama, task, everyone, means, clean)
     assert f["kept"] == pytest.approx(1.0, abs=1e-4) and f["ld_circuit_ablated"] == pytest.approx(f["ld_all_ablated"])
+    empty = P.faithfulness(tiny_llama, task, [], means, clean)          # nothing kept, nothing removed
+    assert empty["ld_circuit_only"] == pytest.approx(empty["ld_all_ablated"], abs=1e-5)
+    assert empty["kept_normalised"] == pytest.approx(0.0, abs=1e-4)
+    assert empty["ld_circuit_ablated"] == pytest.approx(float(clean.mean()), abs=1e-5)
+    assert empty["removed"] == pytest.approx(0.0, abs=1e-4)
+    assert empty["ld_all_ablated"] == pytest.approx(f["ld_all_ablated"], abs=1e-5)
 
 
 def test_overlap_metrics_known_sets():
@@ -128,7 +136,7 @@ def test_bad_inputs(tiny_llama):
     with pytest.raises(InputError, match="unknown task"):
         make_task(tiny_llama, "sorting")
     with pytest.raises(InputError, match="unknown task"):
-        parse_tasks("ioi,nope")
+        CircuitsConfig(tasks=("ioi", "nope"))
     with pytest.raises(InputError, match="single tokens"):  # byte tokenizer: " Mary" is five tokens
         make_pair(tiny_llama, "ab", "cd", " Mary", "x")
     with pytest.raises(InputError, match="same length"):
@@ -140,19 +148,25 @@ def test_bad_inputs(tiny_llama):
         select_circuit(np.ones((2, 2)), frac=0)
 
 
-def test_scan_cli_resumes(tiny_llama, tmp_path, capsys):
-    from analyses.circuits import CircuitsResult, scan
+def test_scan_resumes(tiny_llama, tmp_path):
+    from analyses.circuits import CircuitsResult
 
-    r = scan(tiny_llama, ["induction"], tmp_path, n=4, ig_steps=2, frac=0.25, n_boot=10, progress=False)
-    first = (tmp_path / "task_induction.parquet").stat().st_mtime_ns
-    again = scan(tiny_llama, ["induction"], tmp_path, n=4, frac=0.25, n_boot=10, progress=False)
-    assert (tmp_path / "task_induction.parquet").stat().st_mtime_ns == first  # finished task skipped
+    cfg = CircuitsConfig(tasks=("induction",), n=4, ig_steps=2, frac=0.25, n_boot=10)
+    r = run(CIRCUITS, tiny_llama, cfg, store=tmp_path, progress=False)
+    unit = tmp_path / "units" / "tasks" / "induction.safetensors"
+    first = unit.stat().st_mtime_ns
+    again = run(CIRCUITS, tiny_llama, CircuitsConfig(tasks=("induction",), n=4, ig_steps=2, frac=0.25, n_boot=20),
+                store=tmp_path, progress=False)
+    assert unit.stat().st_mtime_ns == first  # finished task skipped (the bootstrap size does not determine it)
     back = CircuitsResult.load(tmp_path)
     assert np.allclose(back.tasks[0].scores(), r.tasks[0].scores()) and back.tasks[0].circuit == again.tasks[0].circuit
     frame = back.to_frame()
     assert {"task", "layer", "head", "metric", "value"} <= set(frame.columns)
     assert len(back.tasks[0].circuit) == 2
     back.plot()
+    run(CIRCUITS, tiny_llama, CircuitsConfig(tasks=("induction",), n=3, ig_steps=2, frac=0.25, n_boot=10),
+        store=tmp_path, progress=False)
+    assert unit.stat().st_mtime_ns != first  # another n: the task is recomputed, never reused
 
 
 @pytest.mark.slow
@@ -170,7 +184,7 @@ def test_cli_scan_circuits(tmp_path, capsys):
     from analyses.cli import main
 
     args = ["scan", "circuits", "--model", "tiny-llama", "--n", "3", "--ig-steps", "1", "--frac", "0.25",
-            "--boot", "5", "--out", str(tmp_path)]
+            "--n-boot", "5", "--out", str(tmp_path)]
     assert main(args + ["--tasks", "induction"]) == 0
     assert (tmp_path / "summary.json").exists() and "induction" in capsys.readouterr().out
     assert main(args + ["--tasks", "induction,sorting"]) == 2

@@ -119,7 +119,7 @@ class _Patch:
 
 
 def exact_patching(model, task: TaskBatch, z_corr: torch.Tensor | None = None, rows: int = 96,
-                   progress=None, layers=None) -> torch.Tensor:
+                   layers=None) -> torch.Tensor:
     """``LD_patched [N, L, H]``: clean run with one head's output set to its corrupted value.
 
     ``layers`` restricts the work to some layers (the others stay NaN).
@@ -136,8 +136,6 @@ def exact_patching(model, task: TaskBatch, z_corr: torch.Tensor | None = None, r
                 with tap(model, _Patch(layer, list(range(H)), z_corr[layer, sl])):
                     ld = logit_diff(_last_logits(model, ids), task.good[sl].repeat(H, 1), task.bad[sl].repeat(H, 1))
                 out[sl, layer] = ld.view(H, b).T
-            if progress is not None:
-                progress.update(1)
     return out
 
 

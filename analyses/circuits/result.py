@@ -3,10 +3,13 @@
 Files (atomic; no pickles): ``task_<name>.parquet`` (per prompt x head: exact, eap, eap_ig) and
 ``task_<name>.json`` (accuracy, per-prompt LDs, circuit, faithfulness, timings); the scan adds
 ``overlap.parquet``, ``roles.parquet`` and ``summary.json``.
+
+Frame convention: the ``task`` column names the task of each score (``roles`` for the head-role
+scores) and ``in_circuit`` marks the task's circuit members.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,10 @@ import pandas as pd
 from probe.atomic import atomic_path, read_json, write_json
 from probe.errors import CorruptFileError
 from probe.heads import HeadId
+from probe.shapes import HeadScores, PromptEffectsNp
 
+from ..contract import Result, Stat, head_frame
+from ..layout import Figure, Note, Section, Table
 from .overlap import rank_correlation
 
 METHODS = ("exact", "eap", "eap_ig")
@@ -46,19 +52,19 @@ class TaskResult:
     accuracy: dict
     ld_clean: np.ndarray
     ld_corr: np.ndarray
-    effects: dict
-    circuit: tuple
+    effects: dict[str, PromptEffectsNp]
+    circuit: tuple[HeadId, ...]
     rule: dict
     faithfulness: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
 
-    def scores(self, method: str = "exact", idx=None) -> np.ndarray:
+    def scores(self, method: str = "exact", idx=None) -> HeadScores:
         e, c, r = self.effects[method], self.ld_clean, self.ld_corr
         if idx is not None:
             e, c, r = e[idx], c[idx], r[idx]
         return e.mean(0) / (r.mean() - c.mean())
 
-    def patched(self) -> np.ndarray:
+    def patched(self) -> PromptEffectsNp:
         """Exact ``LD_patched [N, L, H]``."""
         return self.effects["exact"] + self.ld_clean[:, None, None]
 
@@ -66,34 +72,44 @@ class TaskResult:
         ex = self.scores("exact")
         return {f"spearman_exact_{m}": rank_correlation(ex, self.scores(m)) for m in METHODS[1:] if m in self.effects}
 
+    def membership(self) -> HeadScores:
+        L, H = self.effects["exact"].shape[1:]
+        m = np.zeros((L, H))
+        for h in self.circuit:
+            m[h.layer, h.head] = 1.0
+        return m
+
     def to_frame(self) -> pd.DataFrame:
         """Tidy: one row per (layer, head, metric) with the normalised score and circuit membership."""
-        rows, members = [], set(self.circuit)
-        for m in self.effects:
-            s = self.scores(m)
-            for l in range(s.shape[0]):
-                for h in range(s.shape[1]):
-                    rows.append({"task": self.task, "layer": l, "head": h, "metric": f"score_{m}",
-                                 "value": float(s[l, h]), "in_circuit": HeadId(l, h) in members})
-        return pd.DataFrame(rows)
+        df = head_frame({f"score_{m}": self.scores(m) for m in self.effects}, task=self.task)
+        df["in_circuit"] = [HeadId(l, h) in set(self.circuit) for l, h in zip(df["layer"], df["head"])]
+        return df
 
     def plot(self, method: str = "exact"):
-        import plotly.express as px
+        from .plots import task_map
 
-        s = self.scores(method)
-        fig = px.imshow(s.T, color_continuous_scale="RdBu_r", color_continuous_midpoint=0, aspect="auto",
-                        labels={"x": "layer", "y": "head", "color": "score"},
-                        title=f"{self.task}: normalised patching score ({method})")
-        for h in self.circuit:
-            fig.add_annotation(x=h.layer, y=h.head, text="●", showarrow=False, font={"size": 9})
-        return fig
+        return task_map(self, method)
+
+    def to_payload(self) -> dict:
+        """The unit payload of this task (arrays and JSON values)."""
+        meta = {"task": self.task, "model_id": self.model_id, "accuracy": self.accuracy,
+                "circuit": [str(h) for h in self.circuit], "rule": self.rule, "faithfulness": self.faithfulness,
+                "timings": self.timings}
+        return meta | {"ld_clean": self.ld_clean, "ld_corr": self.ld_corr} | {f"effect_{m}": v for m, v in self.effects.items()}
+
+    @classmethod
+    def from_payload(cls, p: dict) -> "TaskResult":
+        effects = {m: np.asarray(p[f"effect_{m}"], np.float64) for m in METHODS if f"effect_{m}" in p}
+        return cls(p["task"], p["model_id"], p["accuracy"], np.asarray(p["ld_clean"], np.float64),
+                   np.asarray(p["ld_corr"], np.float64), effects, tuple(HeadId.parse(h) for h in p["circuit"]),
+                   p["rule"], p["faithfulness"], p["timings"])
 
     def save(self, folder) -> Path:
         folder = Path(folder)
         N, L, H = self.effects["exact"].shape
         n, l, h = np.meshgrid(np.arange(N), np.arange(L), np.arange(H), indexing="ij")
         df = pd.DataFrame({"prompt": n.ravel(), "layer": l.ravel(), "head": h.ravel()}
-                          | {m: np.asarray(v, dtype=np.float32).ravel() for m, v in self.effects.items()})
+                          | {m: np.asarray(v, dtype=np.float64).ravel() for m, v in self.effects.items()})
         _write_parquet(df, folder / f"task_{self.task}.parquet")
         meta = {"format": "headwise.circuits.task", "version": 1, "task": self.task, "model_id": self.model_id,
                 "accuracy": self.accuracy, "ld_clean": self.ld_clean.tolist(), "ld_corr": self.ld_corr.tolist(),
@@ -115,28 +131,85 @@ class TaskResult:
                    meta["timings"])
 
 
+@dataclass(frozen=True)
+class Repair:
+    """The cross-task intervention: ``heads`` boosted with ``alpha``; accuracy before/after; random heads."""
+
+    heads: tuple[HeadId, ...]
+    alpha: float
+    calib_mean_ld: dict
+    before: dict
+    after: dict
+    control_heads: tuple[HeadId, ...]
+    control: dict
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Repair":
+        return cls(tuple(HeadId.parse(h) for h in d["heads"]), float(d["alpha"]), d["calib_mean_ld"], d["before"],
+                   d["after"], tuple(HeadId.parse(h) for h in d["control_heads"]), d["control"])
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"heads": [str(h) for h in self.heads],
+                               "control_heads": [str(h) for h in self.control_heads]}
+
+    def table(self) -> pd.DataFrame:
+        rows = [("before", [], self.before), (f"after (alpha {self.alpha})", self.heads, self.after),
+                ("random heads (control)", self.control_heads, self.control)]
+        return pd.DataFrame([{"condition": c, "heads": ", ".join(map(str, hs)), **acc} for c, hs, acc in rows])
+
+
 @dataclass(frozen=True, eq=False)
-class CircuitsResult:
-    """All tasks, their pairwise overlap (with bootstrap intervals and a random null), roles, intervention."""
+class CircuitsResult(Result):
+    """All tasks, their pairwise overlap (bootstrap intervals, a random null), head roles and the repair."""
+
+    FORMAT = "headwise.circuits"
 
     model_id: str
-    tasks: tuple
+    tasks: tuple[TaskResult, ...]
     overlap: pd.DataFrame
-    roles: dict
-    intervention: dict = field(default_factory=dict)
+    roles_scores: dict
+    repair: Repair | None = None
 
     def task(self, name: str) -> TaskResult:
         return next(t for t in self.tasks if t.task == name)
 
+    def head_scores(self) -> dict[str, HeadScores]:
+        out = {}
+        for t in self.tasks:
+            out |= {f"{t.task}: score_{m}": t.scores(m) for m in t.effects} | {f"{t.task}: in circuit": t.membership()}
+        return out | {f"roles: {r}": np.asarray(a, dtype=float) for r, a in self.roles_scores.items()}
+
     def to_frame(self) -> pd.DataFrame:
         """Per-head scores of every task and method, plus role scores (task = "roles")."""
         parts = [t.to_frame() for t in self.tasks]
-        for role, arr in self.roles.items():
-            L, H = np.asarray(arr).shape
-            parts.append(pd.DataFrame({"task": "roles", "layer": np.repeat(np.arange(L), H),
-                                       "head": np.tile(np.arange(H), L), "metric": role,
-                                       "value": np.asarray(arr, dtype=float).ravel(), "in_circuit": False}))
+        parts.append(head_frame({r: np.asarray(a, dtype=float) for r, a in self.roles_scores.items()}, task="roles",
+                                in_circuit=False))
         return pd.concat(parts, ignore_index=True)
+
+    def roles(self) -> dict[HeadId, list[str]]:
+        out: dict[HeadId, list[str]] = {}
+        for t in self.tasks:
+            for h in t.circuit:
+                out.setdefault(h, []).append(f"{t.task} circuit")
+        return out
+
+    def n_samples(self) -> int:
+        return min((t.ld_clean.size for t in self.tasks), default=0)
+
+    def summary(self) -> dict[str, Stat]:
+        out = {}
+        for t in self.tasks:
+            n = int(t.ld_clean.size)
+            out[f"{t.task}_acc"] = Stat(f"{t.task}: pair accuracy", t.accuracy["pair_accuracy"], n=n, fmt=".2f")
+            out[f"{t.task}_kept"] = Stat(f"{t.task}: circuit of {len(t.circuit)} keeps", t.faithfulness.get("kept"),
+                                         n=n, fmt=".2f")
+        for r in self.overlap[self.overlap["metric"] == "jaccard"].itertuples():
+            out[f"jaccard_{r.task_a}_{r.task_b}"] = Stat(f"{r.task_a} ∩ {r.task_b} Jaccard (null {r.null_mean:.2f})",
+                                                         r.value, ci=(r.lo, r.hi), fmt=".2f")
+        if self.repair is not None:
+            out["repair"] = Stat("colored_objects accuracy before -> after repair",
+                                 f"{self.repair.before['pair_accuracy']:.2f} -> {self.repair.after['pair_accuracy']:.2f}")
+        return out
 
     def circuit_roles(self) -> pd.DataFrame:
         """Each task's circuit heads with their score and every role score (one row per task x head)."""
@@ -145,7 +218,17 @@ class CircuitsResult:
             s = t.scores("exact")
             for h in t.circuit:
                 rows.append({"task": t.task, "head": str(h), "score": float(s[h.layer, h.head])}
-                            | {role: float(np.asarray(a)[h.layer, h.head]) for role, a in self.roles.items()})
+                            | {role: float(np.asarray(a)[h.layer, h.head]) for role, a in self.roles_scores.items()})
+        return pd.DataFrame(rows)
+
+    def task_table(self) -> pd.DataFrame:
+        """Per task: accuracy, faithfulness of the circuit and agreement of EAP / EAP-IG with exact patching."""
+        rows = []
+        for t in self.tasks:
+            faith = {f"faithfulness {k}": v for k, v in t.faithfulness.items() if isinstance(v, (int, float))}
+            rows.append({"task": t.task, "circuit": ", ".join(map(str, t.circuit))}
+                        | {k: v for k, v in t.accuracy.items() if isinstance(v, (int, float))} | faith
+                        | t.method_agreement())
         return pd.DataFrame(rows)
 
     def overlap_matrix(self, metric: str = "jaccard") -> pd.DataFrame:
@@ -155,49 +238,48 @@ class CircuitsResult:
             m.loc[r.task_a, r.task_b] = m.loc[r.task_b, r.task_a] = r.value
         return m
 
-    def plot(self, metric: str = "jaccard"):
-        """Overlap matrix heat map above per-task layer x head score maps."""
-        from plotly.subplots import make_subplots
-        import plotly.graph_objects as go
+    def plots(self) -> dict:
+        from . import plots
 
-        n = len(self.tasks)
-        fig = make_subplots(rows=2, cols=max(n, 1), specs=[[{"colspan": max(n, 1)}] + [None] * (n - 1), [{}] * n],
-                            subplot_titles=[f"overlap ({metric})"] + [t.task for t in self.tasks])
-        m = self.overlap_matrix(metric)
-        fig.add_trace(go.Heatmap(z=m.values, x=list(m.columns), y=list(m.index), zmin=0, zmax=1,
-                                 colorscale="Viridis", text=np.round(m.values, 2), texttemplate="%{text}",
-                                 showscale=False), row=1, col=1)
-        for i, t in enumerate(self.tasks):
-            s = t.scores("exact")
-            fig.add_trace(go.Heatmap(z=s.T, colorscale="RdBu_r", zmid=0, showscale=False), row=2, col=i + 1)
-        fig.update_layout(height=650, title=f"Circuits across tasks ({self.model_id})")
-        return fig
+        first = self.tasks[0].task if self.tasks else None
+        return {"overview": lambda metric="jaccard": plots.overview(self, metric),
+                "overlap": lambda metric="jaccard": plots.overlap(self, metric),
+                "task": lambda task=first, method="exact": self.task(task).plot(method)}
+
+    def sections(self) -> list[Section]:
+        names = tuple(t.task for t in self.tasks)
+        methods = tuple(self.tasks[0].effects) if self.tasks else METHODS
+        repair = (Table("intervention", self.repair.table()) if self.repair is not None
+                  else Note("The repair needs the ioi and colored_objects tasks in the scan."))
+        return [Section("", (Figure("overlap", choices={"metric": ("jaccard", "overlap_coefficient")}),
+                             Table("overlap: value, 95% bootstrap interval over prompts, random-head null", self.overlap)),
+                        "columns"),
+                Section("Per-task head maps", (Figure("task", choices={"task": names, "method": methods},
+                                                      selects_head=True), Table("tasks", self.task_table()))),
+                Section("", (Section("circuit heads and roles", (Table("circuit roles", self.circuit_roles()),)),
+                             Section("all scores", (Table("circuits", self.to_frame()),)),
+                             Section("intervention", (repair,))), "tabs")]
 
     def save(self, folder) -> Path:
         folder = Path(folder)
         for t in self.tasks:
-            if not (folder / f"task_{t.task}.json").exists():
-                t.save(folder)
+            t.save(folder)
         _write_parquet(self.overlap, folder / "overlap.parquet")
         roles = self.to_frame()
         _write_parquet(roles[roles.task == "roles"], folder / "roles.parquet")
-        return write_json(folder / "summary.json", {
-            "format": "headwise.circuits", "version": 1, "model_id": self.model_id,
-            "tasks": [t.task for t in self.tasks], "intervention": self.intervention,
+        return self.write_summary(folder, {
+            "tasks": [t.task for t in self.tasks], "repair": self.repair.to_dict() if self.repair else None,
             "per_task": {t.task: {"accuracy": t.accuracy, "circuit": [str(h) for h in t.circuit],
                                   "faithfulness": t.faithfulness, **t.method_agreement()} for t in self.tasks}})
 
     @classmethod
     def load(cls, folder) -> "CircuitsResult":
         folder = Path(folder)
-        meta = read_json(folder / "summary.json", "circuits summary")
-        if meta.get("format") != "headwise.circuits":
-            raise CorruptFileError(f"{folder}/summary.json is not a circuits summary")
+        meta = cls.read_summary(folder)
         tasks = tuple(TaskResult.load(folder, t) for t in meta["tasks"])
-        roles_df = _read_parquet(folder / "roles.parquet")
         roles = {}
-        for role, g in roles_df.groupby("metric"):
+        for role, g in _read_parquet(folder / "roles.parquet").groupby("metric"):
             L, H = int(g.layer.max()) + 1, int(g["head"].max()) + 1
             roles[role] = g.sort_values(["layer", "head"]).value.to_numpy().reshape(L, H)
-        return cls(meta["model_id"], tasks, _read_parquet(folder / "overlap.parquet"), roles, meta["intervention"])
-
+        repair = Repair.from_dict(meta["repair"]) if meta.get("repair") else None
+        return cls(meta["model_id"], tasks, _read_parquet(folder / "overlap.parquet"), roles, repair)

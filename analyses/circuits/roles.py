@@ -111,10 +111,9 @@ def random_heads_like(heads, n_heads: int, seed: int = 0, exclude=()) -> list[He
     return sorted(out)
 
 
-def intervention(model, ioi_scores, co_circuit, s2_attention, calib: TaskBatch, held_out: TaskBatch,
-                 alphas=(0.5, 1.0, 2.0), k: int = 4, seed: int = 0) -> dict:
-    """Pick heads and ``alpha`` on ``calib``, report held-out accuracy before/after and a random-head control."""
-    heads = inhibition_heads(ioi_scores, co_circuit, s2_attention, k)
+def intervention(model, heads: list[HeadId], calib: TaskBatch, held_out: TaskBatch, alphas=(0.5, 1.0, 2.0),
+                 seed: int = 0) -> dict:
+    """Pick ``alpha`` for ``heads`` on ``calib``; held-out accuracy before/after and with random heads (control)."""
     calib_acc = {a: steer_accuracy(model, calib, heads, a)["mean_ld"] for a in alphas}
     alpha = max(calib_acc, key=calib_acc.get)
     control = random_heads_like(heads, model.n_heads, seed)

@@ -208,11 +208,3 @@ def make_task(model, name: str, n: int = 32, seed: int = 0) -> TaskBatch:
     if n < 1:
         raise InputError(f"need at least one prompt, got n={n}")
     return TASKS[name](model, n, seed)
-
-
-def parse_tasks(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in TASKS]
-    if bad or not names:
-        raise InputError(f"unknown task(s) {bad or text!r}: choose from {', '.join(TASKS)}")
-    return names

@@ -34,7 +34,7 @@ task = c[0].selectbox("Task", [t.task for t in res.tasks], key="circ_task")
 method = c[1].radio("Method", list(res.task(task).effects), horizontal=True, key="circ_method")
 t = res.task(task)
 L, H = t.scores(method).shape
-fig = clickable_heads(t.plot(method), L, H, transpose=True)
+fig = clickable_heads(t.plot(method), L, H)
 event = show_figure(fig, f"circuit_{task}_{method}", key="circ_task_map", on_select="rerun", selection_mode="points")
 clicked_head(event)
 acc = {k: v for k, v in t.accuracy.items() if isinstance(v, (int, float))}
@@ -49,16 +49,16 @@ with tab[0]:
 with tab[1]:
     show_table(res.to_frame(), "circuits")
 with tab[2]:
-    st.json(res.intervention or {"note": "needs the ioi and colored_objects tasks in the scan"})
+    st.json(res.repair.to_dict() if res.repair else {"note": "needs the ioi and colored_objects tasks in the scan"})
 
 reproduce(f'''
-from analyses.circuits import CircuitsResult, scan
+from analyses.circuits import CircuitsResult
 res = CircuitsResult.load({str(path)!r})
 # or run it (the page's defaults; files as the CLI writes them):
 # from probe import load_model; from dashboards import runs
 # runs.run('circuits', load_model({model_name()!r}), {str(results_root())!r})
 res.overlap_matrix({metric!r}); res.overlap
-res.plot({metric!r}).show()
+res.plot("overlap", metric={metric!r}).show()
 res.task({task!r}).plot({method!r}).show()
 res.circuit_roles()
 ''')
