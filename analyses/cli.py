@@ -20,9 +20,7 @@ from probe.errors import HeadwiseError
 from . import registry
 from .config import add_arguments, from_args
 
-# Analyses not yet on the registry contribute their own ``scan`` subcommand (add_cli).
-LEGACY_SCANS: list[str] = ["analyses.grounding"]
-COMMAND_MODULES: list[str] = ["analyses.sinks", "analyses.generate"]
+COMMAND_MODULES: list[str] = ["analyses.sinks"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     names = scan.add_subparsers(title="analyses")
     for analysis in registry.analyses():
         scan_parser(names, analysis.name, analysis, help=f"{analysis.title} ({analysis.paper.split(',')[0]})")
-    for name in LEGACY_SCANS:
-        importlib.import_module(name).add_cli(names)
+    _generate_parser(sub)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_cli(sub)
     return p
@@ -117,6 +114,24 @@ def scan_parser(sub, command: str, analysis, help: str) -> argparse.ArgumentPars
                    help="also write PNG figures (needs kaleido and a Chromium; slow)")
     s.set_defaults(run=lambda args: _scan(args, analysis))
     return s
+
+
+def _generate_parser(sub) -> None:
+    from .generate import command
+
+    g = sub.add_parser("generate", help="greedy generation, with an ACT calibration (--calibration) "
+                                        "and/or Lookback Lens guided decoding (--guided)")
+    g.add_argument("prompt")
+    g.add_argument("--calibration", default=None, help="calib.json from `headwise scan sinks` (ACT)")
+    g.add_argument("--guided", default=None, help="detector.json from `headwise scan grounding`")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (greedy only)")
+    g.add_argument("--candidates", type=int, default=8, help="sampled chunks per step (guided)")
+    g.add_argument("--chunk", type=int, default=8, help="tokens per chunk (guided)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (guided)")
+    g.add_argument("--html", default=None, help="write the token view coloured by grounding here (needs --guided)")
+    model_args(g, "also write the generated text to this file", out_required=False)
+    g.set_defaults(run=lambda args: command(args, load))
 
 
 def _scan(args, analysis) -> int:

@@ -159,9 +159,10 @@ class Result:
 
     # ------------------------------------------------------------------ summary.json helpers
     def write_summary(self, folder: str | Path, body: dict) -> Path:
-        """``folder/summary.json`` with this result's format, version and model id (atomic)."""
-        return write_json(Path(folder) / "summary.json",
-                          {"format": self.FORMAT, "version": self.VERSION, "model_id": self.model_id, **body})
+        """``folder/summary.json`` with this result's format, version and model id (atomic); returns ``folder``."""
+        write_json(Path(folder) / "summary.json",
+                   {"format": self.FORMAT, "version": self.VERSION, "model_id": self.model_id, **body})
+        return Path(folder)
 
     @classmethod
     def read_summary(cls, folder: str | Path) -> dict:

@@ -93,7 +93,7 @@ def run(analysis: Analysis | str, model, config=None, *, store: UnitStore | str 
     executor = executor or SerialExecutor()
     state = None
     for stage in analysis.stages:
-        state = _run_stage(analysis, stage, model, config, state, store, executor, progress)
+        state = run_stage(analysis, stage, model, config, state, store, executor, progress)
     if not isinstance(state, analysis.result):
         raise TypeError(f"{analysis.name}: the last stage returned {type(state).__name__}, not {analysis.result.__name__}")
     if store is not None:
@@ -102,7 +102,10 @@ def run(analysis: Analysis | str, model, config=None, *, store: UnitStore | str 
     return state
 
 
-def _run_stage(analysis, stage, model, config, state, store, executor, progress):
+def run_stage(analysis: Analysis, stage: Stage, model, config, state, store: UnitStore | None = None,
+              executor=None, progress: bool | Callable[[Progress], None] = False):
+    """One stage of ``analysis`` from the previous stage's ``state`` (plan, compute missing units, reduce)."""
+    executor = executor or SerialExecutor()
     while True:
         units = stage.plan(model, config, state)
         ids = [u.id for u in units]

@@ -171,19 +171,6 @@ def _run_similarity(model, out, **o):
 
 
 def _run_grounding(model, out, **o):
-    from analyses.grounding import run_grounding
-    return run_grounding(model, out, limit=o["limit"], n_mitigate=o["n_mitigate"], k=o["k"], n_perm=o["n_perm"])
-
-
-# ----------------------------------------------------------------------------- grounding files
-
-def grounding_dataset(folder: str | Path, reading: str = "code"):
-    """The answered items of a saved grounding run (see :func:`analyses.grounding.saved_dataset`)."""
-    from analyses.grounding import saved_dataset
-    return saved_dataset(folder, reading)
-
-
-def grounding_roc(folder: str | Path):
-    """Held-out ROC points of a saved grounding run (see :func:`analyses.grounding.heldout_roc`)."""
-    from analyses.grounding import heldout_roc
-    return heldout_roc(folder)
+    from analyses import run
+    from analyses.grounding import GROUNDING, GroundingConfig
+    return run(GROUNDING, model, GroundingConfig(**o), store=out)

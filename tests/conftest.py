@@ -50,7 +50,7 @@ def reference_patterns():
 # ----------------------------------------------------------------------------- saved results for the dashboard tests
 
 def _grounding(root: Path, L: int, H: int) -> None:
-    from analyses.grounding import GroundingResult
+    from analyses.grounding import GroundingResult, heldout_roc
     from analyses.grounding.detector import evaluate
 
     rng = np.random.default_rng(0)
@@ -58,16 +58,12 @@ def _grounding(root: Path, L: int, H: int) -> None:
     X = rng.normal(size=(40, L * H)) * 0.1 + 0.5
     X[:, 3] += 0.3 * y                                         # head L0H3 looks back when grounded
     det, summary = evaluate(X[:28], y[:28], X[28:], y[28:], L, H, n_boot=50, n_perm=5)
-    folder = root / "grounding-tiny-llama"
-    det.save(folder.parent / "tmp-detector.json")
     mit = pd.DataFrame({"condition": ["greedy", "guided"], "n": [6, 6], "grounded_rate": [0.25, 0.5],
-                        "contradicted_rate": [0.5, 0.25], "heads": ["[]", "[]"]})
-    GroundingResult("tiny-llama", summary, det.head_weights(), mit).save(folder)
-    (folder.parent / "tmp-detector.json").rename(folder / "detector.json")
-    rows = [{"item_id": f"i{i}", "split": "train" if i < 28 else "heldout", "label": float(y[i]), "n_new": 1,
-             "answer": "x", "row_lr": X[i].tolist()} for i in range(40)]
-    (folder / "dataset").mkdir()
-    pd.DataFrame(rows).to_parquet(folder / "dataset" / "shard_0000.parquet")
+                        "contradicted_rate": [0.5, 0.25], "heads": ["", ""], "d_greedy": [0.0, 0.25]})
+    answers = pd.DataFrame([{"item_id": f"i{i}", "split": "train" if i < 28 else "heldout", "label": float(y[i]),
+                             "n_new": 1, "answer": "x", "row_lr": X[i].tolist()} for i in range(40)])
+    GroundingResult("tiny-llama", summary, det.head_weights(), mit, heldout_roc(det, answers),
+                    answers.drop(columns="row_lr"), det).save(root / "grounding-tiny-llama")
 
 
 def _sinks(folder: Path, model) -> None:

@@ -119,7 +119,7 @@ def test_similarity_page(app, monkeypatch):
 def test_grounding_page_roc_and_token_view(app):
     _open(app, "grounding", "Grounding")
     assert {"Figure as HTML", "Table as CSV"} <= set(_labels(app))
-    assert "heldout_roc(" in _code(app)
+    assert 'res.plot("roc")' in _code(app)
     app.button(key="gr_generate").click().run()                   # guided decoding with the saved detector
     assert not app.exception
     assert "Token view as HTML" in _labels(app)

@@ -7,6 +7,7 @@ from analyses.grounding import (Detector, GroundingResult, boost_heads, boost_sp
                                 ratio, ratios_from_stats, regions, span_feature, token_scores, token_view_html)
 from analyses.grounding.data import build_items, split_of
 from analyses.grounding.detector import auroc, bootstrap_ci, evaluate
+from analyses.units import UnitStore
 from probe.errors import CorruptFileError, InputError
 from probe.heads import HeadId
 from probe.interventions import InterventionSpec, SpanKnockout
@@ -100,16 +101,28 @@ def test_labels_and_split():
     assert all(it.passage_value in it.prompt and it.prompt[it.context_end:].startswith("\n") for it in items)
 
 
-def test_guided_generate_picks_the_best_scoring_chunk(tiny_llama):
+def test_guided_generate_picks_the_best_scoring_chunk(tiny_llama, monkeypatch):
+    from analyses.grounding import mitigate
+
     L, H = tiny_llama.n_layers, tiny_llama.n_heads
-    det = Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
+    rng = np.random.default_rng(0)
+    det = Detector(rng.normal(size=L * H) * 20, 0.0, np.full(L * H, 0.5), np.ones(L * H), L, H)
+    real, sizes = mitigate._candidate, []
+    monkeypatch.setattr(mitigate, "_candidate", lambda *a: sizes.append(len((c := real(*a))[0])) or c)
+    scored = []
+    monkeypatch.setattr(Detector, "score", lambda self, X: scored.append(Detector.decision(self, X)) or
+                        1.0 / (1.0 + np.exp(-Detector.decision(self, X))))
     out = guided_generate(tiny_llama, "some context text. q:", det, max_new_tokens=6, chunk=3, n_candidates=3,
                           stop_at_newline=False)
     assert 1 <= len(out.new_ids) <= 6 and out.row_lr.shape == (len(out.new_ids), L, H)
     assert np.all((out.row_lr >= 0) & (out.row_lr <= 1))
+    first = [1.0 / (1.0 + np.exp(-float(d[0]))) for d in scored[:3]]          # the three candidates of step 1
+    assert all(n > 0 for n in sizes[:3]) and len(set(np.round(first, 9))) > 1   # real, different candidates
+    assert out.chunk_scores[0] == pytest.approx(max(first), rel=1e-9)          # the best one was kept
     # the kept chunk's score is the detector's score of its rows' mean
-    first = out.row_lr[:min(3, len(out.new_ids))].mean(0).reshape(1, -1)
-    assert out.chunk_scores[0] == pytest.approx(float(det.score(first)[0]), rel=1e-5)
+    rows = out.row_lr[:min(3, len(out.new_ids))].mean(0).reshape(1, -1)
+    assert out.chunk_scores[0] == pytest.approx(float(1.0 / (1.0 + np.exp(-det.decision(rows)[0]))), rel=1e-5)
+    monkeypatch.undo()
     scores = token_scores(det, out.row_lr)
     assert "P(grounded)" in token_view_html([str(t) for t in out.new_ids], scores)
     bad = Detector(np.ones(6), 0.0, np.zeros(6), np.ones(6), 2, 3)
@@ -137,7 +150,7 @@ def test_boost_heads_and_result_round_trip(tmp_path):
                           det.head_weights(), pd.DataFrame([{"condition": "greedy", "n": 3, "grounded_rate": 0.5,
                                                              "contradicted_rate": 0.2, "heads": "[]"}]))
     again = GroundingResult.load(res.save(tmp_path / "r"))
-    assert np.array_equal(again.head_weights, res.head_weights) and again.summary == res.summary
+    assert np.array_equal(again.head_weights, res.head_weights) and again.stats == res.stats
     f = again.to_frame()
     assert set(f.metric) >= {"coef", "rank", "auroc", "grounded_rate:greedy"}
     assert f[(f.metric == "rank") & (f.layer == 4) & (f["head"] == 2)]["value"].item() == 1
@@ -163,17 +176,19 @@ def test_embedded_model_answer_has_ratios(smol):
 
 
 def test_dataset_resumes_finished_shards(tiny_llama, tmp_path, monkeypatch):
-    from analyses.grounding import data
+    from analyses.grounding import GROUNDING, GroundingConfig, run as stages
+    from analyses.runner import run_stage
 
-    df = data.generate_dataset(tiny_llama, tmp_path, limit=3, shard=2, max_new_tokens=2, progress=False)
-    assert len(df) == 3 and len(list((tmp_path / "dataset").glob("shard_*.parquet"))) == 2
+    cfg, items = GroundingConfig(limit=3, shard=2, max_new_tokens=2), GROUNDING.stage("items")
+    df = run_stage(GROUNDING, items, tiny_llama, cfg, None, UnitStore(tmp_path))["df"]
+    assert len(df) == 3 and len(list((tmp_path / "units" / "items").glob("shard-*"))) == 2
     assert set(df["split"]) <= {"train", "heldout"} and all(len(r) == n * 8 for r, n in zip(df.row_lr, df.n_new))
 
     def boom(*a, **k):
         raise AssertionError("a finished shard was recomputed")
 
-    monkeypatch.setattr(data, "answer_item", boom)
-    again = data.generate_dataset(tiny_llama, tmp_path, limit=3, shard=2, progress=False)
+    monkeypatch.setattr(stages, "answer_item", boom)
+    again = run_stage(GROUNDING, items, tiny_llama, cfg, None, UnitStore(tmp_path))["df"]
     assert again["answer"].tolist() == df["answer"].tolist()
 
 
@@ -228,7 +243,7 @@ def _confounded_frame(n=240, seed=0, signal=0.0):
 
 @pytest.mark.parametrize("signal", [0.0, 1.5])
 def test_fit_detectors_separates_template_from_within_template_signal(signal):
-    from analyses.grounding.run import fit_detectors
+    from analyses.grounding.detector import fit_detectors
 
     det, s = fit_detectors(_confounded_frame(signal=signal), 2, 2, n_perm=10, n_boot=50)
     assert s["auroc"] > 0.75                     # pooled: the template alone is enough
@@ -251,20 +266,31 @@ def test_paired_diff():
         paired_diff([], [])
 
 
+def _mitigation_state(model, items, greedy, det):
+    """The state the mitigation stage reads: these items held out, answered greedily as ``greedy`` says."""
+    import pandas as pd
+
+    df = pd.DataFrame({"item_id": [it.item_id for it in items], "split": "heldout", "answer": greedy,
+                       "label": np.nan, "n_new": 1, "row_lr": [[0.5] * model.n_layers * model.n_heads] * len(items)})
+    return {"df": df, "detector": det, "stats": {"n_heldout": len(items)}}
+
+
 def test_mitigation_rates_and_resume(tiny_llama, tmp_path, monkeypatch):
-    from analyses.grounding import run
+    from analyses.grounding import GROUNDING, GroundingConfig, mitigate, run as stages
+    from analyses.runner import run_stage
 
     items = build_items()[:2]
     L, H = tiny_llama.n_layers, tiny_llama.n_heads
     det = Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
     # tiny-llama has no layers 2..L-1: boost layer-1 heads instead (the choice of heads is tested above)
-    monkeypatch.setattr(run, "boost_heads", lambda d, k=None, how="top", seed=0:
+    monkeypatch.setattr(mitigate, "boost_heads", lambda d, k=None, how="top", seed=0:
                         [HeadId(1, h) for h in ((0, 1, 2, 3) if k is None else (0, 1) if how == "top" else (2, 3))])
-    greedy = {items[0].item_id: f" {items[0].passage_value}", items[1].item_id: f" {items[1].true_value}"}
-    kw = dict(k=2, max_new_tokens=2, greedy=greedy, progress=False, block=1)
-    m = run.mitigation(tiny_llama, items, det, tmp_path, **kw)
+    monkeypatch.setattr(stages, "mitigation_items", lambda cfg, df: items)
+    state = _mitigation_state(tiny_llama, items, [f" {items[0].passage_value}", f" {items[1].true_value}"], det)
+    cfg, stage = GroundingConfig(k=2, max_new_tokens=2, block=1, n_mitigate=2), GROUNDING.stage("mitigation")
+    m = run_stage(GROUNDING, stage, tiny_llama, cfg, state, UnitStore(tmp_path)).mitigation
     g = m.set_index("condition")
-    assert len(m) == 6 and set(m["n"]) == {2} and len(list((tmp_path / "mitigation").glob("*.parquet"))) == 12
+    assert len(m) == 6 and set(m["n"]) == {2} and len(list((tmp_path / "units" / "mitigation").glob("*"))) == 12
     assert g.loc["greedy", "grounded_rate"] == 0.5 and g.loc["greedy", "contradicted_rate"] == 0.5
     assert g.loc["guided", "control"] == "sampled" and g.loc["boost_top2", "control"] == "boost_random2"
     assert g.loc["greedy", "d_greedy"] == 0.0 and np.isnan(g.loc["greedy", "d_control"])
@@ -272,37 +298,39 @@ def test_mitigation_rates_and_resume(tiny_llama, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(run, "_answer", boom)
-    assert run.mitigation(tiny_llama, items, det, tmp_path, **kw)["grounded_rate"].tolist() == \
-        m["grounded_rate"].tolist()
+    monkeypatch.setattr(stages, "answer", boom)
+    again = run_stage(GROUNDING, stage, tiny_llama, cfg, state, UnitStore(tmp_path)).mitigation
+    assert again["grounded_rate"].tolist() == m["grounded_rate"].tolist()
     other = Detector(-np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H)
-    with pytest.raises(AssertionError, match="recomputed"):   # a new detector invalidates saved answers
-        run.mitigation(tiny_llama, items, other, tmp_path, **kw)
+    with pytest.raises(AssertionError, match="recomputed"):   # a new detector invalidates saved guided answers
+        run_stage(GROUNDING, stage, tiny_llama, cfg, state | {"detector": other}, UnitStore(tmp_path))
 
 
 def test_detector_stage_reloads_instead_of_refitting(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from analyses.grounding import run
+    from analyses.grounding import GROUNDING, GroundingConfig, run as stages
+    from analyses.runner import run_stage
 
     fake = SimpleNamespace(n_layers=2, n_heads=2, weights_hash="h", model_id="fake")
     df = _confounded_frame(signal=1.5)
     df["item_id"], df["answer"] = [f"i{i}" for i in range(len(df))], "x"
-    kw = dict(center="none", n_perm=2, seed=0, reading="code")
-    real = run.fit_detectors
-    monkeypatch.setattr(run, "fit_detectors", lambda *a, **k: real(*a, **{**k, "n_boot": 20}))
-    det, s = run._detector_stage(fake, df, tmp_path, **kw)
+    cfg, stage = GroundingConfig(n_perm=2), GROUNDING.stage("detector")
+    real = stages.fit_detectors
+    monkeypatch.setattr(stages, "fit_detectors", lambda *a, **k: real(*a, **{**k, "n_boot": 20}))
+    first = run_stage(GROUNDING, stage, fake, cfg, {"df": df}, UnitStore(tmp_path))
+    det, s = first["detector"], first["stats"]
     assert s["n_items"] == len(df) and det.meta["model_id"] == "fake"
 
     def boom(*a, **k):
         raise AssertionError("refit")
 
-    monkeypatch.setattr(run, "fit_detectors", boom)
-    again, s2 = run._detector_stage(fake, df, tmp_path, **kw)
-    assert np.array_equal(again.coef, det.coef) and s2["auroc"] == s["auroc"]
+    monkeypatch.setattr(stages, "fit_detectors", boom)
+    again = run_stage(GROUNDING, stage, fake, cfg, {"df": df}, UnitStore(tmp_path))
+    assert np.array_equal(again["detector"].coef, det.coef) and again["stats"]["auroc"] == s["auroc"]
     df.loc[0, "answer"] = "changed"
     with pytest.raises(AssertionError, match="refit"):
-        run._detector_stage(fake, df, tmp_path, **kw)
+        run_stage(GROUNDING, stage, fake, cfg, {"df": df}, UnitStore(tmp_path))
 
 
 def test_generate_command_options_are_checked_before_loading(tmp_path, capsys):

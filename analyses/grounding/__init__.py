@@ -6,29 +6,26 @@ a span, feeds a logistic-regression detector of ungrounded spans; guided decodin
 sampled chunk the detector finds most grounded. PAINT (arXiv 2501.12206): boosting pre-softmax
 scores on context tokens (``z + alpha|z|``) in layers ``2..L-1`` on the last row. See methods.md §5.
 
-The pipeline (:func:`run_grounding`): counterfactual passages → greedy answers with lookback
-ratios from the streaming statistics → automatic labels → detector (held-out AUROC with a
-bootstrap interval vs the mean-ratio baseline and a permutation null) → mitigation on held-out
-items (grounded rate before/after). Every stage writes its own files and is skipped on rerun.
+The analysis (:data:`GROUNDING`, stages in :mod:`.run`): counterfactual passages → greedy answers
+with lookback ratios from the streaming statistics → automatic labels → detector (held-out AUROC
+with a bootstrap interval vs the mean-ratio baseline and a permutation null) → mitigation on
+held-out items (grounded rate before/after). Every unit is stored; a rerun resumes.
 
 >>> from analyses.grounding.lookback import ratio
 >>> import torch
 >>> float(ratio(torch.tensor(1.0), torch.tensor(0.0), 4, 2))   # only looks at the context
 1.0
 """
-from __future__ import annotations
+from .data import Item, build_items, item_regions, label
+from .detector import Detector, evaluate, features, fit, fit_detectors, heldout_roc
+from .lookback import ratio, ratios_from_stats, regions, span_feature
+from .mitigate import boost_heads, boost_spec, guided_generate, guided_view
+from .result import GroundingResult, GuidedPrompt, token_scores, token_view_html
+from .run import GROUNDING, GroundingConfig
 
-from pathlib import Path
+ANALYSIS = GROUNDING
 
-import numpy as np
-import pandas as pd
-
-from .data import build_items, generate_dataset, item_regions, label  # noqa: F401
-from .detector import Detector, evaluate, fit  # noqa: F401
-from .lookback import ratio, ratios_from_stats, regions, span_feature  # noqa: F401
-from .mitigate import boost_heads, boost_spec, guided_generate  # noqa: F401
-from .result import GroundingResult, token_scores, token_view, token_view_html  # noqa: F401
-from .run import add_cli, features, heldout_roc, mitigation, run_grounding, saved_dataset  # noqa: F401
-
-__all__ = ["run_grounding", "heldout_roc", "saved_dataset", "GroundingResult", "Detector", "guided_generate", "ratio", "ratios_from_stats",
-           "span_feature", "boost_spec", "boost_heads", "token_view", "token_view_html", "add_cli"]
+__all__ = ["ANALYSIS", "GROUNDING", "GroundingConfig", "GroundingResult", "GuidedPrompt", "Detector", "Item",
+           "build_items", "item_regions", "label", "evaluate", "features", "fit", "fit_detectors", "heldout_roc",
+           "ratio", "ratios_from_stats", "regions", "span_feature", "boost_heads", "boost_spec", "guided_generate",
+           "guided_view", "token_scores", "token_view_html"]

@@ -4,7 +4,7 @@ Each item is a short passage that states a counterfactual fact ("the capital of 
 Lyon") and asks about it. The embedded model answers greedily; the answer is labelled
 grounded (1) if it names the passage's value and not the real-world one, not grounded (0) if it
 names the real-world value and not the passage's, and dropped as ambiguous otherwise. Templates
-and facts ship in ``data/grounding/facts.json``; the generated set goes into the results folder.
+and facts ship in ``data/grounding/facts.json``; the answers are the units of the ``items`` stage.
 """
 from __future__ import annotations
 
@@ -133,36 +133,3 @@ def answer_item(model, item: Item, *, max_new_tokens: int = 10, reading: str = "
     else:
         row["row_lr"] = []
     return row
-
-
-def generate_dataset(model, out: str | Path, *, limit: int | None = None, shard: int = 20,
-                     max_new_tokens: int = 10, reading: str = "code", progress: bool = True):
-    """Answer every item and write ``dataset/shard_XXXX.parquet`` (finished shards are skipped on rerun).
-
-    The ``"paper"`` reading writes ``dataset_paper/`` so the two readings never share shards.
-    """
-    import pandas as pd
-    from tqdm import tqdm
-
-    from probe.atomic import atomic_path
-
-    items = build_items(limit=limit)
-    folder = Path(out) / ("dataset" if reading == "code" else f"dataset_{reading}")  # never mix readings
-    folder.mkdir(parents=True, exist_ok=True)
-    frames = []
-    bar = tqdm(total=len(items), desc="grounding data", disable=not progress)
-    for s in range(0, len(items), shard):
-        path = folder / f"shard_{s // shard:04d}.parquet"
-        want = [it.item_id for it in items[s:s + shard]]
-        if not path.exists() or pd.read_parquet(path, columns=["item_id"])["item_id"].tolist() != want:
-            rows = []
-            for item in items[s:s + shard]:
-                rows.append(answer_item(model, item, max_new_tokens=max_new_tokens, reading=reading))
-                bar.update(1)
-            with atomic_path(path) as tmp:
-                pd.DataFrame(rows).to_parquet(tmp)
-        else:
-            bar.update(len(items[s:s + shard]))
-        frames.append(pd.read_parquet(path))
-    bar.close()
-    return pd.concat(frames, ignore_index=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from probe.atomic import read_json, write_json
 from probe.errors import CorruptFileError, InputError
@@ -62,18 +63,21 @@ class Detector:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Detector":
-        d = read_json(path)
+    def from_dict(cls, d: dict, where: str = "detector") -> "Detector":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise CorruptFileError(f"{path}: not a lookback detector file; write one with `headwise scan grounding`")
+            raise CorruptFileError(f"{where}: not a lookback detector file; write one with `headwise scan grounding`")
         try:
             det = cls(np.asarray(d["coef"], float), float(d["intercept"]), np.asarray(d["scaler_mean"], float),
                       np.asarray(d["scaler_scale"], float), int(d["n_layers"]), int(d["n_heads"]), d.get("meta", {}))
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptFileError(f"{path}: detector file is missing or has a bad field ({exc})") from exc
+            raise CorruptFileError(f"{where}: detector file is missing or has a bad field ({exc})") from exc
         if not det.coef.shape == det.mean.shape == det.scale.shape == (det.n_layers * det.n_heads,):
-            raise CorruptFileError(f"{path}: detector arrays do not match {det.n_layers} x {det.n_heads} heads")
+            raise CorruptFileError(f"{where}: detector arrays do not match {det.n_layers} x {det.n_heads} heads")
         return det
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Detector":
+        return cls.from_dict(read_json(path), str(path))
 
 
 def fit(X, y, n_layers: int, n_heads: int, C: float = 1.0, meta: dict | None = None) -> Detector:
@@ -219,3 +223,81 @@ def paired_diff(a, b, n: int = 2000, seed: int = 0) -> tuple[float, float, float
     i = np.random.default_rng(seed).integers(0, d.size, (n, d.size))
     lo, hi = np.quantile(d[i].mean(1), [0.025, 0.975])
     return float(d.mean()), float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- answered items -> features
+
+def labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with a label and at least one generated token (the spans the detector sees)."""
+    return df[df["label"].notna() & (df["n_new"] > 0)]
+
+
+def features(df: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Span features (mean lookback ratio over the answer's rows) and labels of the labelled rows."""
+    lab = labelled(df)
+    return row_features(lab, n_layers, n_heads), lab["label"].astype(int).to_numpy()
+
+
+def row_features(df: pd.DataFrame, L: int, H: int) -> np.ndarray:
+    """``[rows, L*H]``: each answer's lookback ratios averaged over its generated tokens."""
+    if not len(df):
+        return np.zeros((0, L * H))
+    return np.stack([np.asarray(r, np.float64).reshape(-1, L * H).mean(0) for r in df["row_lr"]])
+
+
+def fit_detectors(df: pd.DataFrame, L: int, H: int, *, center: str = "none", n_perm: int = 50,
+                  n_boot: int = 1000, seed: int = 0) -> tuple[Detector, dict]:
+    """The plain detector (the paper's) and the template-centred one; returns the chosen one and a summary.
+
+    Both are scored pooled (``auroc``) and within templates (``w_auroc``: only pairs of answers to the
+    same template, so knowing the template is worth 0.5); keys of the centred fit carry the prefix
+    ``centred_``. Centring means come from every train answer with tokens (labelled or not): no labels.
+    ``center`` picks the detector returned (``"none"``: plain, as in the paper).
+    """
+    if center not in ("template", "none"):
+        raise InputError(f"center must be 'template' or 'none', not {center!r}")
+    tr, te = (labelled(df[df["split"] == s]) for s in ("train", "heldout"))
+    (Xtr, ytr), (Xte, yte) = features(tr, L, H), features(te, L, H)
+    if len(set(yte.tolist())) < 2 or len(set(ytr.tolist())) < 2:
+        raise InputError(f"train or held-out labels have one class only ({len(ytr)}/{len(yte)} labelled): "
+                         "use more items (limit)")
+    gtr, gte = tr["template_id"].to_numpy(), te["template_id"].to_numpy()
+    plain, summary = evaluate(Xtr, ytr, Xte, yte, L, H, n_perm=n_perm, n_boot=n_boot, seed=seed, gtr=gtr, gte=gte)
+    pool = df[(df["split"] == "train") & (df["n_new"] > 0)]
+    _, means = center_by_group(row_features(pool, L, H), pool["template_id"].to_numpy())
+    Ctr, Cte = center_by_group(Xtr, gtr, means)[0], center_by_group(Xte, gte, means)[0]
+    centred, cs = evaluate(Ctr, ytr, Cte, yte, L, H, n_perm=n_perm, n_boot=n_boot, seed=seed, gtr=gtr, gte=gte)
+    summary.update({f"centred_{k}": v for k, v in cs.items() if not k.startswith(("n_", "heldout_", "train_"))})
+    det = centred if center == "template" else plain
+    return det, summary
+
+
+def confound_checks(det: Detector, tr: pd.DataFrame, te: pd.DataFrame, L: int, H: int) -> dict:
+    """Is the detector more than a template detector? AUROC of the template's train grounded rate as the
+    score, and the detector's AUROC within each template (where both classes occur in held-out)."""
+    lab_tr, lab_te = labelled(tr), labelled(te)
+    rate = lab_tr.groupby("template_id")["label"].mean()
+    y = lab_te["label"].astype(int).to_numpy()
+    out = {"template_baseline_auroc": auroc(y, lab_te["template_id"].map(rate).fillna(0.5).to_numpy())}
+    for t, g in lab_te.groupby("template_id"):
+        X, yt = features(g, L, H)
+        if len(set(yt.tolist())) == 2:
+            s, base = det.score(X), X.mean(1)
+            out[f"template{t}_auroc"], out[f"template{t}_auroc_ci"] = auroc(yt, s), bootstrap_ci(yt, s, 1000)
+            out[f"template{t}_baseline_auroc"] = auroc(yt, base)
+            out[f"template{t}_n"] = int(len(yt))
+    return out
+
+
+def heldout_roc(det: Detector, df: pd.DataFrame) -> pd.DataFrame:
+    """Held-out ROC points (``scorer, fpr, tpr``) of the detector and of the mean-ratio baseline."""
+    from sklearn.metrics import roc_curve
+
+    X, y = features(df[df["split"] == "heldout"], det.n_layers, det.n_heads)
+    if len(set(y.tolist())) < 2:
+        return pd.DataFrame(columns=["scorer", "fpr", "tpr"])
+    parts = []
+    for name, s in (("Lookback Lens detector", det.score(X)), ("mean lookback ratio (baseline)", X.mean(1))):
+        fpr, tpr, _ = roc_curve(y, s)
+        parts.append(pd.DataFrame({"scorer": name, "fpr": fpr, "tpr": tpr}))
+    return pd.concat(parts, ignore_index=True)

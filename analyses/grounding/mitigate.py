@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from probe.errors import InputError
@@ -24,7 +25,8 @@ from probe.runtime import collect_stats
 from probe.stats import StatsRequest
 from probe.decoding import stop_ids
 
-from .detector import Detector
+from .data import Item, answer_item, item_regions, label, text_regions
+from .detector import Detector, paired_diff
 from .lookback import Regions, ratios_from_stats, regions
 
 
@@ -132,3 +134,69 @@ def boost_heads(detector: Detector, k: int | None = None, how: str = "top", seed
         return [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
     w = detector.head_weights()
     return sorted(pool, key=lambda hd: -w[hd.layer, hd.head])[:k]
+
+
+# ----------------------------------------------------------------------------- the mitigation experiment
+
+def conditions(det: Detector, k: int, alpha: float) -> dict[str, dict]:
+    """Mitigation conditions; ``control`` names the condition each one is compared with besides greedy.
+
+    greedy (before), sampled (one candidate per chunk: the sampling control), guided (best of 8 by
+    the detector), and the boost on the detector's top-``k`` heads, on ``k`` random heads (control)
+    and on all heads of layers 2..L-1.
+    """
+    return {"greedy": {},
+            f"boost_top{k}": {"heads": boost_heads(det, k, "top"), "alpha": alpha, "control": f"boost_random{k}"},
+            f"boost_random{k}": {"heads": boost_heads(det, k, "random"), "alpha": alpha},
+            "boost_all": {"heads": boost_heads(det), "alpha": alpha},
+            "sampled": {"guided": True, "n_candidates": 1},
+            "guided": {"guided": True, "control": "sampled"}}
+
+
+def answer(model, item: Item, det: Detector, cond: dict, max_new_tokens: int, seed: int) -> str:
+    """The answer to ``item`` under one condition (guided decoding or a boost of ``cond["heads"]``)."""
+    ids, reg = item_regions(model, item)
+    if cond.get("guided"):
+        return guided_generate(model, ids, det, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=max_new_tokens,
+                               reading=det.meta.get("reading", "code"),
+                               seed=seed, n_candidates=cond.get("n_candidates", 8)).text
+    spec = boost_spec(cond["heads"], (reg.ctx_start, reg.ctx_stop), cond["alpha"]) if cond.get("heads") else None
+    return answer_item(model, item, max_new_tokens=max_new_tokens, spec=spec)["answer"]
+
+
+def rates(answers: dict[str, list[str]], items: list[Item], conds: dict[str, dict]) -> pd.DataFrame:
+    """Grounded / contradicted rate per condition, and the paired change vs greedy and vs the control.
+
+    ``d_greedy`` / ``d_control``: paired change in grounded rate with a 95% bootstrap interval.
+    """
+    grounded, rows = {}, []
+    for name, texts in answers.items():
+        labs = [label(t, it.passage_value, it.true_value) for t, it in zip(texts, items)]
+        grounded[name] = np.array([lab == 1 for lab in labs], float)
+        rows.append({"condition": name, "n": len(labs), "grounded_rate": float(grounded[name].mean()),
+                     "contradicted_rate": float(np.mean([lab == 0 for lab in labs])),
+                     "heads": ", ".join(str(h) for h in conds[name].get("heads", []))})
+    for r in rows:
+        r.update(zip(("d_greedy", "d_greedy_lo", "d_greedy_hi"), paired_diff(grounded[r["condition"]],
+                                                                              grounded["greedy"])))
+        c = conds[r["condition"]].get("control")
+        r["control"] = c or ""
+        r.update(zip(("d_control", "d_control_lo", "d_control_hi"),
+                     paired_diff(grounded[r["condition"]], grounded[c]) if c else (np.nan,) * 3))
+    return pd.DataFrame(rows)
+
+
+def guided_view(model, det: Detector, prompt: str, *, max_new_tokens: int = 12, chunk: int = 8,
+                n_candidates: int = 8, seed: int = 0):
+    """Guided decoding of ``prompt`` (context: all but its last line) and each new token's P(grounded).
+
+    Returns ``(output, tokens, scores)``; the token view shows the detector's probability on each
+    generated token's own row of lookback ratios.
+    """
+    from .result import token_scores
+
+    reading = det.meta.get("reading", "code")
+    ids, reg = text_regions(model, prompt, reading=reading)
+    out = guided_generate(model, ids, det, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=max_new_tokens,
+                          chunk=chunk, n_candidates=n_candidates, seed=seed, reading=reading)
+    return out, [model.tokenizer.decode([t]) for t in out.new_ids], token_scores(det, out.row_lr)

@@ -1,4 +1,4 @@
-"""The grounding result (detector summary, head map, mitigation) and the token-level view."""
+"""The grounding result (detector statistics, head map, ROC, mitigation, the detector) and the token view."""
 from __future__ import annotations
 
 import html
@@ -8,81 +8,141 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from probe.atomic import atomic_path, read_json, write_json
-from probe.errors import CorruptFileError
+from probe.atomic import atomic_path
+from probe.heads import HeadId
+from probe.shapes import HeadScores
+
+from ..config import Config, opt
+from ..contract import Result, Stat, head_frame, run_rows
+from ..layout import Download, Figure, Note, Section, Table, Tool, ToolOutput
+from .detector import Detector
 
 FORMAT = "headwise.grounding_result"
 
 
+@dataclass(frozen=True)
+class GuidedPrompt(Config):
+    """The inputs of the token view: a prompt whose last line is the answer header."""
+
+    prompt: str = opt("The capital of France is Lyon, according to the new atlas.\nQuestion: What is the capital "
+                      "of France?\nAnswer:", "prompt with a context passage (its last line starts the answer)")
+    max_new_tokens: int = opt(12, "tokens to generate", min=1)
+
+
 @dataclass(frozen=True, eq=False)
-class GroundingResult:
+class GroundingResult(Result):
     """Lookback Lens on one model.
 
-    ``summary``: held-out AUROC (+ interval), mean-LR baseline, permutation null, dataset counts;
+    ``stats``: held-out AUROC (+ interval), mean-LR baseline, permutation null, dataset counts;
     ``w_*`` the same within templates (confound control), ``centred_*`` for the template-centred fit.
     ``head_weights``: ``[layers, heads]`` detector coefficients (standardised features).
     ``mitigation``: one row per condition: grounded / contradicted rate on held-out items and the
     paired change vs greedy (``d_greedy``) and vs its control (``d_control``), with 95% intervals.
+    ``roc``: held-out ROC points; ``answers``: the answered items (no ratios); ``detector``: the fit.
+    Frame: ``coef`` and ``rank`` per head; run-level numbers with ``layer = head = -1``.
     """
 
+    FORMAT = FORMAT
+    VERSION = 2
+    READS = (1, 2)
+
     model_id: str
-    summary: dict
-    head_weights: np.ndarray
+    stats: dict
+    head_weights: HeadScores
     mitigation: pd.DataFrame = field(default_factory=pd.DataFrame)
+    roc: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["scorer", "fpr", "tpr"]))
+    answers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    detector: Detector | None = None
+
+    def head_scores(self) -> dict[str, HeadScores]:
+        w = self.head_weights
+        rank = np.empty(w.size)
+        rank[np.argsort(-w, axis=None, kind="stable")] = np.arange(1, w.size + 1)
+        return {"coef": w, "rank": rank.reshape(w.shape)}
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy: one row per layer, head and metric (``coef``, ``rank``); plus run-level metrics (layer -1)."""
-        w = self.head_weights
-        order = np.argsort(-w, axis=None)
-        rank = np.empty(w.size, int)
-        rank[order] = np.arange(1, w.size + 1)
-        rows = [{"layer": l, "head": h, "metric": m, "value": float(v)}
-                for l in range(w.shape[0]) for h in range(w.shape[1])
-                for m, v in (("coef", w[l, h]), ("rank", rank[l * w.shape[1] + h]))]
-        for k, v in self.summary.items():
-            if isinstance(v, (int, float)):
-                rows.append({"layer": -1, "head": -1, "metric": k, "value": float(v)})
+        """Tidy: ``coef`` and ``rank`` per layer and head; run-level metrics (``layer = head = -1``)."""
+        runs = {k: v for k, v in self.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for _, r in self.mitigation.iterrows():
-            for m in ("grounded_rate", "contradicted_rate", "d_greedy", "d_control"):
-                if m in r and not pd.isna(r[m]):
-                    rows.append({"layer": -1, "head": -1, "metric": f"{m}:{r['condition']}", "value": float(r[m])})
-        return pd.DataFrame(rows)
+            runs |= {f"{m}:{r['condition']}": r[m] for m in ("grounded_rate", "contradicted_rate", "d_greedy",
+                                                               "d_control") if m in r and not pd.isna(r[m])}
+        return pd.concat([head_frame(self.head_scores()), run_rows(runs)], ignore_index=True)
 
-    def plot(self):
-        """Layer x head map of detector coefficients (red: looking back predicts grounded)."""
-        import plotly.graph_objects as go
+    def roles(self, top: int = 10) -> dict[HeadId, list[str]]:
+        w, H = self.head_weights, self.head_weights.shape[1]
+        return {HeadId(int(i) // H, int(i) % H): [f"grounding top-{top}"]
+                for i in np.argsort(-w, axis=None, kind="stable")[:top]}
 
-        w = self.head_weights
-        lim = float(np.abs(w).max()) or 1.0
-        fig = go.Figure(go.Heatmap(z=w, x=[f"H{h}" for h in range(w.shape[1])], y=list(range(w.shape[0])),
-                                   colorscale="RdBu_r", zmin=-lim, zmax=lim, colorbar={"title": "coef"}))
-        s = self.summary
-        title = (f"Lookback Lens on {self.model_id}: held-out AUROC {s.get('auroc', float('nan')):.3f} "
-                 f"[{s.get('auroc_ci', [np.nan, np.nan])[0]:.3f}, {s.get('auroc_ci', [np.nan, np.nan])[1]:.3f}]"
-                 f" vs mean-LR {s.get('baseline_auroc', float('nan')):.3f};"
-                 f" within template {s.get('w_auroc', float('nan')):.3f}")
-        fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=700)
-        return fig
+    def n_samples(self) -> int:
+        return int(self.stats.get("n_heldout", 0))
+
+    def summary(self) -> dict[str, Stat]:
+        s, n = self.stats, self.stats.get("n_heldout")
+        out = {"auroc": Stat("held-out AUROC", s.get("auroc"), n=n, ci=_ci(s, "auroc_ci")),
+               "baseline": Stat("mean-ratio baseline", s.get("baseline_auroc"), n=n, ci=_ci(s, "baseline_ci")),
+               "null": Stat(f"permutation null (95th pct; p = {s.get('perm_p', float('nan')):.3g})", s.get("null_q95")),
+               "w_auroc": Stat("within-template AUROC", s.get("w_auroc"), n=n, ci=_ci(s, "w_auroc_ci")),
+               "items": Stat("items (grounded / not)", f"{s.get('n_grounded', '?')} / {s.get('n_not_grounded', '?')}")}
+        for r in self.mitigation.itertuples():
+            out[f"mitigation_{r.condition}"] = Stat(f"grounded rate, {r.condition} (vs greedy {r.d_greedy:+.2f})",
+                                                    r.grounded_rate, n=int(r.n), ci=None, fmt=".2f")
+        return out
+
+    def plots(self) -> dict:
+        from . import plots
+
+        return {"heads": lambda: plots.heads(self), "roc": lambda: plots.roc(self),
+                "mitigation": lambda: plots.mitigation(self)}
+
+    def sections(self) -> list[Section]:
+        roc = (Figure("roc"), Table("ROC points", self.roc)) if len(self.roc) else \
+            (Note("No held-out ROC in this result (a run saved before version 2 keeps only the summary)."),)
+        mit = (Figure("mitigation"), Table("mitigation", self.mitigation)) if len(self.mitigation) else \
+            (Note("This run has no mitigation stage (n_mitigate = 0)."),)
+        view = (Tool("guided", "Generate (detector-guided) and colour each token", GuidedPrompt(), self.token_view),) \
+            if self.detector is not None else (Note("No detector.json next to this result."),)
+        return [Section("", (Section("ROC", roc), Section("detector heads", (Figure("heads", selects_head=True),
+                                                                               Table("grounding", self.to_frame()))),
+                             Section("mitigation", mit), Section("token view", view)), "tabs")]
+
+    def token_view(self, model, inputs: GuidedPrompt) -> ToolOutput:
+        """Guided decoding of the prompt with this result's detector, each token coloured by P(grounded)."""
+        from .mitigate import guided_view
+        from .plots import token_view
+
+        _, toks, scores = guided_view(model, self.detector, inputs.prompt, max_new_tokens=inputs.max_new_tokens)
+        page = token_view_html(toks, scores, inputs.prompt)
+        return ToolOutput(html=page, figures={"token view": token_view(toks, scores)},
+                          downloads=(Download("Token view as HTML", "token_view.html", page, "text/html"),))
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "heads.parquet") as tmp:
-            self.to_frame().to_parquet(tmp)
-        with atomic_path(folder / "mitigation.parquet") as tmp:
-            self.mitigation.to_parquet(tmp)
-        write_json(folder / "summary.json", {"format": FORMAT, "version": 1, "model_id": self.model_id,
-                                             "summary": self.summary, "head_weights": self.head_weights.tolist()})
-        return folder
+        for name, df in (("heads", self.to_frame()), ("mitigation", self.mitigation), ("roc", self.roc),
+                         ("answers", self.answers)):
+            with atomic_path(folder / f"{name}.parquet") as tmp:
+                df.to_parquet(tmp)
+        if self.detector is not None:
+            self.detector.save(folder / "detector.json")
+        return self.write_summary(folder, {"summary": self.stats, "head_weights": self.head_weights.tolist()})
 
     @classmethod
     def load(cls, folder: str | Path) -> "GroundingResult":
         folder = Path(folder)
-        d = read_json(folder / "summary.json", "grounding summary")
-        if d.get("format") != FORMAT:
-            raise CorruptFileError(f"{folder}/summary.json is not a grounding result; rerun `headwise scan grounding`")
-        mit = pd.read_parquet(folder / "mitigation.parquet") if (folder / "mitigation.parquet").exists() else pd.DataFrame()
-        return cls(d["model_id"], d["summary"], np.asarray(d["head_weights"], float), mit)
+        d = cls.read_summary(folder)
+        roc = _parquet(folder / "roc.parquet", ["scorer", "fpr", "tpr"])
+        det = Detector.load(folder / "detector.json") if (folder / "detector.json").exists() else None
+        return cls(d["model_id"], d["summary"], np.asarray(d["head_weights"], float),
+                   _parquet(folder / "mitigation.parquet"), roc, _parquet(folder / "answers.parquet"), det)
+
+
+def _parquet(path: Path, columns=None) -> pd.DataFrame:
+    """A saved table, or an empty one (with ``columns``) where a version-1 result has none."""
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=columns)
+
+
+def _ci(stats: dict, key: str):
+    return tuple(stats[key]) if key in stats else None
 
 
 def token_scores(detector, row_lr) -> np.ndarray:
@@ -100,13 +160,3 @@ def token_view_html(tokens: list[str], scores, prompt: str = "") -> str:
                      f'padding:1px;border-radius:3px">{html.escape(tok)}</span>')
     head = f"<pre style='color:#555'>{html.escape(prompt)}</pre>" if prompt else ""
     return f"<div style='font-family:monospace'>{head}{''.join(spans)}</div>"
-
-
-def token_view(tokens: list[str], scores):
-    """Plotly view of the same: one coloured cell per token, hover shows the score."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure(go.Heatmap(z=[list(scores)], text=[tokens], texttemplate="%{text}", zmin=0, zmax=1,
-                               colorscale="RdYlGn", colorbar={"title": "P(grounded)"}))
-    fig.update_layout(height=200, yaxis={"visible": False}, xaxis={"title": "generated token"})
-    return fig

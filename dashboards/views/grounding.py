@@ -1,11 +1,10 @@
 """Grounding from attention (Lookback Lens; PAINT-style boost): token colouring, ROC, mitigation before/after."""
 import numpy as np
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from analyses.grounding import Detector, guided_generate, token_scores, token_view, token_view_html
-from dashboards import runs
+from analyses.grounding import guided_generate, token_scores, token_view_html
+from analyses.grounding.plots import token_view
 from dashboards.common import (clickable_heads, clicked_head, get_model, head_scores, model_name, reproduce,
                                result_source, show_figure, show_table, source_caption)
 from probe import HeadwiseError
@@ -17,7 +16,7 @@ st.caption("The lookback ratio (attention on the context vs on new tokens) of ev
 path, res = result_source("grounding", "the grounding scan")
 source_caption(path, res, model)
 head_scores("grounding", res)
-s = res.summary
+s = res.stats
 c = st.columns(5)
 lo, hi = s.get("auroc_ci", [np.nan, np.nan])
 c[0].metric("held-out AUROC", f"{s.get('auroc', np.nan):.3f}", help=f"95% bootstrap interval [{lo:.3f}, {hi:.3f}]")
@@ -29,16 +28,12 @@ c[4].metric("items (grounded / not)", f"{s.get('n_grounded', '?')} / {s.get('n_n
 
 tab = st.tabs(["ROC", "detector heads", "mitigation", "token view"])
 with tab[0]:
-    roc = runs.grounding_roc(path) if (path / "detector.json").exists() else None
-    if roc is None or not len(roc):
-        st.info("No held-out dataset with both labels next to this result (dataset/shard_*.parquet).")
+    if not len(res.roc):
+        st.info("No held-out ROC in this result.")
     else:
-        fig = px.line(roc, x="fpr", y="tpr", color="scorer", title="Held-out ROC: grounded vs not grounded answers")
-        fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "gray"})
-        fig.update_layout(xaxis_title="false positive rate", yaxis_title="true positive rate", height=450)
-        show_figure(fig, "grounding_roc", key="gr_roc")
+        show_figure(res.plot("roc"), "grounding_roc", key="gr_roc")
         with st.expander("ROC points"):
-            show_table(roc, "grounding_roc")
+            show_table(res.roc, "grounding_roc")
 with tab[1]:
     L, H = res.head_weights.shape
     event = show_figure(clickable_heads(res.plot(), L, H), "grounding_heads", key="gr_heads", on_select="rerun",
@@ -57,11 +52,10 @@ with tab[2]:
     else:
         st.info("This run has no mitigation stage (n_mitigate = 0).")
 with tab[3]:
-    det_path = path / "detector.json"
-    if not det_path.exists():
+    if res.detector is None:
         st.info("No detector.json next to this result.")
     else:
-        det = Detector.load(det_path)
+        det = res.detector
         prompt = st.text_area("Prompt with a context passage", "The capital of France is Lyon, according to the "
                               "new atlas.\nQuestion: What is the capital of France?\nAnswer:", key="gr_prompt")
         if st.button("Generate (detector-guided) and colour each token", key="gr_generate"):
@@ -81,10 +75,9 @@ with tab[3]:
 reproduce(f'''
 from probe import load_model
 from analyses.grounding import GroundingResult, Detector, guided_generate, token_scores, token_view_html
-from analyses.grounding import heldout_roc
 res = GroundingResult.load({str(path)!r})
-res.plot().show(); res.summary; res.mitigation
-heldout_roc({str(path)!r})                       # held-out ROC points
+res.plot().show(); res.stats; res.mitigation
+res.plot("roc").show(); res.roc                 # held-out ROC points
 det = Detector.load({str(path / "detector.json")!r})
 model = load_model({model_name()!r})
 out = guided_generate(model, "passage ... Question: ... Answer:", det, max_new_tokens=12)
