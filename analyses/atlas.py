@@ -4,11 +4,10 @@ Under grouped-query attention several query heads read the same key/value head, 
 patterns are related; ordering and labelling columns by KV group (``kv0:h0 kv0:h1 ... kv1:h3``)
 makes that visible. The first scores are the streaming statistics of one prompt (mean entropy,
 mean max attention, mean attention on the first token; Xiao et al., "Efficient Streaming Language
-Models with Attention Sinks", 2023 for the first-token mass). Saved results of the other analyses
-join the same tidy frame (one row per layer, head and metric): :func:`result_scores` takes each
-result's own ``to_frame()``, :func:`head_roles` labels heads by each analysis' own rule (retrieval
-heads above the threshold, circuit members, similarity families, top grounding coefficients, ACT
-calibrated heads, heads with sinks) and :func:`score_grid` merges them into one :class:`HeadGrid`.
+Models with Attention Sinks", 2023 for the first-token mass). Saved results of every registered
+analysis join the same tidy frame through the result contract alone: :func:`result_scores` takes
+each result's ``head_scores()``, roles come from each result's ``roles()`` (its own rule), and
+:func:`atlas` merges the newest result of each analysis made for the model into one :class:`HeadGrid`.
 
 >>> from probe import load_model
 >>> g = head_grid(load_model("tiny-llama"), "hello")
@@ -30,6 +29,9 @@ from probe.errors import CorruptFileError, InputError
 from probe.heads import HeadId, HeadLayout
 from probe.stats import KeyGroup
 from probe.streaming import stream_stats
+
+from .contract import Result, head_frame
+from .plots import head_map
 
 LABELS = {"entropy": "mean entropy (nats)", "max_prob": "mean max attention",
           "mass:first": "mean attention on the first token"}
@@ -55,34 +57,31 @@ class HeadGrid:
 
     def matrix(self, metric: str) -> np.ndarray:
         """``[layer, head]`` values of ``metric``, heads in KV-grouped order."""
-        if metric not in self.metrics():
-            raise InputError(f"no metric {metric!r}; available: {self.metrics()}")
-        wide = self.frame[self.frame.metric == metric].pivot(index="layer", columns="head", values="value")
-        return wide.reindex(columns=self.layout.grouped_order()).to_numpy()
+        return self._matrix(metric)[:, self.layout.grouped_order()]
 
-    def plot(self, metric: str = "entropy", roles: dict | None = None) -> go.Figure:
+    def plot(self, metric: str = "entropy", roles: dict[HeadId, list[str]] | None = None) -> go.Figure:
         """Heat map of ``metric``; hover: every metric (up to 4, else ``metric``) and the head's ``roles``."""
-        order, metrics = self.layout.grouped_order(), self.metrics()
+        metrics = self.metrics()
         shown = metrics if len(metrics) <= 4 else [metric]
-        L = self.layout.n_layers
-        cube = np.stack([self.matrix(m) for m in shown], -1)                  # (L, H, M)
-        ids = np.array([[f"L{l}H{h}" for h in order] for l in range(L)], dtype=object)
-        role_txt = np.array([[", ".join((roles or {}).get(f"L{l}H{h}", [])) or "-" for h in order]
-                             for l in range(L)], dtype=object)
-        custom = np.concatenate([ids[..., None], role_txt[..., None], cube.round(4).astype(object)], -1)
-        hover = "<b>%{customdata[0]}</b> (%{x})<br>" + "<br>".join(
-            f"{m}: %{{customdata[{i + 2}]}}" for i, m in enumerate(shown)) + \
-            ("<br>roles: %{customdata[1]}" if roles is not None else "") + "<extra></extra>"
-        fig = go.Figure(go.Heatmap(z=self.matrix(metric), x=self.column_labels(), y=list(range(L)),
-                                   customdata=custom, hovertemplate=hover, colorscale="Viridis",
-                                   colorbar={"title": metric}))
+        L, H = self.layout.n_layers, self.layout.n_heads
+        cube = {m: self._matrix(m) for m in shown}
+        extra = [["".join(f"<br>{m}: {cube[m][l, h]:.4g}" for m in shown) +
+                  (f"<br>roles: {', '.join(roles.get(HeadId(l, h), [])) or '-'}" if roles is not None else "")
+                  for h in range(H)] for l in range(L)]
+        fig = head_map(self._matrix(metric), f"{self.model_id}: {LABELS.get(metric, metric)} per head (columns "
+                       "grouped by KV head)", metric, order=self.layout.grouped_order(),
+                       x_labels=self.column_labels(), extra=extra)
         G = self.layout.group_size
         for g in range(1, self.layout.n_kv_heads):                             # KV group separators
             fig.add_vline(x=g * G - 0.5, line_color="white", line_width=2)
-        fig.update_layout(title=f"{self.model_id}: {LABELS.get(metric, metric)} per head (columns grouped by KV head)",
-                          xaxis_title="query head (grouped by KV head)", yaxis_title="layer",
-                          yaxis_autorange="reversed", height=max(360, 22 * L + 160))
-        return fig
+        return fig.update_layout(xaxis_title="query head (grouped by KV head)", height=max(360, 22 * L + 160))
+
+    def _matrix(self, metric: str) -> np.ndarray:
+        """``[layer, head]`` in head order (NaN where a head has no value)."""
+        if metric not in self.metrics():
+            raise InputError(f"no metric {metric!r}; available: {self.metrics()}")
+        wide = self.frame[self.frame.metric == metric].pivot_table(index="layer", columns="head", values="value")
+        return wide.reindex(index=range(self.layout.n_layers), columns=range(self.layout.n_heads)).to_numpy()
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -113,61 +112,14 @@ def head_grid(model, text, *, layers=None) -> HeadGrid:
 
 # ----------------------------------------------------------------------------- scores of saved analyses
 
-def result_scores(kind: str, result) -> pd.DataFrame:
-    """Per-head scores of one analysis result as ``layer, head, metric, value`` (metric prefixed by ``kind``).
-
-    Uses each result's own ``to_frame()``; run-level rows (layer -1) and pairwise rows are dropped.
-    """
-    df = result.to_frame()
-    if kind == "circuits":
-        df = df.assign(metric=df["task"] + ": " + df["metric"])
-        member = df[df["task"] != "roles"].drop_duplicates(["task", "layer", "head"])
-        member = member.assign(metric=member["task"] + ": in circuit", value=member["in_circuit"].astype(float))
-        df = pd.concat([df, member])
-    elif kind == "similarity":
-        df = df[df["scope"] == "family"]
-    elif "task" in df:                                   # sinks search: per candidate, one task
-        df = df.assign(metric=df["task"] + " search: " + df["metric"])
-    df = df[(df["layer"] >= 0) & (df["head"] >= 0)]
-    out = df[["layer", "head", "metric", "value"]].astype({"layer": int, "head": int, "value": float})
-    return out.assign(metric=f"{kind}: " + out["metric"]).reset_index(drop=True)
+def result_scores(name: str, result: Result) -> pd.DataFrame:
+    """The per-head scores of one result as ``layer, head, metric, value`` (metric prefixed by ``name``)."""
+    frame = head_frame({f"{name}: {k}": v for k, v in result.head_scores().items()})
+    return frame.dropna(subset=["value"]).reset_index(drop=True)
 
 
-def head_roles(kind: str, result, top: int = 10) -> dict[str, list[str]]:
-    """Short role labels per head (``"L3H1" -> ["retrieval 0.31", ...]``) from each analysis' own rule."""
-    roles: dict[str, list[str]] = {}
-
-    def add(layer, head, text):
-        roles.setdefault(f"L{int(layer)}H{int(head)}", []).append(text)
-
-    if kind == "retrieval":
-        for h in result.retrieval_heads()[:top]:
-            add(h.layer, h.head, f"retrieval {result.scores[h.layer, h.head]:.2f}")
-    elif kind == "circuits":
-        for t in result.tasks:
-            for h in t.circuit:
-                add(h.layer, h.head, f"{t.task} circuit")
-    elif kind == "similarity":
-        for i, f in enumerate(result.families):
-            add(i // result.n_heads, i % result.n_heads, f"family {int(f)}")
-    elif kind == "grounding":
-        w = result.head_weights
-        for i in np.argsort(-w, axis=None)[:top]:
-            add(i // w.shape[1], i % w.shape[1], f"grounding top-{top}")
-    elif hasattr(result, "selected"):                    # sinks: ACT search
-        for h in result.selected:
-            hid = HeadId.parse(h)
-            add(hid.layer, hid.head, f"ACT-calibrated ({result.task})")
-    elif hasattr(result, "sinks"):                       # sinks: profile (heads with a non-first sink)
-        cal = result.sinks[~result.sinks["first"]]
-        per = cal.groupby(["layer", "head"]).size().div(result.n_texts)
-        for (l, h), v in per[per >= 1].items():
-            add(l, h, f"sinks {v:.1f}/prompt")
-    return roles
-
-
-def merge_roles(*maps: dict[str, list[str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
+def merge_roles(*maps: dict[HeadId, list[str]]) -> dict[HeadId, list[str]]:
+    out: dict[HeadId, list[str]] = {}
     for m in maps:
         for k, v in m.items():
             out.setdefault(k, []).extend(v)
@@ -181,3 +133,33 @@ def score_grid(model_id: str, layout: HeadLayout, frames: list[pd.DataFrame], me
                                       names=["layer", "head", "metric"])
     frame = frame.groupby(["layer", "head", "metric"], sort=False)["value"].mean().reindex(full).reset_index()
     return HeadGrid(model_id, layout, frame, meta or {})
+
+
+@dataclass(frozen=True, eq=False)
+class Atlas:
+    """The atlas of one model: the grid of every score, each head's roles, and which results they come from."""
+
+    grid: HeadGrid
+    roles: dict[HeadId, list[str]]
+    sources: tuple[tuple[str, str], ...]       # (analysis, result folder)
+
+
+def atlas(model_id: str, layout: HeadLayout, results, base: HeadGrid | None = None) -> Atlas:
+    """Merge ``results`` (``(analysis name, folder, Result)``, newest first) into one :class:`Atlas`.
+
+    Per analysis the newest result made for ``model_id`` with this layout is used; ``base`` (e.g. the
+    prompt statistics of :func:`head_grid`) comes first.
+    """
+    frames = [base.to_frame()[["layer", "head", "metric", "value"]]] if base is not None else []
+    roles, used = [], []
+    for name, folder, res in results:
+        if name in {u for u, _ in used} or res.model_id != model_id:
+            continue
+        scores = result_scores(name, res)
+        if len(scores) and (scores["layer"].max() >= layout.n_layers or scores["head"].max() >= layout.n_heads):
+            continue
+        frames.append(scores)
+        roles.append(res.roles())
+        used.append((name, str(folder)))
+    grid = score_grid(model_id, layout, frames, base.meta if base is not None else {})
+    return Atlas(grid, merge_roles(*roles), tuple(used))

@@ -9,7 +9,6 @@ commands around them.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
@@ -20,13 +19,11 @@ from probe.errors import HeadwiseError
 from . import registry
 from .config import add_arguments, from_args
 
-COMMAND_MODULES: list[str] = ["analyses.sinks"]
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
+    if args.run is None:
         parser.print_help()
         return 2
     try:
@@ -66,6 +63,7 @@ def load(args):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headwise", description="A workbench for attention heads.")
+    p.set_defaults(run=None)
     sub = p.add_subparsers(title="commands")
 
     s = sub.add_parser("models", help="list the named models (the default first)")
@@ -99,9 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     names = scan.add_subparsers(title="analyses")
     for analysis in registry.analyses():
         scan_parser(names, analysis.name, analysis, help=f"{analysis.title} ({analysis.paper.split(',')[0]})")
+    scan_parser(sub, "calibrate", registry.get("sinks"), help="alias of `headwise scan sinks` (ACT: writes calib.json)")
     _generate_parser(sub)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(sub)
     return p
 
 
@@ -189,7 +186,9 @@ def _stats(args) -> int:
 
 
 def _dashboard(args) -> int:
-    app = Path(__file__).resolve().parent.parent / "dashboards" / "app.py"
+    import dashboards
+
+    app = Path(dashboards.__file__).resolve().parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     env = dict(os.environ)

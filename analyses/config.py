@@ -8,7 +8,7 @@ offers (minutes on a laptop CPU). The field annotations are the single source of
 :func:`build` turns ``{name: value}`` back into a validated config.
 
 Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``X | None``,
-``tuple[X, ...]`` (comma-separated on the command line) and ``tuple[tuple[A, B, C], ...]``
+``tuple[X, ...]`` (comma-separated on the command line; ``X`` may be a ``Literal``) and ``tuple[tuple[A, B, C], ...]``
 (``a:b:c,a:b:c``); a nested frozen dataclass field exposes the inner fields its ``opt(...,
 options=(...))`` names.
 
@@ -40,8 +40,12 @@ from probe.errors import InputError
 _NONE = ("", "none", "None")
 
 
-def opt(default, help: str, *, min=None, max=None, options: tuple[str, ...] | None = None):
-    """A config field: default, help text (CLI flag and form widget), allowed range, nested options."""
+def opt(default, help: str, *, min=None, max=None, options: dict[str, str] | None = None):
+    """A config field: default, help text (CLI flag and form widget), allowed range.
+
+    For a nested frozen dataclass (e.g. the engine's ``SinkCalibration``), ``options`` maps the inner
+    fields exposed as options to their help texts.
+    """
     return field(default=default, metadata={"help": help, "min": min, "max": max, "options": options})
 
 
@@ -52,8 +56,9 @@ class Config:
         for o in options(type(self)):
             value = _get(self, o.path)
             fixed = check(o, value)
-            if fixed is not value:
-                _set(self, o.path, fixed)
+            if fixed is not value:                    # normalised (a list became a tuple, an int a float)
+                object.__setattr__(self, o.path[0], fixed if len(o.path) == 1 else
+                                   _replace(getattr(self, o.path[0]), o.path[1:], fixed))
         self.check()
 
     def check(self) -> None:
@@ -104,6 +109,8 @@ def _options(cls, prefix: tuple[str, ...], only) -> list[Option]:
             out += _options(t, prefix + (f.name,), meta["options"])
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        if only is not None:                       # a nested field: its help comes from the outer opt()
+            meta = {"help": only[f.name]}
         out.append(_option(prefix + (f.name,), t, default, meta))
     return out
 
@@ -118,6 +125,8 @@ def _option(path, t, default, meta) -> Option:
         return Option(kind="choice", choices=typing.get_args(t), **kw)
     if typing.get_origin(t) is tuple:
         inner = typing.get_args(t)[0]
+        if typing.get_origin(inner) is Literal:          # a list of choices, e.g. tuple[Literal["a", "b"], ...]
+            return Option(kind="list", item=(str,), choices=typing.get_args(inner), **kw)
         item = typing.get_args(inner) if typing.get_origin(inner) is tuple else (inner,)
         return Option(kind="list", item=item, **kw)
     if t in (bool, int, float, str):
@@ -196,7 +205,11 @@ def check(o: Option, value):
     if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or not value:
         raise InputError(f"{o.name} must be a non-empty list, got {value!r}")
     if len(o.item) == 1:
-        return tuple(_typed(o, v, o.item[0]) for v in value)
+        value = tuple(_typed(o, v, o.item[0]) for v in value)
+        bad = [v for v in value if o.choices and v not in o.choices]
+        if bad:
+            raise InputError(f"unknown {o.name.replace('_', ' ')} {bad}: choose from {list(o.choices)}")
+        return value
     bad = [v for v in value if not isinstance(v, (tuple, list)) or len(v) != len(o.item)]
     if bad:
         raise InputError(f"{o.name}: every item must have {len(o.item)} parts, got {bad[0]!r}")
@@ -248,11 +261,6 @@ def _get(obj, path):
     return obj
 
 
-def _set(obj, path, value) -> None:
-    owner = _get(obj, path[:-1])
-    object.__setattr__(owner, path[-1], value)
-
-
 def _replace(obj, path, value):
     if len(path) == 1:
         return dataclasses.replace(obj, **{path[0]: value})
@@ -261,7 +269,13 @@ def _replace(obj, path, value):
 
 def jsonable(obj):
     """``obj`` as plain JSON types (tuples become lists), for stamps and files."""
-    return json.loads(json.dumps(obj, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    return json.loads(json.dumps(obj, default=_plain))
+
+
+def _plain(x):
+    import numpy as np
+
+    return x.tolist() if isinstance(x, (np.ndarray, np.generic)) else str(x)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -279,8 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _metavar(o: Option) -> str:
-    if o.kind == "choice":
-        return "{" + ",".join(map(str, o.choices)) + "}"
+    if o.kind == "choice" or (o.kind == "list" and o.choices):
+        return "{" + ",".join(map(str, o.choices)) + "}" + (",..." if o.kind == "list" else "")
     if o.kind == "list":
         return ":".join(t.__name__.upper() for t in o.item) + ",..."
     return o.kind.upper()

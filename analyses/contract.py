@@ -192,6 +192,7 @@ class Analysis:
     stages: tuple[Stage, ...]
     min_samples: int = 1
     order: int = 100
+    icon: str = ""                   # a dashboard page icon (e.g. ":material/search:")
 
     def __post_init__(self):
         if not re.match(r"^[a-z][a-z0-9_]*$", self.name):

@@ -28,8 +28,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from probe.shapes import PatternWindow
+
 from probe.atomic import read_tensors, write_tensors
 from probe.errors import InputError
+from probe.heads import HeadId
 from probe.runtime import tap
 
 FORMAT = "headwise.pooled_pattern"
@@ -86,7 +89,7 @@ class PooledPattern:
     n_tokens: int
     block: int
     mode: str
-    pooled: np.ndarray
+    pooled: PatternWindow
     tokens: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
 
@@ -106,7 +109,7 @@ class PooledPattern:
         edges = self.edges()
         fig = go.Figure(go.Heatmap(z=self.pooled[head], x=edges, y=edges, colorscale="Viridis",
                                    hovertemplate="query %{y}+ · key %{x}+<br>%{z:.3f}<extra></extra>"))
-        fig.update_layout(title=f"L{self.layer}H{head}: block-{self.mode} over {self.n_tokens} tokens "
+        fig.update_layout(title=f"{HeadId(self.layer, head)}: block-{self.mode} over {self.n_tokens} tokens "
                                 f"({self.block} tokens per cell)", xaxis_title="key position",
                           yaxis_title="query position", yaxis_autorange="reversed", height=560)
         return fig
@@ -149,7 +152,7 @@ def pooled_pattern(model, text, *, layer: int, cells: int = MAX_CELLS, mode: str
                          tuple(model.str_tokens(ids)), {"weights_hash": model.weights_hash})
 
 
-def pattern_window(model, text, *, layer: int, queries: tuple[int, int], keys: tuple[int, int]) -> np.ndarray:
+def pattern_window(model, text, *, layer: int, queries: tuple[int, int], keys: tuple[int, int]) -> PatternWindow:
     """Exact pattern ``[head, q0:q1, k0:k1]`` of ``layer`` (at most MAX_CELLS per side), streamed."""
     model.layout.check_layer(layer)
     ids = _ids(model, text)

@@ -17,34 +17,36 @@ import plotly.graph_objects as go
 from probe.heads import HeadId
 
 
-def head_cells(n_layers: int, order, extra=None) -> np.ndarray:
-    """Per-cell customdata ``[layer, head, "L3H1", extra]`` of a ``[layer, len(order)]`` grid."""
-    L, order = n_layers, list(order)
-    cells = np.empty((L, len(order), 4), dtype=object)
-    for l in range(L):
+def head_cells(layers, order, extra=None) -> np.ndarray:
+    """Per-cell customdata ``[layer, head, "L3H1", extra]`` of a ``[len(layers), len(order)]`` grid."""
+    layers, order = list(layers), list(order)
+    cells = np.empty((len(layers), len(order), 4), dtype=object)
+    for i, l in enumerate(layers):
         for j, h in enumerate(order):
-            cells[l, j] = [l, h, str(HeadId(l, h)), "" if extra is None else extra[l][h]]
+            cells[i, j] = [l, h, str(HeadId(l, h)), "" if extra is None else extra[i][h]]
     return cells
 
 
-def head_map(z, title: str, colorbar: str, *, order=None, x_labels=None, colorscale: str = "Viridis",
+def head_map(z, title: str, colorbar: str, *, order=None, x_labels=None, layers=None, colorscale: str = "Viridis",
              zmid: float | None = None, zmin=None, zmax=None, text=None, extra=None) -> go.Figure:
-    """Heat map of ``z [layer, head]``; ``extra``: per-cell hover lines ``[layer][head]`` of str."""
-    fig = go.Figure(head_trace(z, colorbar, order=order, x_labels=x_labels, colorscale=colorscale, zmid=zmid,
-                               zmin=zmin, zmax=zmax, text=text, extra=extra))
+    """Heat map of ``z [layer, head]``; ``layers``: the layer of each row (default 0..L-1); ``extra``:
+    per-cell hover lines ``[row][head]`` of str."""
+    fig = go.Figure(head_trace(z, colorbar, order=order, x_labels=x_labels, layers=layers, colorscale=colorscale,
+                               zmid=zmid, zmin=zmin, zmax=zmax, text=text, extra=extra))
     fig.update_layout(title=title, xaxis_title="query head", yaxis_title="layer", yaxis_autorange="reversed",
                       height=max(360, 18 * len(fig.data[0].y) + 160))
     return fig
 
 
-def head_trace(z, colorbar: str | None = None, *, order=None, x_labels=None, colorscale: str = "Viridis",
-               zmid=None, zmin=None, zmax=None, text=None, extra=None) -> go.Heatmap:
+def head_trace(z, colorbar: str | None = None, *, order=None, x_labels=None, layers=None,
+               colorscale: str = "Viridis", zmid=None, zmin=None, zmax=None, text=None, extra=None) -> go.Heatmap:
     """The heat-map trace of :func:`head_map` (for subplots)."""
     z = np.asarray(z, dtype=float)
     L, H = z.shape
     order = list(range(H)) if order is None else list(order)
-    return go.Heatmap(z=z[:, order], x=x_labels or [f"H{h}" for h in order], y=list(range(L)),
-                      customdata=head_cells(L, order, extra), colorscale=colorscale, zmid=zmid, zmin=zmin,
+    layers = list(range(L)) if layers is None else list(layers)
+    return go.Heatmap(z=z[:, order], x=x_labels or [f"H{h}" for h in order], y=layers,
+                      customdata=head_cells(layers, order, extra), colorscale=colorscale, zmid=zmid, zmin=zmin,
                       zmax=zmax, colorbar={"title": colorbar} if colorbar else None, showscale=colorbar is not None,
                       hovertemplate="<b>%{customdata[2]}</b> %{z:.4g}%{customdata[3]}<extra></extra>",
                       text=None if text is None else np.asarray(text, dtype=object)[:, order],

@@ -6,8 +6,8 @@ is registered when the registry is first read; :func:`register` adds one more (t
 ``format`` of their ``summary.json`` (:func:`find_results`) and opened with the result type of the
 analysis that owns that format (:func:`load_result`): no guessing from file contents.
 
->>> "retrieval" in names()
-True
+>>> names()
+['retrieval', 'sinks', 'circuits', 'similarity', 'grounding']
 >>> get("retrieval").result.FORMAT
 'headwise.retrieval'
 """

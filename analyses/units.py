@@ -48,7 +48,7 @@ def _split(payload: dict) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _json_default(obj):
-    if hasattr(obj, "tolist"):
+    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
         return obj.tolist()
     raise TypeError(f"a unit payload holds {type(obj).__name__}: use JSON values or arrays")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .plots import head_map
+
 from probe.heads import HeadId, kv_group
 from probe.records import AttentionRecord
 from probe.stats import HeadStats
@@ -30,15 +32,9 @@ def head_grid(stats: HeadStats, metric: str = "entropy", n_kv_heads: int | None 
     n_heads = values.shape[1]
     n_kv = n_kv_heads or n_heads
     order = sorted(range(n_heads), key=lambda h: (kv_group(h, n_heads, n_kv), h))
-    labels = [f"kv{kv_group(h, n_heads, n_kv)}:h{h}" for h in order]
-    z = values[:, order]
-    text = [[f"{HeadId(l, h)} {metric}={z[i, j]:.3f}" for j, h in enumerate(order)]
-            for i, l in enumerate(stats.layers)]
-    fig = go.Figure(go.Heatmap(z=z, x=labels, y=list(stats.layers), colorscale="Viridis", text=text,
-                               hoverinfo="text", colorbar={"title": metric}))
-    fig.update_layout(title=f"{metric} per head (columns grouped by KV head)", xaxis_title="KV group : head",
-                      yaxis_title="layer", yaxis_autorange="reversed", height=max(300, 18 * len(stats.layers) + 120))
-    return fig
+    fig = head_map(values, f"{metric} per head (columns grouped by KV head)", metric, order=order, layers=stats.layers,
+                   x_labels=[f"kv{kv_group(h, n_heads, n_kv)}:h{h}" for h in order])
+    return fig.update_layout(xaxis_title="KV group : head")
 
 
 def head_heatmap(record: AttentionRecord, head: HeadId | tuple[int, int]) -> go.Figure:

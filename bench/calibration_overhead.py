@@ -52,9 +52,9 @@ def _all_layers_eager():
 
 
 def _ids(model, n: int) -> torch.Tensor:
-    from analyses.sinks.tasks import DATA
+    from analyses.data import data_path
 
-    text = "\n".join(p.read_text() for p in sorted(DATA.glob("*.txt")))
+    text = "\n".join(p.read_text() for p in sorted(data_path("sinks").glob("*.txt")))
     ids = model.tokenizer(text * (1 + 4 * n // max(len(text) // 4, 1)), return_tensors="pt").input_ids[:, :n]
     assert ids.shape[1] == n, "not enough text for the requested length"
     return ids.to(model.device)
@@ -83,12 +83,12 @@ def main() -> None:
     m = load_model(args.model)
     calib = _spec(m, args)
     spec = calib.spec()
-    out = {"model": m.model_id, "heads": list(calib.heads), "beta": calib.beta, "threads": torch.get_num_threads(),
+    out = {"model": m.model_id, "heads": [str(h) for h in calib.heads], "beta": calib.edit.beta, "threads": torch.get_num_threads(),
            "machine": platform.processor() or platform.machine(), "repeats": args.repeats, "lengths": {}}
     for n in (int(x) for x in args.lengths.split(",")):
         ids = _ids(m, n)
-        fwd = lambda: m.hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-        gen = lambda: m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,  # noqa: E731
+        fwd = lambda ids=ids: m.hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+        gen = lambda ids=ids: m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,  # noqa: E731
                                     min_new_tokens=args.new, do_sample=False, pad_token_id=0)
         r = {}
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Dashboard timings on the embedded model; prints JSON.
 
-first_run: each analysis' default scan (``dashboards.runs.DEFAULTS``, what a page's Run button does),
+first_run: each analysis' small scan (``config.small(model)``, what a page's Run button does),
   from scratch on the embedded model, written under ``--root`` (skipped with ``--no-runs``): wall time,
   process CPU time (user+sys over both threads: on two idle cores wall ~ cpu/2) and the load average,
   because the machine is shared.
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from dashboards import runs
-from dashboards.browser import chromium, serve, wait_for_page
+from analyses import registry, run
+from tests.browser import chromium, serve, wait_for_page
 
 MODEL = "smollm2-135m"
 PAGES = [("", "Head atlas", 2), ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 6),
@@ -32,14 +32,18 @@ def first_runs(root, only) -> dict:
     model = load_model(MODEL)
     out = {}
     for kind in only:
-        shutil.rmtree(runs.result_dir(root, kind, model.model_id), ignore_errors=True)
+        folder = os.path.join(root, f"{kind}-{model.model_id}")
+        shutil.rmtree(folder, ignore_errors=True)
         t, cpu = time.perf_counter(), time.process_time()
         try:
-            runs.run(kind, model, root)
+            analysis = registry.get(kind)
+            cfg = analysis.config.small(model)
+            run(analysis, model, cfg, store=folder)
             err = None
         except Exception as exc:  # report and go on: one failing default must not hide the others
             err = f"{type(exc).__name__}: {exc}"
-        out[kind] = {"wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(time.process_time() - cpu, 1),
+        out[kind] = {"config": cfg.to_dict() if err is None else None,
+                     "wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(time.process_time() - cpu, 1),
                      "load_avg_1m": round(os.getloadavg()[0], 2), "error": err}
         print(json.dumps({kind: out[kind]}), flush=True)
     return out
@@ -83,10 +87,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="results/bench")
     ap.add_argument("--no-runs", action="store_true")
-    ap.add_argument("--only", default=",".join(runs.ANALYSES))
+    ap.add_argument("--only", default=",".join(registry.names()))
     a = ap.parse_args()
     out = {"model": MODEL, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "load_avg_1m_start": round(os.getloadavg()[0], 2), "defaults": runs.DEFAULTS}
+           "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     if not a.no_runs:
         out["first_run"] = first_runs(a.root, a.only.split(","))
     t = time.perf_counter()

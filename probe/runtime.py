@@ -27,7 +27,7 @@ from . import allocator, eager
 from .errors import InputError
 from .heads import HeadLayout
 from .interventions import InterventionSpec, PatternEcho
-from .stats import HeadStats, StatsCollector, StatsRequest
+from .stats import StatsCollector, StatsRequest
 
 ATTN_NAME = "headwise"
 DEFAULT_BUDGET = 96 * 2**20  # bytes of scores per attention call (chunked over rows)

@@ -44,6 +44,8 @@ PromptEffectsNp = Float[np.ndarray, "prompt layer head"]
 
 # flattened per-head features: [feature] = layer * head
 Features = Float[np.ndarray, "batch feature"]
+FeatureVector = Float[torch.Tensor, "feature"]
 
 __all__ = ["HeadScores", "HeadScoresT", "HeadFlags", "Patterns", "LayerPatterns", "HeadPattern", "PatternWindow",
-           "RowStats", "RowArgmax", "RowRatios", "HeadOutputs", "PromptEffects", "PromptEffectsNp", "Features"]
+           "RowStats", "RowArgmax", "RowRatios", "HeadOutputs", "PromptEffects", "PromptEffectsNp", "Features",
+           "FeatureVector"]

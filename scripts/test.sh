@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --browser
 . .venv/bin/activate
 export TRITON_INTERPRET=1 PYTHONUNBUFFERED=1
+ruff check .
 python -m pytest "$@"

@@ -67,28 +67,35 @@ def _grounding(root: Path, L: int, H: int) -> None:
 
 
 def _sinks(folder: Path, model) -> None:
-    """Sink profile and ACT search as ``dashboards.runs`` writes them, on 4 items per split (fast)."""
+    """The ACT scan on 4 items per split (fast), with the paper's alpha/N sink rule."""
+    from analyses import run
+    from analyses.sinks import SINKS, SinksConfig
+    from probe import SinkCalibration
+
+    cfg = SinksConfig(limit=4, n_profile=2, act=SinkCalibration(rule="alpha", alpha=2.0), first_layer=0,
+                      last_layer=1, n_random=1)
+    run(SINKS, model, cfg, store=folder, progress=False)
+
+
+def scan(root: Path, name: str, model, **overrides):
+    """Run analysis ``name`` on ``model`` with its small config (and ``overrides``) into ``root/<name>-<model>``,
+    where the dashboard's run button writes it."""
     import dataclasses
 
-    from analyses.sinks import Calibration, SearchConfig, load_task, profile_sinks, search_act
+    from analyses import registry, run
 
-    task = load_task("sentiment")
-    task = dataclasses.replace(task, items={k: list(v)[:4] for k, v in task.items.items()})
-    profile_sinks(model, [task.prompt(it) for it in task.split("heldout")[:2]], rule="alpha", alpha=2.0).save(
-        folder / "profile.json")
-    search = search_act(model, task, SearchConfig(first_layer=0, last_layer=1, n_random=1), out=folder / "search.json")
-    Calibration.from_search(search).save(folder / "calib.json")
+    analysis = registry.get(name)
+    cfg = dataclasses.replace(analysis.config.small(model), **overrides)
+    return run(analysis, model, cfg, store=root / f"{name}-{model.model_id}", progress=False)
 
 
 @pytest.fixture(scope="session")
 def results(tmp_path_factory, tiny_llama):
-    """A results folder with every analysis' files, written as each analysis' CLI writes them."""
-    from dashboards import runs
-
+    """A results folder with every analysis' files, written as each analysis' scan writes them."""
     root = tmp_path_factory.mktemp("results")
-    runs.run("retrieval", tiny_llama, root, lengths=[230], depths=[30.0, 70.0], k=2, max_new_tokens=6)
+    scan(root, "retrieval", tiny_llama, lengths=(230,), depths=(30.0, 70.0), k=2, max_new_tokens=6)
     _sinks(root / "sinks-tiny-llama", tiny_llama)
-    runs.run("circuits", tiny_llama, root, n=2, n_boot=5)
-    runs.run("similarity", tiny_llama, root, n_prompts=2, n_heldout=1, max_tokens=24, variants=["same"], max_trials=1)
+    scan(root, "circuits", tiny_llama, n=2, n_boot=5)
+    scan(root, "similarity", tiny_llama, n_prompts=2, n_heldout=1, max_tokens=24, variants=("same",), max_trials=1)
     _grounding(root, tiny_llama.n_layers, tiny_llama.n_heads)
     return root

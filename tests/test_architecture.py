@@ -68,3 +68,40 @@ def test_probe_doctests(name):
 def test_analyses_doctests(name):
     """The examples in the analyses' docstrings run (on tiny-llama: the whole set stays well under a minute)."""
     run_doctests(name)
+
+
+def _sources(*packages):
+    return [p for pkg in packages for p in (ROOT / pkg).rglob("*.py")]
+
+
+def test_heads_are_never_spelt_or_parsed_by_hand():
+    """HeadId everywhere: no f"L{l}H{h}" built and no "L3H1" split apart outside probe.heads."""
+    import re
+
+    spelt = re.compile(r"""f["'][^"']*L\{[^}]*\}H\{""")
+    parsed = re.compile(r"""\.split\(["']H["']\)""")
+    bad = [str(p.relative_to(ROOT)) for p in _sources("probe", "analyses", "dashboards", "notebooks")
+           if p.name != "heads.py" and (spelt.search(p.read_text()) or parsed.search(p.read_text()))]
+    assert not bad, bad
+
+
+def test_no_duck_typing_or_name_lookups_in_the_analyses_and_dashboards():
+    bad = [str(p.relative_to(ROOT)) for p in _sources("analyses", "dashboards")
+           if "hasattr(" in p.read_text() or "globals()[" in p.read_text() or "importlib.import_module(\"analyses." in
+           p.read_text()]
+    assert not bad, bad
+
+
+def test_every_analysis_package_has_the_same_rooms():
+    from analyses import registry
+
+    for a in registry.analyses():
+        pkg = ROOT / "analyses" / a.name
+        assert {"__init__.py", "run.py", "result.py", "plots.py"} <= {p.name for p in pkg.iterdir()}, a.name
+        assert importlib.import_module(f"analyses.{a.name}").ANALYSIS is a
+
+
+def test_data_is_found_in_one_place():
+    bad = [str(p.relative_to(ROOT)) for p in _sources("probe", "analyses", "dashboards")
+           if "parents[" in p.read_text() and p.name != "data.py"]
+    assert not bad, bad

@@ -28,7 +28,6 @@ def _reference_patch(model, task, head: HeadId) -> torch.Tensor:
     o_proj = hf.model.layers[head.layer].self_attn.o_proj
     sl = slice(head.head * D, (head.head + 1) * D)
     saved = {}
-    previous = hf.config._attn_implementation
     hf.set_attn_implementation("eager")
     try:
         h = o_proj.register_forward_pre_hook(lambda m, a: saved.__setitem__("z", a[0][..., sl].clone()))
@@ -127,7 +126,7 @@ def test_bootstrap_interval_covers_truth():
     covered = 0
     for trial in range(60):
         x = rng.normal(1.0, 2.0, 40)
-        lo, hi = bootstrap_ci(lambda idx: x[idx].mean(), len(x), n_boot=200, seed=trial)
+        lo, hi = bootstrap_ci(lambda idx, x=x: x[idx].mean(), len(x), n_boot=200, seed=trial)
         covered += lo <= 1.0 <= hi
     assert covered >= 51  # nominal 95%: >= 85% of 60 trials
 

@@ -1,15 +1,23 @@
 """AppTest per dashboard page on tiny-llama, over saved results made by running each analysis on tiny-llama
 (grounding: the analysis' own detector fit and result on synthetic features, since a random model never
-answers the grounding questions)."""
+answers the grounding questions). Analysis pages are the registry's: one generic page per analysis."""
 import json
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from probe import HeadId
+
 APP = str(Path(__file__).resolve().parent.parent / "dashboards" / "app.py")
 
 
+def switch(app, url_path: str):
+    """Open the page registered under ``url_path`` (st.Page hashes are derived from url_path alone)."""
+    from streamlit.util import calc_hash
+
+    app._page_hash = calc_hash(url_path)
+    return app
 
 
 @pytest.fixture
@@ -23,7 +31,7 @@ def app(monkeypatch, results):
 
 
 def _open(app, page: str, title: str):
-    app.switch_page(f"views/{page}.py").run()
+    (app.switch_page(f"views/{page}.py") if page == "pattern_explorer" else switch(app, page)).run()
     assert not app.exception, app.exception
     assert [t.value for t in app.title] == [title]
     assert not app.error, [e.value for e in app.error]
@@ -53,12 +61,14 @@ def _run_snippet(code: str, monkeypatch) -> dict:
 
 
 def test_saved_results_are_found_by_kind(results):
-    from dashboards import runs
+    from analyses import registry
 
-    found = runs.find(results)
-    assert {k: len(v) for k, v in found.items()} == {"retrieval": 1, "sinks": 2, "circuits": 1, "similarity": 1,
-                                                      "grounding": 1}
-    assert runs.load("sinks", next(p for p in found["sinks"] if p.name == "search.json")).task == "sentiment"
+    found = registry.find_results(results)
+    counts = {}
+    for saved in found:
+        counts[saved.analysis.name] = counts.get(saved.analysis.name, 0) + 1
+    assert counts == {"retrieval": 1, "sinks": 1, "circuits": 1, "similarity": 1, "grounding": 1}
+    assert next(s for s in found if s.analysis.name == "sinks").load().search.task == "sentiment"
 
 
 def test_head_atlas_colours_by_saved_scores_and_selects_a_head(app):
@@ -69,7 +79,7 @@ def test_head_atlas_colours_by_saved_scores_and_selects_a_head(app):
     assert app.sidebar.selectbox(key="head").options[:4] == ["L0H0", "L0H1", "L0H2", "L0H3"]
     app.selectbox(key="grid_metric").set_value("grounding: coef").run()
     assert not app.exception
-    app.sidebar.selectbox(key="head").set_value("L1H2").run()     # selected head: its pattern and its scores
+    app.sidebar.selectbox(key="head").set_value(HeadId(1, 2)).run()   # selected head: its pattern and its scores
     assert not app.exception and "L1H2" in _code(app)
     assert [s.value for s in app.subheader][0].startswith("L1H2 (KV group 1)")
     assert "retrieval: retrieval_score" in app.dataframe[-1].value["metric"].tolist()
@@ -88,20 +98,20 @@ def test_retrieval_page(app, monkeypatch):
 def test_sinks_page_downloads_a_calibration_file(app):
     _open(app, "sinks", "Sinks and calibration")
     assert "Download the calibration file (calib.json)" in _labels(app)
-    app.radio(key="sink_metric").set_value("sinks").run()
-    app.radio(key="act_metric").set_value("delta_gold_logprob").run()
+    app.radio(key="sinks:profile:metric").set_value("sinks").run()
+    app.radio(key="sinks:search:metric").set_value("delta_gold_logprob").run()
     assert not app.exception and "delta_gold_logprob" in _code(app)
-    app.text_input(key="act_prompt").set_value("Review: fine.\nSentiment:")
-    app.button(key="act_generate").click().run()                  # before/after generation on the prompt
+    app.text_area(key="sinks:tool:compare:prompt").set_value("Review: fine.\nSentiment:")
+    app.button(key="sinks:tool:compare").click().run()            # before/after generation on the prompt
     assert not app.exception and {t.label for t in app.text_area} >= {"plain", "calibrated"}
 
 
 def test_circuits_page(app, monkeypatch):
     _open(app, "circuits", "Circuits")
-    assert app.selectbox(key="circ_task").options == ["induction", "greater_than"]
-    app.selectbox(key="circ_task").set_value("greater_than").run()
-    app.radio(key="circ_method").set_value("eap").run()
-    assert not app.exception and "res.task('greater_than').plot('eap')" in _code(app)
+    assert app.radio(key="circuits:task:task").options == ["induction", "greater_than"]
+    app.radio(key="circuits:task:task").set_value("greater_than").run()
+    app.radio(key="circuits:task:method").set_value("eap").run()
+    assert not app.exception and "res.plot('task', task='greater_than', method='eap')" in _code(app)
     assert [t.task for t in _run_snippet(_code(app), monkeypatch)["res"].tasks] == ["induction", "greater_than"]
 
 
@@ -109,27 +119,27 @@ def test_similarity_page(app, monkeypatch):
     _open(app, "similarity", "Layer similarity")
     assert _run_snippet(_code(app), monkeypatch)["res"].layer_cos.shape == (2, 2)
     assert len(app.get("plotly_chart")) == 4
-    app.radio(key="sim_metric").set_value("js").run()
+    app.radio(key="similarity:layers:metric").set_value("js").run()
     assert not app.exception
-    app.text_area(key="opts-similarity").set_value('{"n_prompt": 1}').run()     # a typo in the run options
-    app.button(key="run-similarity").click().run()
-    assert not app.exception and "unknown option(s) ['n_prompt']" in app.error[0].value
+    app.text_input(key="similarity:config:n_prompts").set_value("-1").run()     # a bad run option
+    assert not app.exception and "n_prompts must be >= 1" in app.error[0].value
+    assert not [b for b in app.button if b.key == "similarity:run"]               # no run with a refused option
 
 
 def test_grounding_page_roc_and_token_view(app):
     _open(app, "grounding", "Grounding")
     assert {"Figure as HTML", "Table as CSV"} <= set(_labels(app))
-    assert 'res.plot("roc")' in _code(app)
-    app.button(key="gr_generate").click().run()                   # guided decoding with the saved detector
+    assert "res.plot('roc')" in _code(app)
+    app.button(key="grounding:tool:guided").click().run()          # guided decoding with the saved detector
     assert not app.exception
     assert "Token view as HTML" in _labels(app)
 
 
 def test_run_button_writes_a_result_the_page_then_shows(app, tmp_path):
     app.sidebar.text_input(key="results_root").set_value(str(tmp_path)).run()
-    app.switch_page("views/similarity.py").run()
+    switch(app, "similarity").run()
     assert any("No saved" in i.value for i in app.info)           # empty folder: a hint, no traceback
-    app.button(key="run-similarity").click().run(timeout=120)
+    app.button(key="similarity:run").click().run(timeout=120)
     assert not app.exception, app.exception
     assert (tmp_path / "similarity-tiny-llama" / "summary.json").exists()
     assert json.loads((tmp_path / "similarity-tiny-llama" / "summary.json").read_text())["model_id"] == "tiny-llama"
@@ -137,7 +147,7 @@ def test_run_button_writes_a_result_the_page_then_shows(app, tmp_path):
 
 
 def test_pattern_explorer_page(app):
-    app.sidebar.selectbox(key="head").set_value("L1H3").run()        # selected elsewhere: opened here
+    app.sidebar.selectbox(key="head").set_value(HeadId(1, 3)).run()   # selected elsewhere: opened here
     _open(app, "pattern_explorer", "Pattern explorer")
     assert app.number_input(key="pe_layer").value == 1 and app.selectbox(key="pe_head").value == 3
     assert any("tokens per cell" in m.value for m in app.markdown)
@@ -161,7 +171,7 @@ def test_corrupt_saved_result_gives_a_clear_error(app, results, tmp_path):
     shutil.copytree(results / "circuits-tiny-llama", bad / "circuits-tiny-llama")
     (bad / "circuits-tiny-llama" / "overlap.parquet").write_bytes(b"not parquet")
     app.sidebar.text_input(key="results_root").set_value(str(bad)).run()
-    app.switch_page("views/circuits.py").run()
+    switch(app, "circuits").run()
     assert not app.exception and "overlap.parquet" in app.error[0].value
 
 
@@ -177,37 +187,15 @@ def test_png_and_svg_export_offline(tiny_llama):
     assert svg.lstrip().startswith("<svg") and "kv1:h3" in svg
 
 
-def test_progress_bar_follows_the_analysis_tqdm_bars(monkeypatch):
-    import streamlit as st
-    from tqdm.auto import tqdm
-
-    from dashboards.progress import st_progress
-
-    seen = []
-
-    class Bar:
-        def progress(self, frac, text=""):
-            seen.append((round(frac, 2), text))
-
-        def empty(self):
-            seen.append("emptied")
-
-    monkeypatch.setattr(st, "progress", lambda *a, **k: Bar())
-    with st_progress("running"):
-        for _ in tqdm(range(4), desc="units", mininterval=0):
-            pass
-    for _ in tqdm(range(2), desc="outside", mininterval=0):       # after the block: not mirrored
-        pass
-    assert seen[-1] == "emptied" and (1.0, "units: 4/4") in seen
-    assert not any("outside" in str(s) for s in seen)
-
-
 def test_run_options_are_checked(tiny_llama, tmp_path):
-    from dashboards import runs
+    from analyses import registry
+    from analyses.config import build
+    from analyses.retrieval import RetrievalConfig
+    from analyses.similarity import SimilarityConfig
     from probe.errors import InputError
 
     with pytest.raises(InputError, match="unknown option"):
-        runs.run("similarity", tiny_llama, tmp_path, n_prompt=3)
+        build(SimilarityConfig, {"n_prompt": 3})
     with pytest.raises(InputError, match="unknown analysis"):
-        runs.run("nonsense", tiny_llama, tmp_path)
-    assert runs.defaults("retrieval", tiny_llama)["lengths"] == [tiny_llama.n_ctx - 8 - 40]
+        registry.get("nonsense")
+    assert RetrievalConfig.small(tiny_llama).lengths == (tiny_llama.n_ctx - 8 - 40,)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dashboards.browser import CHROMIUM, ROOT, chromium, serve, wait_for_page
+from browser import CHROMIUM, ROOT, chromium, serve, wait_for_page
 
 SHOTS = ROOT / "out" / "screenshots"
 # url path, title, plotly charts drawn, text that must appear
-PAGES = [("", "Head atlas", 2, "Saved scores from 6 result(s)"),
+PAGES = [("", "Head atlas", 2, "Saved scores from 5 result(s)"),
          ("pattern_explorer", "Pattern explorer", 2, "tokens per cell"),
          ("retrieval", "Retrieval heads", 6, "NIAH success over context length"),
          ("sinks", "Sinks and calibration", 3, "Download the calibration file"),

@@ -6,7 +6,7 @@ import pytest
 
 from analyses.atlas import HeadGrid, head_grid
 from analyses.patterns import MAX_CELLS, PooledPattern, pattern_window, pooled_pattern
-from probe import InputError, capture, memory_budget
+from probe import HeadId, InputError, capture, memory_budget
 
 TEXT = "the cat sat on the mat, the cat sat again"
 
@@ -64,7 +64,7 @@ def test_head_grid_matches_full_patterns_and_groups_by_kv(tiny_llama, tmp_path):
     np.testing.assert_allclose(grid.matrix("mass:first"), full[..., 0].mean(-1)[:, order].numpy(), atol=1e-5)
     assert grid.column_labels() == ["kv0:h0", "kv0:h1", "kv1:h2", "kv1:h3"]
     fig = grid.plot("max_prob")
-    assert fig.data[0].customdata[1][2][0] == f"L1H{order[2]}"
+    assert list(fig.data[0].customdata[1][2][:3]) == [1, order[2], str(HeadId(1, order[2]))]   # click: the head
     again = HeadGrid.load(grid.save(tmp_path / "g"))
     np.testing.assert_array_equal(again.matrix("max_prob"), grid.matrix("max_prob"))
     with pytest.raises(InputError, match="no metric"):

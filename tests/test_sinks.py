@@ -1,15 +1,18 @@
 """ACT (issue 5): calibration properties, sink detection, head search, calibration files, bad inputs."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyses.sinks import Calibration, apply_calibration, load_calibration, load_task, profile_sinks, token_type
-from analyses.sinks.search import SearchConfig, evaluate, evaluate_from, layer_inputs, reselect, search_act
+from analyses import run
+from analyses.sinks import (SINKS, Calibration, SinksConfig, apply_calibration, load_calibration, load_task,
+                            profile_sinks, token_type)
+from analyses.sinks.search import evaluate, evaluate_from, layer_inputs
 from analyses.sinks.tasks import Item, Task, label_logprobs, label_token_ids, make_batches, task_batches
-from probe import HeadId, InputError, InterventionSpec, ModelMismatchError, SinkCalibration, intervene, load_model
+from probe import HeadId, InputError, InterventionSpec, ModelMismatchError, SinkCalibration, intervene
 from probe.eager import calibrate, detect_sinks
 from probe.atomic import write_json
 from probe.errors import CorruptFileError
@@ -132,7 +135,7 @@ def test_rerun_from_a_layer_equals_full_forward(tiny_llama):
     task = load_task("qtype")
     batches = task_batches(tiny_llama, task, "calib", 0, 8)[:2]
     lab = label_token_ids(tiny_llama.tokenizer, task.labels)
-    spec = SearchConfig().spec([HeadId(1, 2)])
+    spec = SinksConfig().spec([HeadId(1, 2)])
     full = evaluate(tiny_llama, batches, lab, spec)
     cache = layer_inputs(tiny_llama, batches, [1])
     assert evaluate_from(tiny_llama, batches, cache, 1, lab, spec) == pytest.approx(full, abs=1e-5)
@@ -162,7 +165,7 @@ def _constructed_task(model, head: HeadId, beta: float) -> Task:
     batch = make_batches(model, [t + " " for t in texts], [0] * len(texts), 256)[0]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     plain = label_logprobs(model, batch, lab)
-    with intervene(model, SearchConfig(beta=beta).spec([head])):
+    with intervene(model, SinksConfig(act=SinkCalibration(beta=beta)).spec([head])):
         cal = label_logprobs(model, batch, lab)
 
     def flips(a, b):
@@ -182,40 +185,49 @@ def _constructed_task(model, head: HeadId, beta: float) -> Task:
     return Task("constructed", (letters[a], letters[b]), items, "", "{x}")
 
 
-def test_search_picks_the_head_that_helps(tiny_llama):
+def test_search_picks_the_head_that_helps(tiny_llama, tmp_path):
     head = HeadId(1, 3)
-    cfg = SearchConfig(beta=0.05, first_layer=0, last_layer=1, n_random=5)
-    task = _constructed_task(tiny_llama, head, cfg.beta)
-    res = search_act(tiny_llama, task, cfg, progress=False)
+    cfg = SinksConfig(act=SinkCalibration(beta=0.05), first_layer=0, last_layer=1, n_random=5, n_profile=1)
+    task = _constructed_task(tiny_llama, head, cfg.act.beta)
+    res = run(SINKS, tiny_llama, replace(cfg, task=str(task.save(tmp_path / "constructed.json"))),
+              progress=False).search
     row = next(r for r in res.candidates if r["head"] == str(head))
     assert row["accuracy"] == 1.0 and res.baseline["accuracy"] < 1.0
-    assert str(head) in res.selected
+    assert head in res.selected
     assert res.heldout["calibrated"]["accuracy"] > res.heldout["plain"]["accuracy"]
     assert len(res.heldout["random"]) == 5 and all(len(r["heads"]) == len(res.selected) for r in res.heldout["random"])
     df = res.to_frame()
     assert set(df.metric) >= {"accuracy", "delta_accuracy", "selected"} and res.plot() is not None
 
 
-def test_search_resumes_from_its_result(tiny_llama, tmp_path):
-    cfg = SearchConfig(first_layer=1, last_layer=1, n_random=2)
-    out = tmp_path / "r.json"
-    full = load_task("sentiment")
-    task = Task(full.name, full.labels, {"demo": (), "calib": full.items["calib"][:10],
-                                         "heldout": full.items["heldout"][:10]}, full.header, full.template)
-    first = search_act(tiny_llama, task, cfg, out=out, progress=False)
-    again = search_act(tiny_llama, task, cfg, out=out, progress=False)
-    assert again.to_dict() == json.loads(out.read_text()) and first.selected == again.selected
-    assert out.with_suffix(".parquet").exists() and not out.with_suffix(".partial.json").exists()
-    out.unlink()  # an interrupted run: finished candidates come from the checkpoint, the rest are computed
-    fake = {**first.candidates[0], "accuracy": 9.0}
-    write_json(out.with_suffix(".partial.json"), {"weights_hash": tiny_llama.weights_hash, "config": cfg.to_dict(),
-                                                   "rows": [fake]})
-    resumed = search_act(tiny_llama, task, cfg, out=out, progress=False)
-    assert resumed.candidates[0]["accuracy"] == 9.0 and resumed.candidates[1:] == first.candidates[1:]
-    by_lp = reselect(tiny_llama, first, "gold_logprob", task=task)
-    gains = {r["head"]: r["gold_logprob"] - first.baseline["gold_logprob"] for r in first.candidates}
-    assert set(by_lp.selected) == {h for h, g in gains.items() if g > 1e-4}
-    assert by_lp.candidates == first.candidates and by_lp.config["metric"] == "gold_logprob"
+def test_search_resumes_from_its_units_and_reselects_by_gold_logprob(tiny_llama, tmp_path):
+    from analyses.sinks import SinksResult
+    from analyses.units import UnitStore
+
+    cfg = SinksConfig(limit=10, first_layer=0, last_layer=1, n_random=2, n_profile=1)
+    out = tmp_path / "r"
+    first = run(SINKS, tiny_llama, cfg, store=out, progress=False)
+    again = run(SINKS, tiny_llama, cfg, store=out, progress=False)
+    assert again.search.to_dict() == json.loads((out / "search.json").read_text())
+    assert first.search.selected == again.search.selected and (out / "search.parquet").exists()
+    assert SinksResult.load(out).search.candidates == first.search.candidates
+    # an interrupted run: the finished layer comes from its unit, the rest is computed
+    store, layer = UnitStore(out), "layer-001"
+    stamp = json.loads((out / "units" / "search" / f"{layer}.json").read_text())["stamp"]
+    fake = store.get("search", layer)
+    fake["rows"][0]["accuracy"] = 9.0
+    (out / "units" / "search" / "layer-000.json").unlink()
+    store.put("search", layer, stamp, fake)
+    resumed = run(SINKS, tiny_llama, cfg, store=out, progress=False).search
+    assert next(r for r in resumed.candidates if r["layer"] == 1)["accuracy"] == 9.0
+    assert [r for r in resumed.candidates if r["layer"] == 0] == [r for r in first.search.candidates if r["layer"] == 0]
+    # the gold-label log-probability rule: the same candidate units, another selection, a new held-out run
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "units" / "search").iterdir()}
+    by_lp = run(SINKS, tiny_llama, replace(cfg, selection="gold_logprob"), store=out, progress=False).search
+    assert {p: p.stat().st_mtime_ns for p in (out / "units" / "search").iterdir()} == stamps
+    gains = {r["head"]: r["gold_logprob"] - by_lp.baseline["gold_logprob"] for r in by_lp.candidates}
+    assert {str(h) for h in by_lp.selected} == {h for h, g in gains.items() if g > 1e-4}
+    assert by_lp.candidates == resumed.candidates and by_lp.config["selection"] == "gold_logprob"
 
 
 # ----------------------------------------------------------------------------- calibration files
@@ -244,7 +256,7 @@ def test_calibration_file_round_trip_on_a_fresh_plain_hf_model(tiny_llama, tmp_p
 
 def test_calibration_for_another_model_is_refused(tiny_llama, tiny_gpt2, tmp_path):
     path = Calibration.from_heads(tiny_llama, ["L1H0"]).save(tmp_path / "c.json")
-    with pytest.raises(ModelMismatchError, match="headwise calibrate"):
+    with pytest.raises(ModelMismatchError, match="headwise scan sinks"):
         apply_calibration(tiny_gpt2, path)
 
 
@@ -253,9 +265,12 @@ def test_beta_outside_unit_interval_is_refused(tiny_llama, beta, tmp_path):
     with pytest.raises(InputError, match="beta"):
         Calibration.from_heads(tiny_llama, ["L1H0"], beta=beta)
     with pytest.raises(InputError, match="beta"):
-        SearchConfig(beta=beta)
+        SinksConfig(act=SinkCalibration(beta=beta))
+    with pytest.raises(InputError, match="beta"):
+        from analyses.config import build
+        build(SinksConfig, {"beta": str(beta)})                           # the --beta flag
     d = Calibration.from_heads(tiny_llama, ["L1H0"]).to_dict()
-    d["beta"] = beta
+    d["edit"]["beta"] = beta
     (tmp_path / "c.json").write_text(json.dumps(d))
     with pytest.raises(InputError, match="beta"):
         load_calibration(tmp_path / "c.json")
@@ -268,22 +283,36 @@ def test_unknown_task_and_corrupt_files(tiny_llama, tmp_path):
     with pytest.raises(CorruptFileError):
         load_calibration(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text(json.dumps({"format": "something.else"}))
-    with pytest.raises(CorruptFileError, match="calibrate"):
+    with pytest.raises(CorruptFileError, match="scan sinks"):
         load_calibration(tmp_path / "other.json")
 
 
 def test_cli_calibrate_and_generate(tmp_path, capsys):
     from analyses.cli import main
 
-    out = tmp_path / "calib.json"
+    out = tmp_path / "act"
     assert main(["calibrate", "--model", "tiny-llama", "--task", "qtype", "--out", str(out), "--first-layer", "1",
-                 "--last-layer", "1", "--seeds", "1"]) == 0
-    calib = load_calibration(out)
+                 "--last-layer", "1", "--n-random", "1", "--n-profile", "1", "--selection", "gold_logprob"]) == 0
+    calib = load_calibration(out / "calib.json")
     assert calib.task == "qtype" and calib.model_id == "tiny-llama" and "heldout_plain" in calib.figures
-    assert main(["generate", "--model", "tiny-llama", "--calibration", str(out), "--max-new-tokens", "3", "hi"]) == 0
+    assert json.loads((out / "search.json").read_text())["config"]["selection"] == "gold_logprob"
+    assert main(["scan", "sinks", "--model", "tiny-llama", "--task", "qtype", "--out", str(out), "--first-layer",
+                 "1", "--last-layer", "1", "--n-random", "1", "--n-profile", "1", "--selection", "gold_logprob"]) == 0
+    assert "resumed" in capsys.readouterr().err                        # the alias and the scan share their units
+    assert main(["generate", "--model", "tiny-llama", "--calibration", str(out / "calib.json"), "--max-new-tokens",
+                 "3", "hi"]) == 0
     assert main(["calibrate", "--model", "tiny-llama", "--task", "nope", "--out", str(out)]) == 2
-    assert main(["generate", "--model", "tiny-gpt2", "--calibration", str(out), "hi"]) == 2
+    assert main(["generate", "--model", "tiny-gpt2", "--calibration", str(out / "calib.json"), "hi"]) == 2
     assert "made for tiny-llama" in capsys.readouterr().err
+
+
+def test_calibration_files_of_version_1_still_load(tiny_llama, tmp_path):
+    v1 = {"format": "headwise.calibration", "version": 1, "model_id": "tiny-llama",
+          "weights_hash": tiny_llama.weights_hash, "heads": ["L1H0"], "beta": 0.3, "tau": 0.1, "rule": "tau",
+          "alpha": 5.0, "min_queries": 1, "keep_first": True, "task": "sentiment", "figures": {}}
+    write_json(tmp_path / "c.json", v1)
+    c = load_calibration(tmp_path / "c.json")
+    assert c.heads == (HeadId(1, 0),) and c.edit.beta == 0.3 and c.task == "sentiment"
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ def expected(pats: torch.Tensor) -> dict:
     p = pats.double()
     T = p.shape[-1]
     masks = torch.stack([g.mask(T, "cpu") for g in GROUPS]).double()
-    return {"entropy": -(p * p.clamp_min(1e-300).log()).sum(-1), "max_prob": p.max(-1).values,
+    return {"probs": p, "entropy": -(p * p.clamp_min(1e-300).log()).sum(-1), "max_prob": p.max(-1).values,
             "argmax": p.argmax(-1), "group_mass": torch.einsum("lhqk,gk->lhqg", p, masks),
             "received_sum": p.sum(2), "received_count": torch.arange(T, 0, -1).double()}
 
@@ -21,9 +21,10 @@ def expected(pats: torch.Tensor) -> dict:
 def assert_matches(st: HeadStats, ref: dict, atol=1e-5):
     for key in ("entropy", "max_prob", "group_mass", "received_sum", "received_count"):
         assert torch.allclose(getattr(st, key).double(), ref[key], atol=atol), key
-    # argmax may differ only where two keys tie
-    top2 = ref["max_prob"]
-    assert (st.argmax == ref["argmax"]).float().mean() > 0.99 or torch.allclose(top2, st.max_prob.double(), atol=atol)
+    # argmax may differ from the reference only where two keys tie: the key chosen must hold the row's maximum
+    chosen = ref["probs"].gather(-1, st.argmax.long().unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(chosen, ref["max_prob"], atol=atol), "argmax points at a key below the row maximum"
+    assert (st.argmax == ref["argmax"]).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from probe.shapes import HeadOutputs, HeadScoresT, PromptEffects
+
 from probe import InterventionSpec, MeanAblate, intervene, tap
 from probe.heads import HeadId
 
@@ -92,7 +94,7 @@ class _Record:
         self.z[layer] = out.detach().float().clone()
 
 
-def record_z(model, ids: torch.Tensor, batch: int = 32) -> torch.Tensor:
+def record_z(model, ids: torch.Tensor, batch: int = 32) -> HeadOutputs:
     """Head outputs of every layer: ``[L, N, T, H, D]`` (float32)."""
     parts = []
     with torch.no_grad():
@@ -118,8 +120,8 @@ class _Patch:
         return out
 
 
-def exact_patching(model, task: TaskBatch, z_corr: torch.Tensor | None = None, rows: int = 96,
-                   layers=None) -> torch.Tensor:
+def exact_patching(model, task: TaskBatch, z_corr: HeadOutputs | None = None, rows: int = 96,
+                   layers=None) -> PromptEffects:
     """``LD_patched [N, L, H]``: clean run with one head's output set to its corrupted value.
 
     ``layers`` restricts the work to some layers (the others stay NaN).
@@ -145,7 +147,7 @@ def patch_one(model, task: TaskBatch, i: int, head: HeadId, z_corr: torch.Tensor
     return float(run_ld(model, task.clean[i:i + 1], task.good[i:i + 1], task.bad[i:i + 1], spec=spec)[0])
 
 
-def normalised(ld_patched: torch.Tensor, ld_clean: torch.Tensor, ld_corr: torch.Tensor, idx=None) -> torch.Tensor:
+def normalised(ld_patched: PromptEffects, ld_clean: torch.Tensor, ld_corr: torch.Tensor, idx=None) -> HeadScoresT:
     """``(mean LD_patched - mean LD_clean) / (mean LD_corr - mean LD_clean)`` over prompts ``idx`` -> ``[L, H]``."""
     if idx is not None:
         ld_patched, ld_clean, ld_corr = ld_patched[idx], ld_clean[idx], ld_corr[idx]
@@ -176,8 +178,8 @@ def _grads(model, task, sl, embeds=None) -> torch.Tensor:
     return torch.stack([x.float() for x in grads])  # [L, b, T, H, D]
 
 
-def attribution_patching(model, task: TaskBatch, z_clean: torch.Tensor, z_corr: torch.Tensor,
-                         ig_steps: int = 0, batch: int = 16) -> torch.Tensor:
+def attribution_patching(model, task: TaskBatch, z_clean: HeadOutputs, z_corr: HeadOutputs,
+                         ig_steps: int = 0, batch: int = 16) -> PromptEffects:
     """EAP (``ig_steps=0``) or EAP-IG estimate of ``LD_patched - LD_clean`` per prompt and head ``[N, L, H]``."""
     emb = model.hf.get_input_embeddings()
     out = []

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from probe.errors import InputError
 from probe.heads import HeadId
 
 from ..config import Config, opt
@@ -24,25 +24,20 @@ from . import patching as P
 from .overlap import OVERLAP_COLUMNS, overlap_table, select_circuit
 from .result import CircuitsResult, Repair, TaskResult
 from .roles import attention_to, inhibition_heads, intervention, random_heads_like, repeated_token_roles
-from .tasks import TASKS, make_task
+from .tasks import make_task
 
 
 @dataclass(frozen=True)
 class CircuitsConfig(Config):
     """Tasks, prompts per task, attribution steps, the circuit rule and the bootstrap."""
 
-    tasks: tuple[str, ...] = opt(("ioi", "colored_objects", "induction"),
-                                 "tasks: ioi, colored_objects, induction, greater_than")
+    tasks: tuple[Literal["ioi", "colored_objects", "induction", "greater_than"], ...] = opt(
+        ("ioi", "colored_objects", "induction"), "tasks (clean/corrupted prompt pairs of analyses.circuits.tasks)")
     n: int = opt(32, "prompt pairs per task", min=1)
     seed: int = opt(0, "seed of the prompts and the controls")
     ig_steps: int = opt(5, "EAP-IG interpolation steps", min=1)
     frac: float = opt(0.05, "circuit = this top fraction of heads by |score| (the paper: 0.02)", min=1e-9, max=1)
     n_boot: int = opt(200, "bootstrap resamples over prompts", min=1)
-
-    def check(self) -> None:
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            raise InputError(f"unknown task(s) {bad}: choose from {', '.join(TASKS)}")
 
     @classmethod
     def small(cls, model) -> "CircuitsConfig":
@@ -158,7 +153,7 @@ def reduce_repair(model, cfg: CircuitsConfig, payloads: dict, state: dict) -> Ci
 
 
 CIRCUITS = Analysis(
-    name="circuits", title="Circuits", order=30,
+    name="circuits", title="Circuits", order=30, icon=":material/hub:",
     description="Per task, exact activation patching (and EAP, EAP-IG) scores every head; the circuit is the top "
                 "fraction by |score|; circuits of different tasks are compared with bootstrap intervals and a "
                 "random null.",

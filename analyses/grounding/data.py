@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from probe.errors import CorruptFileError, InputError
+from probe.errors import CorruptFileError
 from probe.streaming import generate_with_stats
 
+from ..data import data_path
 from .lookback import Regions, ratios_from_stats, regions
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
-DATA = Path(__file__).resolve().parents[2] / "data" / "grounding" / "facts.json"
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,10 @@ class Item:
     true_value: str
 
 
-def load_facts(path: str | Path = DATA) -> dict:
+def load_facts(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else data_path("grounding", "facts.json")
     try:
-        spec = json.loads(Path(path).read_text())
+        spec = json.loads(path.read_text())
         assert spec["templates"] and spec["facts"] and spec["fillers"]
     except (OSError, ValueError, KeyError, AssertionError) as exc:
         raise CorruptFileError(f"{path}: not a grounding facts file ({exc}); restore data/grounding/facts.json") from exc

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from probe.shapes import FeatureVector, RowRatios
+
 from probe.errors import InputError
 from probe.stats import HeadStats, KeyGroup
 
@@ -74,7 +76,7 @@ def ratio(mass_ctx: torch.Tensor, mass_new: torch.Tensor, n_ctx, n_new, empty_ne
     return lr
 
 
-def ratios_from_stats(stats: HeadStats, reg: Regions, empty_new: str = "one") -> torch.Tensor:
+def ratios_from_stats(stats: HeadStats, reg: Regions, empty_new: str = "one") -> RowRatios:
     """``[rows, layers, heads]`` lookback ratios of every row in ``stats`` (rows in ``stats.query_pos``)."""
     visible = stats.query_pos.float() + 1  # keys 0..p
     n_ctx = visible.clamp(max=reg.ctx_stop) - reg.ctx_start
@@ -83,7 +85,7 @@ def ratios_from_stats(stats: HeadStats, reg: Regions, empty_new: str = "one") ->
     return lr.permute(2, 0, 1).contiguous()
 
 
-def span_feature(lr: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+def span_feature(lr: RowRatios, start: int = 0, stop: int | None = None) -> FeatureVector:
     """Mean lookback ratio over rows ``[start, stop)`` (NaN rows skipped): the ``L*H`` span feature.
 
     >>> span_feature(torch.tensor([[[0.0]], [[1.0]], [[float('nan')]]])).tolist()

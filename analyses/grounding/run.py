@@ -147,7 +147,7 @@ def reduce_mitigation(model, cfg: GroundingConfig, payloads: dict, state: dict) 
 
 
 GROUNDING = Analysis(
-    name="grounding", title="Grounding", order=50,
+    name="grounding", title="Grounding", order=50, icon=":material/fact_check:",
     description="The lookback ratio (attention on the context vs on new tokens) of every head feeds a "
                 "logistic-regression detector of ungrounded answers; mitigation: detector-guided decoding and a "
                 "boost on context keys.",

@@ -22,7 +22,8 @@ import torch
 
 from probe.errors import ContextLengthError, InputError
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "retrieval"
+from ..data import data_path
+
 QUESTION = "\nBased on the content of the book, Question: {q}\nAnswer:"
 
 
@@ -48,12 +49,12 @@ class Prompt:
 
 
 def load_needles(path: str | Path | None = None) -> list[Needle]:
-    path = Path(path) if path else DATA_DIR / "needles.jsonl"
+    path = Path(path) if path else data_path("retrieval", "needles.jsonl")
     return [Needle(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_haystack(path: str | Path | None = None) -> list[str]:
-    text = (Path(path) if path else DATA_DIR / "haystack.txt").read_text()
+    text = (Path(path) if path else data_path("retrieval", "haystack.txt")).read_text()
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 

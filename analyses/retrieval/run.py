@@ -172,7 +172,7 @@ def reduce_masking(model, cfg: RetrievalConfig, payloads: dict, state: dict) -> 
 
 
 RETRIEVAL = Analysis(
-    name="retrieval", title="Retrieval heads", order=10,
+    name="retrieval", title="Retrieval heads", order=10, icon=":material/search:",
     description="Needle-in-a-haystack: a head makes a copy-paste event when its argmax key is in the needle and "
                 "holds the emitted token; masking makes the top-K heads (vs random K) uniform while decoding.",
     paper="Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality",

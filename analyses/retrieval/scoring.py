@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from probe.shapes import HeadScoresT, RowArgmax
+
 ROWS = ("producing", "consuming")
 
 
-def sample_events(argmax: torch.Tensor, query_pos, prompt_ids, new_ids, span: tuple[int, int],
-                  row: str = "producing") -> torch.Tensor:
+def sample_events(argmax: RowArgmax, query_pos, prompt_ids, new_ids, span: tuple[int, int],
+                  row: str = "producing") -> HeadScoresT:
     """Per-head score ``[layer, head]`` of one sample = copy-paste events / |span|.
 
     ``argmax``: ``[layer, head, rows]`` argmax key of each recorded query row; ``query_pos``:
@@ -52,7 +54,7 @@ def sample_events(argmax: torch.Tensor, query_pos, prompt_ids, new_ids, span: tu
     return events / (stop - start)
 
 
-def head_scores(per_sample: list[torch.Tensor], success: list[bool]) -> tuple[torch.Tensor, int]:
+def head_scores(per_sample: list[HeadScoresT], success: list[bool]) -> tuple[HeadScoresT, int]:
     """Mean over *successful* samples (zeros and count 0 when none succeeded)."""
     kept = [s for s, ok in zip(per_sample, success) if ok]
     if not kept:

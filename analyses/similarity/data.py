@@ -5,17 +5,18 @@ from pathlib import Path
 
 from probe.errors import InputError
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "similarity"
+from ..data import data_path
+
 
 
 def load_texts(name_or_path: str) -> list[str]:
     """Paragraphs (separated by blank lines) of ``data/similarity/<name>.txt`` or of a file path."""
     path = Path(name_or_path)
     if not path.exists():
-        path = DATA_DIR / f"{name_or_path}.txt"
+        path = data_path("similarity", f"{name_or_path}.txt")
     if not path.exists():
         raise InputError(f"no text set {name_or_path!r}: give a file path or one of "
-                         f"{sorted(p.stem for p in DATA_DIR.glob('*.txt'))}")
+                         f"{sorted(p.stem for p in data_path('similarity').glob('*.txt'))}")
     texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
     if not texts:
         raise InputError(f"{path} holds no text: write paragraphs separated by blank lines")

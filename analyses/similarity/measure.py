@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from probe.shapes import Patterns
+
 from probe.errors import InputError
 
 LN2 = math.log(2.0)
@@ -68,7 +70,7 @@ class Accumulator:
         self._ldot = torch.zeros(L, L, dtype=torch.float64)
         self._hdot = torch.zeros(L * H, L * H, dtype=torch.float64)
 
-    def add_window(self, probs: torch.Tensor) -> None:
+    def add_window(self, probs: Patterns) -> None:
         """Add rows ``probs [layer, head, w, T]`` (one window of one prompt)."""
         L, H, w, T = probs.shape
         if (L, H) != (self.n_layers, self.n_heads):

@@ -41,16 +41,11 @@ class SimilarityConfig(Config):
     max_tokens: int = opt(128, "tokens per text (longer texts are cut)", min=2)
     window: int = opt(64, "query rows per pass (memory O(L*H*window*T))", min=1)
     head_js: Literal["adjacent", "all", "none"] = opt("adjacent", "head pairs with a Jensen-Shannon divergence")
-    variants: tuple[str, ...] = opt(VARIANTS, "echo variants: same, matched, random (the control)")
+    variants: tuple[Literal["same", "matched", "random"], ...] = opt(VARIANTS, "echo variants (random: the control)")
     n_clusters: int = opt(8, "head families (agglomerative clusters)", min=1)
     budget: float = opt(0.1, "loss budget of the sharing plan (nats/token)", min=0)
     plan_variant: Literal["same", "matched", "random"] = opt("matched", "head map used by the sharing plan")
     max_trials: int = opt(10, "merges the plan search measures", min=0)
-
-    def check(self) -> None:
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad:
-            raise InputError(f"unknown echo variant(s) {bad}: choose from {VARIANTS}")
 
     @classmethod
     def small(cls, model) -> "SimilarityConfig":
@@ -179,7 +174,7 @@ def report(model, cfg: SimilarityConfig, _, state: dict) -> SimilarityResult:
 
 
 SIMILARITY = Analysis(
-    name="similarity", title="Layer similarity", order=40,
+    name="similarity", title="Layer similarity", order=40, icon=":material/layers:",
     description="Cosine and Jensen-Shannon similarity of attention maps between layers and heads; the echo "
                 "experiment reuses layer l's pattern in layer l+1 and measures the loss increase; a greedy plan "
                 "shares layers under a loss budget.",

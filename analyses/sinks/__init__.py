@@ -1,14 +1,29 @@
 """Attention sinks and training-free calibration (ACT): Yu et al., ICML 2024, "Unveiling and Harnessing
 Hidden Attention Sinks" (arXiv 2406.15765; reference code GATECH-EIC/ACT). Method: methods.md §2.
 
-* :mod:`.profile`: which keys act as sinks per head (column-mean rule) and by token type.
-* :mod:`.search`: the head search (each candidate alone on a calibration split, kept heads
-  together on held-out data, random-head control) on the tasks of :mod:`.tasks`.
-* :mod:`.calibration`: the calibration file, applying it to a model, the CLI commands.
+One analysis, :data:`SINKS` (``headwise scan sinks``; stages in :mod:`.run`): profile which keys
+act as sinks per head (:mod:`.profile`), search the heads whose lone calibration helps a task
+(:mod:`.search`, on the tasks of :mod:`.tasks`, with a random-head control), evaluate the kept
+heads together on held-out items, and write the calibration file (:mod:`.calibration`).
 
 The calibration itself is the engine's ``probe.SinkCalibration`` edit; nothing here re-implements it.
+
+>>> from probe import load_model
+>>> from analyses import run
+>>> res = run(SINKS, load_model("tiny-llama"), SinksConfig(limit=4, first_layer=0, last_layer=0, n_random=1,
+...           n_profile=1), progress=False)
+>>> len(res.search.candidates), res.calibration.task
+(4, 'sentiment')
 """
-from .calibration import Calibration, add_cli, apply_calibration, calibrate, load_calibration  # noqa: F401
-from .profile import SinkProfile, profile_sinks, token_type  # noqa: F401
-from .search import SearchConfig, SearchResult, candidate_heads, search_act  # noqa: F401
-from .tasks import TASKS, load_task  # noqa: F401
+from .calibration import Calibration, apply_calibration, load_calibration
+from .profile import SinkProfile, profile_sinks, token_type
+from .result import SinksResult
+from .run import SINKS, SinksConfig
+from .search import SearchResult, candidate_heads
+from .tasks import TASKS, Task, load_task
+
+ANALYSIS = SINKS
+
+__all__ = ["ANALYSIS", "SINKS", "SinksConfig", "SinksResult", "Calibration", "apply_calibration", "load_calibration",
+           "SinkProfile", "profile_sinks", "token_type", "SearchResult", "candidate_heads", "TASKS", "Task",
+           "load_task"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -58,7 +59,7 @@ def head_sinks(stats, rule: SinkCalibration) -> torch.Tensor:
                                      for h in range(H)]) for l in range(L)])
 
 
-def _text_rows(model, t: int, text, rule) -> tuple[list[dict], list[dict]]:
+def text_rows(model, t: int, text, rule) -> tuple[list[dict], list[dict]]:
     st = stream_stats(model, text, verbose=False)
     pieces = model.str_tokens(list(st.token_ids))
     types = [token_type(p, i) for i, p in enumerate(pieces)]
@@ -121,21 +122,27 @@ class SinkProfile:
                 "heads_with_sinks": int(len(heads)),
                 "share_of_sinks_in_last_3_keys": float((cal.from_end < 3).mean()) if len(cal) else 0.0}
 
-    def plot(self, metric: str = "mass"):
-        """One heatmap (layer x head) per token type of ``mass`` or calibratable ``sinks`` per text."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+    def score_maps(self, n_layers: int, n_heads: int) -> dict[str, np.ndarray]:
+        """``[layer, head]`` per metric of :meth:`to_frame` (0 where a head has no sink of that type)."""
+        out = {}
+        for metric, g in self.to_frame().groupby("metric", sort=False):
+            m = np.zeros((n_layers, n_heads))
+            m[g["layer"].to_numpy(int), g["head"].to_numpy(int)] = g["value"].to_numpy(float)
+            out[metric] = m
+        return out
 
-        df = self.to_frame()
-        fig = make_subplots(rows=1, cols=len(TOKEN_TYPES), subplot_titles=TOKEN_TYPES, shared_yaxes=True)
-        for c, ty in enumerate(TOKEN_TYPES, start=1):
-            d = df[df.metric == f"{metric}:{ty}"]
-            grid = d.pivot(index="layer", columns="head", values="value") if len(d) else pd.DataFrame([[0.0]])
-            fig.add_trace(go.Heatmap(z=grid.values, x=[f"H{h}" for h in grid.columns], y=list(grid.index),
-                                     coloraxis="coloraxis"), row=1, col=c)
-        fig.update_layout(title=f"Attention sinks by token type ({metric}; {self.n_texts} prompts, {self.model_id})",
-                          coloraxis={"colorscale": "Viridis"})
-        return fig
+    def plot(self, metric: str = "mass"):
+        """One layer x head map per token type of ``mass`` or calibratable ``sinks`` per text."""
+        from .plots import profile_map
+
+        return profile_map(self, metric)
+
+    @classmethod
+    def from_rows(cls, model_id: str, weights_hash: str, rule: dict, n_texts: int, sinks: list[dict],
+                  mass: list[dict]) -> "SinkProfile":
+        """The profile of the rows :func:`text_rows` gives for each text."""
+        cols = ["text", "layer", "head", "pos", "token", "type", "col_mean", "first", "from_end"]
+        return cls(model_id, weights_hash, rule, n_texts, pd.DataFrame(sinks, columns=cols), pd.DataFrame(mass))
 
     def save(self, path) -> Path:
         """``<path>.json`` summary plus ``<path>.sinks.parquet`` and ``<path>.mass.parquet`` (atomic)."""
@@ -175,10 +182,8 @@ def profile_sinks(model, texts, *, tau: float = 0.1, rule: str = "tau", alpha: f
     texts = list(texts)
     sinks, mass = [], []
     for t, text in enumerate(tqdm(texts, desc="sink profile", disable=not progress)):
-        s, m = _text_rows(model, t, text, edit)
+        s, m = text_rows(model, t, text, edit)
         sinks += s
         mass += m
-    cols = ["text", "layer", "head", "pos", "token", "type", "col_mean", "first", "from_end"]
     rule_d = {"rule": rule, "tau": tau, "alpha": alpha, "min_queries": min_queries}
-    return SinkProfile(model.model_id, model.weights_hash, rule_d, len(texts),
-                       pd.DataFrame(sinks, columns=cols), pd.DataFrame(mass))
+    return SinkProfile.from_rows(model.model_id, model.weights_hash, rule_d, len(texts), sinks, mass)

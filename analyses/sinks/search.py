@@ -10,60 +10,32 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from probe import HeadId, InterventionSpec, SinkCalibration, intervene
-from probe.errors import InputError
+from probe.atomic import atomic_path, read_json, write_json
+from probe.errors import CorruptFileError, InputError
 
-from .tasks import Batch, label_logprobs, label_token_ids, score, task_batches
+from .tasks import Batch, label_logprobs, score
 
 METRICS = ("accuracy", "gold_logprob")
 
 
-@dataclass(frozen=True)
-class SearchConfig:
-    """ACT settings (reference defaults: beta 0.4, tau 0.1) and the search protocol."""
-
-    beta: float = 0.4
-    tau: float = 0.1
-    rule: str = "tau"
-    alpha: float = 5.0
-    min_queries: int = 1
-    keep_first: bool = True
-    shots: int = 0
-    metric: str = "accuracy"
-    first_layer: int = 2
-    last_layer: int | None = None  # default L-2
-    n_random: int = 5
-    batch_size: int = 16
-
-    def __post_init__(self):
-        self.edit(())  # validates beta and the rule with the engine's own checks
-        if self.metric not in METRICS:
-            raise InputError(f"metric must be one of {METRICS}, not {self.metric!r}")
-        if self.n_random < 0 or self.shots < 0:
-            raise InputError("n_random and shots must be >= 0")
-
-    def edit(self, heads) -> SinkCalibration:
-        return SinkCalibration(heads=tuple(heads), beta=self.beta, tau=self.tau, rule=self.rule, alpha=self.alpha,
-                               min_queries=self.min_queries, keep_first=self.keep_first)
-
-    def spec(self, heads) -> InterventionSpec:
-        return InterventionSpec([self.edit(heads)]) if heads else InterventionSpec()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def candidate_heads(model, cfg: SearchConfig = SearchConfig()) -> list[HeadId]:
+def candidate_heads(model, first_layer: int = 2, last_layer: int | None = None) -> list[HeadId]:
     """Heads of layers ``first_layer .. last_layer`` (reference: 2 .. L-2)."""
-    last = model.n_layers - 2 if cfg.last_layer is None else cfg.last_layer
-    if not 0 <= cfg.first_layer <= last < model.n_layers:
-        raise InputError(f"candidate layers {cfg.first_layer}..{last} are empty or outside 0..{model.n_layers - 1}")
-    return [HeadId(l, h) for l in range(cfg.first_layer, last + 1) for h in range(model.n_heads)]
+    last = model.n_layers - 2 if last_layer is None else last_layer
+    if not 0 <= first_layer <= last < model.n_layers:
+        raise InputError(f"candidate layers {first_layer}..{last} are empty or outside 0..{model.n_layers - 1}")
+    return [HeadId(l, h) for l in range(first_layer, last + 1) for h in range(model.n_heads)]
+
+
+def act_spec(edit: SinkCalibration, heads) -> InterventionSpec:
+    """``edit`` (the ACT settings) on ``heads``; the empty spec when there are none."""
+    return InterventionSpec([replace(edit, heads=tuple(heads))]) if heads else InterventionSpec()
 
 
 def evaluate(model, batches: list[Batch], label_ids, spec: InterventionSpec | None = None) -> dict[str, float]:
@@ -119,26 +91,17 @@ def evaluate_from(model, batches, cache, layer: int, label_ids, spec: Interventi
     return score(torch.cat(lps), torch.cat([b.gold for b in batches]))
 
 
-# ----------------------------------------------------------------------------- the search
+# ----------------------------------------------------------------------------- the search, by layer
 
-def scan_candidates(model, task, cfg: SearchConfig, done: dict | None = None, on_row=None,
-                    progress: bool = True) -> tuple[dict, list[dict]]:
-    """Calibrate each candidate alone on the calibration split; returns (baseline, rows)."""
-    label_ids = label_token_ids(model.tokenizer, task.labels)
-    batches = task_batches(model, task, "calib", cfg.shots, cfg.batch_size)
-    base = evaluate(model, batches, label_ids)
-    cands = candidate_heads(model, cfg)
-    cache = layer_inputs(model, batches, sorted({h.layer for h in cands}))
+def scan_layer(model, batches, label_ids, edit: SinkCalibration, layer: int) -> list[dict]:
+    """Each head of ``layer`` calibrated alone on ``batches``: one row of scores per head."""
+    cache = layer_inputs(model, batches, [layer])
     rows = []
-    for head in tqdm(cands, desc=f"ACT search {task.name} {cfg.shots}-shot", disable=not progress):
-        r = (done or {}).get(str(head))
-        if r is None:
-            r = evaluate_from(model, batches, cache, head.layer, label_ids, cfg.spec([head]))
-            r = {"head": str(head), "layer": head.layer, "index": head.head, **r}
-            if on_row:
-                on_row(r)
-        rows.append(r)
-    return base, rows
+    for h in range(model.n_heads):
+        head = HeadId(layer, h)
+        r = evaluate_from(model, batches, cache, layer, label_ids, act_spec(edit, [head]))
+        rows.append({"head": str(head), "layer": layer, "index": h, **r})
+    return rows
 
 
 def select_heads(base: dict, rows: list[dict], metric: str = "accuracy") -> list[HeadId]:
@@ -150,26 +113,19 @@ def select_heads(base: dict, rows: list[dict], metric: str = "accuracy") -> list
     return [HeadId.parse(r["head"]) for r in rows if r[metric] > base[metric] + margin]
 
 
-def heldout_eval(model, task, cfg: SearchConfig, selected: list[HeadId], progress: bool = True) -> dict:
-    """Held-out scores: plain, all selected heads together, and ``n_random`` random head sets of that size."""
-    label_ids = label_token_ids(model.tokenizer, task.labels)
-    batches = task_batches(model, task, "heldout", cfg.shots, cfg.batch_size)
-    out = {"plain": evaluate(model, batches, label_ids),
-           "calibrated": evaluate(model, batches, label_ids, cfg.spec(selected)), "random": []}
-    cands = candidate_heads(model, cfg)
-    if selected:
-        for seed in tqdm(range(cfg.n_random), desc="random-head control", disable=not progress):
-            heads = sorted(random.Random(seed).sample(cands, len(selected)))
-            r = evaluate(model, batches, label_ids, cfg.spec(heads))
-            out["random"].append({"seed": seed, "heads": [str(h) for h in heads], **r})
-    return out
+def random_heads(candidates: list[HeadId], n: int, seed: int) -> list[HeadId]:
+    """The random-head control: ``n`` candidates drawn with ``seed``."""
+    return sorted(random.Random(seed).sample(candidates, n))
 
 
 # ----------------------------------------------------------------------------- result
 
 @dataclass(frozen=True, eq=False)
 class SearchResult:
-    """One task and setting: per-candidate calibration-split scores, the kept heads, held-out scores."""
+    """One task and setting: per-candidate calibration-split scores, the kept heads, held-out scores.
+
+    ``heldout``: ``plain`` and ``calibrated`` scores, ``random``: one row per control seed, ``n_items``.
+    """
 
     model_id: str
     weights_hash: str
@@ -177,7 +133,7 @@ class SearchResult:
     config: dict
     baseline: dict
     candidates: list
-    selected: tuple
+    selected: tuple[HeadId, ...]
     heldout: dict
 
     @property
@@ -194,10 +150,22 @@ class SearchResult:
     def figures(self) -> dict:
         """The headline numbers (held-out accuracy: plain, calibrated, random heads mean/std)."""
         return {"task": self.task, "shots": self.shots, "n_selected": len(self.selected),
-                "selected": list(self.selected), "calib_plain": self.baseline,
+                "selected": [str(h) for h in self.selected], "calib_plain": self.baseline,
                 "heldout_plain": self.heldout["plain"], "heldout_calibrated": self.heldout["calibrated"],
                 "heldout_random_accuracy": self.random_summary("accuracy"),
                 "heldout_random_gold_logprob": self.random_summary("gold_logprob")}
+
+    def score_maps(self, n_layers: int, n_heads: int) -> dict[str, np.ndarray]:
+        """``[layer, head]`` per metric (calibration-split score, its change, kept); NaN off the candidates."""
+        names = list(METRICS) + [f"delta_{m}" for m in METRICS] + ["selected"]
+        out = {m: np.full((n_layers, n_heads), np.nan) for m in names}
+        kept = set(self.selected)
+        for r in self.candidates:
+            l, h = r["layer"], r["index"]
+            for m in METRICS:
+                out[m][l, h], out[f"delta_{m}"][l, h] = r[m], r[m] - self.baseline[m]
+            out["selected"][l, h] = float(HeadId(l, h) in kept)
+        return out
 
     def to_frame(self):
         """Tidy: one row per candidate head and metric (calibration-split score and its change)."""
@@ -210,36 +178,26 @@ class SearchResult:
                 rows.append({"layer": r["layer"], "head": r["index"], "metric": f"delta_{m}",
                              "value": r[m] - self.baseline[m]})
             rows.append({"layer": r["layer"], "head": r["index"], "metric": "selected",
-                         "value": float(r["head"] in self.selected)})
-        df = pd.DataFrame(rows)
+                         "value": float(HeadId(r["layer"], r["index"]) in set(self.selected))})
+        df = pd.DataFrame(rows, columns=["layer", "head", "metric", "value"])
         df.insert(0, "task", self.task)
         df.insert(1, "shots", self.shots)
         return df
 
     def plot(self, metric: str = "delta_accuracy"):
-        """Heatmap layer x head of the calibration-split change from calibrating each head alone."""
-        import plotly.graph_objects as go
+        """Layer x head map of the calibration-split change from calibrating each head alone."""
+        from .plots import search_map
 
-        df = self.to_frame()
-        grid = df[df.metric == metric].pivot(index="layer", columns="head", values="value")
-        fig = go.Figure(go.Heatmap(z=grid.values, x=[f"H{h}" for h in grid.columns], y=list(grid.index),
-                                   colorscale="RdBu", zmid=0, colorbar={"title": metric}))
-        fig.update_layout(title=f"ACT: {metric} per head calibrated alone ({self.task}, {self.shots}-shot; "
-                                f"{len(self.selected)} kept)", xaxis_title="head", yaxis_title="layer")
-        return fig
+        return search_map(self, metric)
 
     def to_dict(self) -> dict:
         return {"format": "headwise.act_search", "version": 1, "model_id": self.model_id,
                 "weights_hash": self.weights_hash, "task": self.task, "config": self.config,
-                "baseline": self.baseline, "candidates": self.candidates, "selected": list(self.selected),
+                "baseline": self.baseline, "candidates": self.candidates, "selected": [str(h) for h in self.selected],
                 "heldout": self.heldout, "figures": self.figures()}
 
-    def save(self, path) -> "Path":
+    def save(self, path) -> Path:
         """JSON summary (atomic) at ``path`` and the tidy table beside it as parquet."""
-        from pathlib import Path
-
-        from probe.atomic import atomic_path, write_json
-
         path = Path(path)
         write_json(path, self.to_dict())
         with atomic_path(path.with_suffix(".parquet")) as tmp:
@@ -248,77 +206,8 @@ class SearchResult:
 
     @classmethod
     def load(cls, path) -> "SearchResult":
-        from probe.atomic import read_json
-        from probe.errors import CorruptFileError
-
         d = read_json(path, "ACT search result")
         if not isinstance(d, dict) or d.get("format") != "headwise.act_search":
             raise CorruptFileError(f"{path} is not a headwise ACT search result: rerun the search to regenerate it")
         return cls(d["model_id"], d["weights_hash"], d["task"], d["config"], d["baseline"], d["candidates"],
-                   tuple(d["selected"]), d["heldout"])
-
-
-def search_act(model, task, cfg: SearchConfig = SearchConfig(), *, out=None, progress: bool = True) -> SearchResult:
-    """Run the ACT head search on ``task`` (a :class:`~analyses.sinks.tasks.Task` or its name).
-
-    With ``out`` (a JSON path) the result is saved atomically, finished candidates are checkpointed
-    beside it and an interrupted run resumes; an existing result for the same model is returned as is.
-
-    >>> from probe import load_model
-    >>> m = load_model("tiny-llama")
-    >>> r = search_act(m, "sentiment", SearchConfig(first_layer=0, last_layer=0, n_random=1), progress=False)
-    >>> len(r.candidates)
-    4
-    """
-    from pathlib import Path
-
-    from probe.atomic import read_json, write_json
-
-    from .tasks import load_task
-
-    task = load_task(task) if isinstance(task, str) else task
-    partial, done = None, {}
-    if out is not None:
-        out = Path(out)
-        if out.exists():
-            res = SearchResult.load(out)
-            if res.weights_hash == model.weights_hash and res.config == cfg.to_dict() and res.task == task.name:
-                return res
-        partial = out.with_suffix(".partial.json")
-        if partial.exists():
-            p = read_json(partial, "search checkpoint")
-            if p.get("weights_hash") == model.weights_hash and p.get("config") == cfg.to_dict():
-                done = {r["head"]: r for r in p["rows"]}
-    rows: list[dict] = list(done.values())
-
-    def checkpoint(r):
-        rows.append(r)
-        if partial is not None and len(rows) % 9 == 0:
-            write_json(partial, {"weights_hash": model.weights_hash, "config": cfg.to_dict(), "rows": rows})
-
-    base, cand_rows = scan_candidates(model, task, cfg, done, checkpoint, progress)
-    selected = select_heads(base, cand_rows, cfg.metric)
-    held = heldout_eval(model, task, cfg, selected, progress)
-    res = SearchResult(model.model_id, model.weights_hash, task.name, cfg.to_dict(), base, cand_rows,
-                       tuple(str(h) for h in selected), held)
-    if out is not None:
-        res.save(out)
-        if partial.exists():
-            partial.unlink()
-    return res
-
-
-def reselect(model, result: SearchResult, metric: str, *, task=None, progress: bool = False) -> SearchResult:
-    """The same search with the heads kept by another ``metric`` (e.g. ``gold_logprob``, finer than accuracy
-    on a small split): reuses the per-candidate scores, reruns only the held-out evaluation and control."""
-    from .tasks import load_task
-
-    if result.weights_hash != model.weights_hash:
-        from probe.errors import ModelMismatchError
-
-        raise ModelMismatchError(f"search result is for weights {result.weights_hash}, model has {model.weights_hash}")
-    cfg = SearchConfig(**{**result.config, "metric": metric})
-    selected = select_heads(result.baseline, result.candidates, metric)
-    held = heldout_eval(model, task or load_task(result.task), cfg, selected, progress)
-    return SearchResult(result.model_id, result.weights_hash, result.task, cfg.to_dict(), result.baseline,
-                        result.candidates, tuple(str(h) for h in selected), held)
+                   tuple(HeadId.parse(h) for h in d["selected"]), d["heldout"])

@@ -1,6 +1,7 @@
 """Classification tasks scored by the label tokens' log-probabilities (as the ACT paper scores them).
 
-A :class:`Task` is a prompt template plus labelled items from ``data/sinks/``. The prediction for
+A :class:`Task` is a prompt template plus labelled items from ``data/sinks/`` (or a task file of
+your own: :meth:`Task.save`, ``headwise scan sinks --task my_task.json``). The prediction for
 an item is the label whose first token gets the highest log-probability after the prompt.
 Prompts are batched with left padding (explicit position ids), which gives the same last-row
 logits as running each prompt alone, edits included (the engine detects sinks per sequence).
@@ -11,15 +12,19 @@ logits as running each prompt alone, edits included (the engine detects sinks pe
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from probe.errors import InputError
+from probe.atomic import read_json, write_json
+from probe.errors import CorruptFileError, InputError
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "sinks"
+from ..data import data_path
+
 
 TEMPLATES = {
     "sentiment": ("Classify the sentiment of each review as positive or negative.\n\n", "Review: {x}\nSentiment:"),
@@ -29,6 +34,7 @@ TEMPLATES = {
 }
 TASKS = tuple(TEMPLATES)
 SPLITS = ("demo", "calib", "heldout")
+TASK_FORMAT = "headwise.sinks_task"
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,25 @@ class Task:
         body = "".join(self.template.format(x=d.text) + f" {self.labels[d.label]}\n\n" for d in demos)
         return self.header + body + self.template.format(x=item.text)
 
+    def limited(self, n: int | None) -> "Task":
+        """The task with at most ``n`` calibration and held-out items (demonstrations kept)."""
+        if n is None:
+            return self
+        return replace(self, items={s: tuple(v) if s == "demo" else tuple(v)[:n] for s, v in self.items.items()})
+
+    def to_dict(self) -> dict:
+        return {"format": TASK_FORMAT, "version": 1, "name": self.name, "labels": list(self.labels),
+                "header": self.header, "template": self.template,
+                "items": {s: [[it.text, it.label] for it in self.items[s]] for s in SPLITS}}
+
+    def fingerprint(self) -> str:
+        """A hash of everything the task holds (stamps units that depend on it)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path) -> Path:
+        """A task file ``headwise scan sinks --task PATH`` reads."""
+        return write_json(path, self.to_dict())
+
     def demos(self, shots: int) -> list[Item]:
         if shots < 0:
             raise InputError(f"shots must be >= 0, not {shots}")
@@ -72,10 +97,13 @@ class Task:
 
 
 def load_task(name: str, *, demo_per_label: int = 2, calib_frac: float = 0.5, seed: int = 0) -> Task:
-    """Load ``data/sinks/<name>.txt`` and split it (seeded): demonstrations, calibration, held-out."""
+    """A shipped task (``data/sinks/<name>.txt``, split seeded into demonstrations, calibration and
+    held-out items) or a task file written by :meth:`Task.save`."""
+    if name.endswith(".json"):
+        return _task_file(Path(name))
     if name not in TEMPLATES:
-        raise InputError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
-    lines = [ln.split("\t", 1) for ln in (DATA / f"{name}.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+        raise InputError(f"unknown task {name!r}: choose one of {', '.join(TASKS)} or give a task file (.json)")
+    lines = [ln.split("\t", 1) for ln in (data_path("sinks", f"{name}.txt")).read_text(encoding="utf-8").splitlines() if ln.strip()]
     labels = tuple(dict.fromkeys(lab for lab, _ in lines))
     rng = random.Random(seed)
     splits = {s: [] for s in SPLITS}
@@ -91,6 +119,20 @@ def load_task(name: str, *, demo_per_label: int = 2, calib_frac: float = 0.5, se
         rng.shuffle(splits[s])
     header, template = TEMPLATES[name]
     return Task(name, labels, {s: tuple(v) for s, v in splits.items()}, header, template)
+
+
+def _task_file(path: Path) -> Task:
+    d = read_json(path, "task file")
+    if not isinstance(d, dict) or d.get("format") != TASK_FORMAT:
+        raise CorruptFileError(f"{path} is not a headwise task file (format {TASK_FORMAT!r}): write one with Task.save")
+    try:
+        items = {s: tuple(Item(str(t), int(k)) for t, k in d["items"][s]) for s in SPLITS}
+        task = Task(d["name"], tuple(d["labels"]), items, d["header"], d["template"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(f"{path}: task file is missing or has a bad field ({exc})") from exc
+    if not task.items["calib"] or not task.items["heldout"]:
+        raise InputError(f"{path}: the task needs calibration and held-out items")
+    return task
 
 
 def label_tokens(tokenizer, labels) -> tuple[str, list[int]]:

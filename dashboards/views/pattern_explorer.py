@@ -3,8 +3,8 @@ import streamlit as st
 
 from analyses.patterns import MAX_CELLS, window_figure
 from dashboards.common import (DEFAULT_PROMPT, cached_pooled, cached_window, figure_downloads, get_model,
-                               model_name, reproduce, table_download)
-from probe import HeadwiseError
+                               model_name, reproduce, selected_head, table_download)
+from probe import HeadId, HeadwiseError
 
 name = model_name()
 model = get_model(name)
@@ -16,10 +16,9 @@ base = c[0].text_area("Text", DEFAULT_PROMPT, key="pe_text", height=90)
 repeat = c[1].number_input("Repeat the text (long context)", 1, 2000, 40 if model.n_ctx >= 2048 else 2,
                            key="pe_repeat")
 text = " ".join([base] * int(repeat))
-selected = st.session_state.get("head")
-if selected and st.session_state.get("pe_synced") != selected:      # follow the head selected on any page
-    sl, sh = (int(x) for x in selected[1:].split("H"))
-    st.session_state.update(pe_layer=sl, pe_head=sh, pe_synced=selected)
+selected = selected_head()
+if st.session_state.get("pe_synced") != selected:                   # follow the head selected on any page
+    st.session_state.update(pe_layer=selected.layer, pe_head=selected.head, pe_synced=selected)
 c = st.columns(4)
 st.session_state.setdefault("pe_layer", min(3, model.n_layers - 1))
 layer = c[0].number_input("Layer", 0, model.n_layers - 1, key="pe_layer")
@@ -42,21 +41,21 @@ size = st.select_slider("Zoom window (tokens per side)", [16, 32, 64, 128, 256],
 if points:                                        # click a cell to centre the window on it
     st.session_state["pe_q0"] = max(0, min(T - 1, int(points[0]["y"])))
     st.session_state["pe_k0"] = max(0, min(T - 1, int(points[0]["x"])))
-figure_downloads(fig, f"pooled_L{layer}H{head}_{mode}")
+figure_downloads(fig, f"pooled_{HeadId(int(layer), head)}_{mode}")
 with st.expander("Pooled table"):
     frame = pooled.to_frame()
     frame = frame[frame["head"] == head]
     st.dataframe(frame, hide_index=True)
-    table_download(frame, f"pooled_L{layer}H{head}")
+    table_download(frame, f"pooled_{HeadId(int(layer), head)}")
 
 c = st.columns(2)
 q0 = c[0].number_input("Query window start", 0, T - 1, max(0, T - size), key="pe_q0")
 k0 = c[1].number_input("Key window start", 0, T - 1, max(0, T - size), key="pe_k0")
 queries, keys = (int(q0), min(T, int(q0) + size)), (int(k0), min(T, int(k0) + size))
 win = cached_window(name, text, int(layer), queries, keys)[head]
-wfig = window_figure(win, pooled.tokens, queries, keys, f"L{layer}H{head}: queries {queries}, keys {keys}")
+wfig = window_figure(win, pooled.tokens, queries, keys, f"{HeadId(int(layer), head)}: queries {queries}, keys {keys}")
 st.plotly_chart(wfig, key="pe_window")
-figure_downloads(wfig, f"window_L{layer}H{head}")
+figure_downloads(wfig, f"window_{HeadId(int(layer), head)}")
 
 reproduce(f'''
 from probe import load_model
@@ -67,5 +66,5 @@ text = " ".join([{base!r}] * {int(repeat)})
 pooled = pooled_pattern(model, text, layer={int(layer)}, cells={int(cells)}, mode={mode!r})
 pooled.plot({head}).show()
 win = pattern_window(model, text, layer={int(layer)}, queries={queries}, keys={keys})
-window_figure(win[{head}], pooled.tokens, {queries}, {keys}, "L{layer}H{head}").show()
+window_figure(win[{head}], pooled.tokens, {queries}, {keys}, "{HeadId(int(layer), head)}").show()
 ''')

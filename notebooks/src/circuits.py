@@ -18,16 +18,18 @@ import tempfile
 from pathlib import Path
 
 from probe import load_model
-from analyses.circuits import CircuitsResult, scan
+from analyses import run
+from analyses.circuits import CIRCUITS, CircuitsConfig, CircuitsResult
 
 model = load_model("smollm2-135m")
 out = Path(tempfile.mkdtemp()) / "circuits"
 # %% [md]
-# `scan` runs every task (one result file per finished task, so a rerun resumes), then the
+# `run` runs every task (one unit file per finished task, so a rerun resumes), then the
 # overlap, the head roles (previous-token, duplicate-token, induction, mover scores) and writes
 # everything under `out`.
 # %%
-res = scan(model, ["ioi", "induction"], out, n=2, ig_steps=2, n_boot=20, progress=False)
+res = run(CIRCUITS, model, CircuitsConfig(tasks=("ioi", "induction"), n=2, ig_steps=2, n_boot=20), store=out,
+          progress=False)
 ioi = res.task("ioi")
 ioi.accuracy, [str(h) for h in ioi.circuit]
 # %% [md]
@@ -60,7 +62,7 @@ res.circuit_roles().round(2)
 res.to_frame().head()
 # %% [md]
 # ## Save and load
-# `scan` already wrote the files (parquet per task, overlap, roles, JSON summary).
+# `run` already wrote the files (parquet per task, overlap, roles, JSON summary, figures, units).
 # %%
 sorted(p.name for p in out.iterdir())
 # %%
@@ -72,4 +74,4 @@ again = CircuitsResult.load(out)
 # headwise scan circuits --model smollm2-135m --tasks ioi,colored_objects,induction --out runs/circuits
 # ```
 # With both `ioi` and `colored_objects` the scan also runs the steering intervention
-# (`summary.json`, key `intervention`: accuracy before/after, and a random-head control).
+# (`res.repair`, key `repair` of `summary.json`: accuracy before/after, and a random-head control).

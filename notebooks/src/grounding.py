@@ -20,12 +20,13 @@
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 from probe import load_model
-from analyses.grounding import (Detector, GroundingResult, boost_heads, boost_spec, build_items, guided_generate,
-                                item_regions, run_grounding, token_scores, token_view)
-from analyses.grounding.data import DATA, answer_item
+from analyses import run
+from analyses.data import data_path
+from analyses.grounding import (GROUNDING, GroundingConfig, GroundingResult, boost_heads, boost_spec, build_items,
+                                guided_generate, item_regions, token_scores)
+from analyses.grounding.data import answer_item
+from analyses.grounding.plots import token_view
 
 model = load_model("smollm2-135m")
 out = Path(tempfile.mkdtemp()) / "grounding"
@@ -34,8 +35,8 @@ out = Path(tempfile.mkdtemp()) / "grounding"
 # `data/grounding/smollm2-135m/` holds the validation run of the embedded model (760 items,
 # made by `headwise scan grounding`, see `data/grounding/README.md`); loading it is instant.
 # %%
-full = GroundingResult.load(DATA.parent / "smollm2-135m")
-{k: full.summary[k] for k in ("n_train", "n_heldout", "auroc", "auroc_ci", "baseline_auroc", "null_q95", "perm_p",
+full = GroundingResult.load(data_path("grounding", "smollm2-135m"))
+{k: full.stats[k] for k in ("n_train", "n_heldout", "auroc", "auroc_ci", "baseline_auroc", "null_q95", "perm_p",
                               "w_auroc", "w_auroc_ci", "template_baseline_auroc")}
 # %%
 full.plot()
@@ -47,11 +48,11 @@ full.plot()
 full.mitigation.drop(columns=["heads"]).round(3)
 # %% [md]
 # ## A small run, live
-# `run_grounding` writes every stage under `out` (dataset shards, detector, mitigation) and
-# skips finished stages on a rerun.
+# `run` writes every stage's units under `out` (answered item shards, the detector fit,
+# mitigation answers) and the result, and skips finished units on a rerun.
 # %%
-res = run_grounding(model, out, limit=30, n_mitigate=0, n_perm=20, progress=False)
-{k: res.summary[k] for k in ("n_items", "n_grounded", "n_not_grounded", "n_heldout", "auroc", "auroc_ci",
+res = run(GROUNDING, model, GroundingConfig(limit=30, n_mitigate=0, n_perm=20), store=out, progress=False)
+{k: res.stats[k] for k in ("n_items", "n_grounded", "n_not_grounded", "n_heldout", "auroc", "auroc_ci",
                              "baseline_auroc", "null_q95", "perm_p", "w_auroc", "template_baseline_auroc")}
 # %% [md]
 # What to look at: the held-out AUROC against the mean-ratio baseline and the permutation null
@@ -68,10 +69,10 @@ res.to_frame().query("metric == 'coef'").nlargest(5, "value")
 # greedy answer again, then the PAINT-style boost
 # (`z + 0.3|z|` on the passage keys, last query row) in the detector's top-5 heads, in 5 random
 # heads of layers 2…L−1 (the control) and in all of them. One item: an illustration of the
-# protocol; `run_grounding(..., n_mitigate=40)` measures grounded rates over held-out items.
+# protocol; `GroundingConfig(n_mitigate=40)` measures grounded rates over held-out items.
 # %%
-detector = Detector.load(out / "detector.json")
-data = pd.read_parquet(out / "dataset")
+detector = res.detector
+data = res.answers
 wrong = data[(data.split == "heldout") & (data.label == 0)].iloc[0]
 item = {it.item_id: it for it in build_items(limit=30)}[wrong.item_id]
 print(item.prompt)
@@ -99,7 +100,7 @@ token_view([model.tokenizer.decode([t]) for t in guided.new_ids], token_scores(d
 sorted(p.name for p in out.iterdir())
 # %%
 again = GroundingResult.load(out)
-again.summary["auroc"] == res.summary["auroc"], again.head_weights.shape
+again.stats["auroc"] == res.stats["auroc"], again.head_weights.shape
 # %% [md]
 # ## The same from the command line
 # ```

@@ -4,7 +4,7 @@
 # capture the attention of a short prompt, look at one head, then get the same per-head
 # statistics for a long input without ever holding a `T × T` matrix.
 # %%
-from probe import InterventionSpec, KeyGroup, Uniform, capture, intervene, load_model, stream_stats
+from probe import HeadId, InterventionSpec, KeyGroup, Uniform, capture, intervene, load_model, stream_stats
 from analyses.views import head_heatmap, head_grid
 
 model = load_model("smollm2-135m")
@@ -22,7 +22,7 @@ model.tokenizer.decode(model.hf(ids).logits[0, -1].argmax())
 rec = capture(model, ids)
 tuple(rec.patterns.shape)
 # %%
-head_heatmap(rec, (9, 3))
+head_heatmap(rec, HeadId(9, 3))
 # %% [md]
 # ## Streaming statistics
 # Per layer, head and query row: entropy, max attention, argmax key and the mass on key groups;
@@ -37,7 +37,7 @@ head_grid(stats, "mass:first", n_kv_heads=model.n_kv_heads)
 # Make every head in layers 10–29 attend uniformly and see the answer break; the edit is removed
 # when the block ends.
 # %%
-late = [f"L{l}H{h}" for l in range(10, 30) for h in range(9)]
+late = [HeadId(l, h) for l in range(10, 30) for h in range(9)]
 with intervene(model, InterventionSpec([Uniform(heads=late)])):
     broken = model.tokenizer.decode(model.hf(ids).logits[0, -1].argmax())
 restored = model.tokenizer.decode(model.hf(ids).logits[0, -1].argmax())

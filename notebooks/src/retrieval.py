@@ -17,19 +17,21 @@ import tempfile
 from pathlib import Path
 
 from probe import load_model
-from analyses.retrieval import RetrievalResult, detect
+from analyses import run
+from analyses.retrieval import RETRIEVAL, RetrievalConfig, RetrievalResult
 
 model = load_model("smollm2-135m")
 out = Path(tempfile.mkdtemp()) / "retrieval"
 # %% [md]
 # ## Score every head
-# `detect` builds the prompts, decodes greedily with streaming statistics (no `T × T` matrix),
-# scores the heads, and runs the masking experiment on `mask_cells`. Given `out=DIR`, every
-# finished sample is a file (an interrupted run resumes) and the result and its figures are
-# saved there.
+# `run` drives the analysis' stages: it builds the prompts, decodes greedily with streaming
+# statistics (no `T × T` matrix), scores the heads, and runs the masking experiment on
+# `mask_cells`. With `store=DIR` every finished sample is a unit file (an interrupted run resumes)
+# and the result and its figures are saved there.
 # %%
-res = detect(model, lengths=[200], depths=[0, 50, 100], needles=["code"], k=5, seeds=[0],
-             max_new_tokens=8, mask_cells=[("code", 200, 0), ("code", 200, 100)], progress=False)
+cfg = RetrievalConfig(lengths=(200,), depths=(0, 50, 100), needles=("code",), k=5, seeds=(0,), max_new_tokens=8,
+                      mask_cells=(("code", 200, 0.0), ("code", 200, 100.0)))
+res = run(RETRIEVAL, model, cfg, store=out, progress=False)
 res.samples[["needle", "length", "depth", "response", "recall", "success"]]
 # %% [md]
 # What to look at: the scores are sparse (a handful of bright cells), and the fraction of heads
@@ -60,9 +62,8 @@ res.masking_rates()
 res.plot("masking")
 # %% [md]
 # ## Save and load
-# Parquet tables and a JSON summary, written atomically.
+# `run` wrote parquet tables, a JSON summary, the figures and one file per unit, atomically.
 # %%
-res.save(out)
 sorted(p.name for p in out.iterdir())
 # %%
 again = RetrievalResult.load(out)
@@ -73,4 +74,4 @@ bool((again.scores == res.scores).all()), again.masking_rates() == res.masking_r
 # headwise scan retrieval --model smollm2-135m --out runs/retrieval \
 #     --lengths 500,1000,2000,3000,4000 --depths 0,25,50,75,100 --k 10 --seeds 0,1,2
 # ```
-# Rerun the same command to resume; the figures are written to `runs/retrieval/*.html`.
+# Rerun the same command to resume; the figures are written to `runs/retrieval/figures/*.html`.

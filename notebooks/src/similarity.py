@@ -17,16 +17,16 @@ import tempfile
 from pathlib import Path
 
 from probe import load_model
-from analyses.similarity import SimilarityResult, load_texts, similarity_scan
+from analyses import run
+from analyses.similarity import SIMILARITY, SimilarityConfig, SimilarityResult
 
 model = load_model("smollm2-135m")
 out = Path(tempfile.mkdtemp()) / "similarity"
 # %%
-prompts, heldout = load_texts("prompts")[:2], load_texts("heldout")[:1]
-res = similarity_scan(model, prompts, heldout, max_tokens=32, variants=("matched", "random"),
-                      max_trials=2, work_dir=out)
+cfg = SimilarityConfig(n_prompts=2, n_heldout=1, max_tokens=32, variants=("matched", "random"), max_trials=2)
+res = run(SIMILARITY, model, cfg, store=out, progress=False)
 summary = res.summary()
-{k: round(summary[k], 3) for k in ("first_pair_cos", "inner_pairs_mean_cos", "last_pair_cos")}
+{k: summary[k].text() for k in ("first_pair_cos", "inner_pairs_mean_cos", "last_pair_cos")}
 # %% [md]
 # What to look at: a bright band along the diagonal (adjacent layers attend alike), weakest for
 # the first layers.
@@ -41,22 +41,21 @@ res.plot("heads")
 # %%
 res.plot("echo")
 # %%
-summary["spearman"]
+res.correlations()
 # %% [md]
 # The sharing plan: blocks of consecutive layers that share the first layer's pattern, grown
 # greedily while the measured loss stays under the budget (on one short held-out text the
 # measured cost is noisy and can even be negative).
 # %%
-[b for b in summary["plan_blocks"] if len(b) > 1], round(summary["plan_cost"], 4)
+[b for b in res.plan_blocks if len(b) > 1], round(res.plan_cost, 4)
 # %%
 frame = res.to_frame()
 frame[frame.scope == "echo"].head()
 # %% [md]
 # ## Save and load
-# `work_dir` holds one file per finished unit (rerunning resumes); `save` writes the matrices
-# (safetensors), the tidy table (parquet) and the summary (JSON).
+# `out` holds one file per finished unit (rerunning resumes; every measured plan trial is a unit
+# too) and the result: matrices (safetensors), the tidy table (parquet), the summary (JSON), figures.
 # %%
-res.save(out)
 again = SimilarityResult.load(out)
 bool((again.layer_cos == res.layer_cos).all()), sorted(p.name for p in out.iterdir())
 # %% [md]
@@ -64,4 +63,4 @@ bool((again.layer_cos == res.layer_cos).all()), sorted(p.name for p in out.iterd
 # ```
 # headwise scan similarity --model smollm2-135m --out runs/similarity
 # ```
-# It also writes all four figures to `runs/similarity/figures.html`.
+# It also writes all four figures to `runs/similarity/figures/`.

@@ -14,15 +14,14 @@
 # per split, and the control calibrates as many random heads. (3) the calibration saved as a file
 # and applied to the model.
 # %%
-import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 
 from probe import load_model
-from analyses.sinks import (Calibration, SearchConfig, SearchResult, SinkProfile, apply_calibration,
-                            load_calibration, load_task, profile_sinks, search_act)
+from analyses import run
+from analyses.sinks import SINKS, SinksConfig, SinksResult, apply_calibration, load_calibration, profile_sinks
 
 model = load_model("smollm2-135m")
 out = Path(tempfile.mkdtemp())
@@ -44,14 +43,16 @@ profile.plot("mass")
 profile.to_frame().head(10)
 # %% [md]
 # ## ACT head search, with the random-head control
-# Each candidate is calibrated alone on the calibration split (scored by the gold label's
-# log-probability, finer than accuracy on 12 items); the heads that help are then calibrated
-# together on held-out items, next to the same number of random candidate heads (2 seeds).
+# `headwise scan sinks` in one call: a sink profile of held-out prompts, then each candidate
+# calibrated alone on the calibration split (kept by the gold label's log-probability, finer than
+# accuracy on 12 items: `selection="gold_logprob"`; the paper's rule is `"accuracy"`); the heads
+# that help are then calibrated together on held-out items, next to the same number of random
+# candidate heads (2 seeds).
 # %%
-task = load_task("sentiment")
-small = dataclasses.replace(task, items={split: items[:12] for split, items in task.items.items()})
-cfg = SearchConfig(first_layer=2, last_layer=3, n_random=2, metric="gold_logprob")
-search = search_act(model, small, cfg, out=out / "search.json", progress=False)
+cfg = SinksConfig(task="sentiment", limit=12, first_layer=2, last_layer=3, n_random=2, selection="gold_logprob",
+                  n_profile=2)
+res = run(SINKS, model, cfg, store=out, progress=False)
+search = res.search
 search.figures()
 # %%
 search.plot("delta_gold_logprob")
@@ -63,17 +64,15 @@ search.to_frame().query("metric == 'delta_gold_logprob'").nlargest(5, "value")
 {"plain": search.heldout["plain"], "calibrated": search.heldout["calibrated"],
  "random heads": {m: search.random_summary(m)["mean"] for m in ("accuracy", "gold_logprob")}}
 # %% [md]
-# ## Save, load and apply the calibration
-# The search result is saved (JSON + parquet) and reloads; the calibration file records the
-# heads, β, τ and the weights it was made for (another model is refused). Applying it edits
-# forward passes and `generate` until `remove()`.
+# ## Load and apply the calibration
+# The run saved the profile, the search (JSON + parquet) and the calibration file, which records
+# the engine's edit (heads, β, τ, the sink rule) and the weights it was made for (another model is
+# refused). Applying it edits forward passes and `generate` until `remove()`.
 # %%
-SearchResult.load(out / "search.json").selected == search.selected
+SinksResult.load(out).search.selected == search.selected, sorted(p.name for p in out.iterdir())
 # %%
-calib = Calibration.from_search(search)
-calib.save(out / "calib.json")
 calib = load_calibration(out / "calib.json")
-ids = model.encode(small.prompt(small.split("heldout")[0]))
+ids = model.encode("Review: a warm, funny film.\nSentiment:")
 with torch.no_grad():
     plain = model.hf(ids).logits[0, -1]
     handle = apply_calibration(model, calib)
@@ -83,6 +82,6 @@ calib.heads, float((calibrated - plain).abs().max())
 # %% [md]
 # ## The same from the command line
 # ```
-# headwise calibrate --model smollm2-135m --task sentiment --out calib.json
-# headwise generate "The movie was" --calibration calib.json
+# headwise scan sinks --model smollm2-135m --task sentiment --selection gold_logprob --out runs/sinks
+# headwise generate "The movie was" --calibration runs/sinks/calib.json
 # ```
