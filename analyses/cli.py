@@ -186,9 +186,9 @@ def _stats(args) -> int:
 
 
 def _dashboard(args) -> int:
-    import dashboards
+    import importlib.util
 
-    app = Path(dashboards.__file__).resolve().parent / "app.py"
+    app = Path(importlib.util.find_spec("dashboards").origin).parent / "app.py"   # located, not imported
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     env = dict(os.environ)
