@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
-from .errors import CorruptFileError, InputError
+from .errors import HeadOutOfRangeError, InputError, SpecError
 from .heads import HeadId, HeadLayout, as_heads
 
 PHASES = ("all", "prefill", "decode")
+FORMAT = "headwise.interventions"
+VERSIONS = (1,)  # spec format versions this headwise reads
 
 
 def _heads_field():
@@ -48,8 +50,8 @@ class Edit:
     stage: ClassVar[str] = "scores"
 
     def __post_init__(self):
-        object.__setattr__(self, "heads", tuple(as_heads(self.heads)))
-        if self.phase not in PHASES:
+        object.__setattr__(self, "heads", _heads(self.heads))
+        if not isinstance(self.phase, str) or self.phase not in PHASES:
             raise InputError(f"phase must be one of {PHASES}, not {self.phase!r}")
         self._validate()
 
@@ -86,10 +88,12 @@ class MeanAblate(Edit):
     stage: ClassVar[str] = "output"
 
     def __post_init__(self):
-        heads = [HeadId.parse(h) if isinstance(h, str) else HeadId(*h) for h in self.heads]
-        vals = tuple(torch.as_tensor(v, dtype=torch.float32) for v in self.values)
+        heads = list(_heads(self.heads, keep_order=True))
+        if len(set(heads)) != len(heads):
+            raise InputError(f"heads: {heads} name a head twice; MeanAblate takes one value per head")
+        vals = tuple(_values(self.values))
         if len(vals) != len(heads):
-            raise InputError(f"MeanAblate needs one value per head: {len(heads)} heads, {len(vals)} values")
+            raise InputError(f"values: MeanAblate needs one value per head: {len(heads)} heads, {len(vals)} values")
         order = sorted(range(len(heads)), key=lambda i: heads[i])
         object.__setattr__(self, "values", tuple(vals[i] for i in order))
         super().__post_init__()
@@ -116,8 +120,7 @@ class Temperature(Edit):
     kind: ClassVar[str] = "temperature"
 
     def _validate(self):
-        if not self.temperature > 0 or not math.isfinite(self.temperature):
-            raise InputError(f"temperature must be a positive number, not {self.temperature}")
+        _number("temperature", self.temperature, above=0)
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,8 @@ class SpanBoost(Edit):
 
     def _validate(self):
         object.__setattr__(self, "spans", _spans(self.spans))
-        if self.rows not in ("all", "last"):
-            raise InputError(f"rows must be 'all' or 'last', not {self.rows!r}")
+        _choice("rows", self.rows, ("all", "last"))
+        _number("alpha", self.alpha)
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,7 @@ class SpanKnockout(Edit):
 
     def _validate(self):
         object.__setattr__(self, "spans", _spans(self.spans))
-        if self.rows not in ("all", "last"):
-            raise InputError(f"rows must be 'all' or 'last', not {self.rows!r}")
+        _choice("rows", self.rows, ("all", "last"))
 
 
 @dataclass(frozen=True)
@@ -168,12 +170,17 @@ class SinkCalibration(Edit):
     stage: ClassVar[str] = "pattern"
 
     def _validate(self):
-        if not 0 < self.beta <= 1:
-            raise InputError(f"beta must be in (0, 1], not {self.beta}: 1 leaves attention unchanged")
-        if self.rule not in ("tau", "alpha"):
-            raise InputError(f"sink rule must be 'tau' or 'alpha', not {self.rule!r}")
+        beta = _number("beta", self.beta, above=0)
+        if beta > 1:
+            raise InputError(f"beta must be in (0, 1], not {beta}: 1 leaves attention unchanged")
+        _number("tau", self.tau, at_least=0)
+        _number("alpha", self.alpha, above=0)
+        _choice("rule", self.rule, ("tau", "alpha"))
+        if not isinstance(self.keep_first, bool):
+            raise InputError(f"keep_first must be true or false, not {self.keep_first!r}")
+        _integer("min_queries", self.min_queries, at_least=1)
         if self.sinks is not None:
-            object.__setattr__(self, "sinks", tuple(int(s) for s in self.sinks))
+            object.__setattr__(self, "sinks", tuple(_integer("sinks", i, at_least=0) for i in _list("sinks", self.sinks)))
 
 
 @dataclass(frozen=True)
@@ -186,11 +193,11 @@ class PatternEcho(Edit):
 
     def _validate(self):
         if self.source is None:
-            raise InputError("PatternEcho needs a source head, e.g. source='L3H1'")
-        src = HeadId.parse(self.source) if isinstance(self.source, str) else HeadId(*self.source)
+            raise InputError("source: PatternEcho needs a source head, e.g. source='L3H1'")
+        src = _heads([self.source], what="source")[0]
         object.__setattr__(self, "source", src)
         if any(h.layer <= src.layer for h in self.heads):
-            raise InputError(f"PatternEcho source {src} must be in an earlier layer than every target")
+            raise InputError(f"source: PatternEcho source {src} must be in an earlier layer than every target")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -227,56 +234,164 @@ class InterventionSpec:
     def heads(self) -> list[HeadId]:
         return sorted({h for e in self.edits for h in e.heads})
 
-    def validate(self, layout: HeadLayout) -> "InterventionSpec":
-        for e in self.edits:
-            for h in e.heads:
-                layout.check(h)
-            if isinstance(e, PatternEcho):
-                layout.check(e.source)
+    def validate(self, layout: HeadLayout, *, n_ctx: int | None = None) -> "InterventionSpec":
+        """Check every edit against the model it is applied to: heads in range, positions within ``n_ctx``."""
+        for i, e in enumerate(self.edits):
+            where = f"edits[{i}] ({e.kind})"
+            try:
+                for h in e.heads + ((e.source,) if isinstance(e, PatternEcho) else ()):
+                    layout.check(h)
+            except HeadOutOfRangeError as exc:
+                raise HeadOutOfRangeError(f"{where}: {exc}") from None
+            if n_ctx is not None:
+                _check_positions(e, n_ctx, where)
         return self
 
     def to_dict(self) -> dict:
-        return {"format": "headwise.interventions", "version": 1, "edits": [e.to_dict() for e in self.edits]}
+        return {"format": FORMAT, "version": 1, "edits": [e.to_dict() for e in self.edits]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> "InterventionSpec":
-        if not isinstance(d, dict) or d.get("format") != "headwise.interventions":
-            raise CorruptFileError("not a headwise intervention spec (missing format 'headwise.interventions')")
-        return cls(edit_from_dict(e) for e in d.get("edits", []))
+        """Parse the JSON form; any problem is a :class:`SpecError` naming the edit and the field."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise SpecError(f"not a headwise intervention spec (missing format {FORMAT!r})")
+        if d.get("version", 1) not in VERSIONS:
+            raise SpecError(f"intervention spec version {d.get('version')!r} is not one this headwise reads "
+                            f"({', '.join(map(str, VERSIONS))}): write it again with this headwise")
+        unknown = sorted(set(d) - {"format", "version", "edits"})
+        if unknown:
+            raise SpecError(f"intervention spec: unknown field(s) {unknown}; a spec has format, version and edits")
+        edits = d.get("edits", [])
+        if not isinstance(edits, list):
+            raise SpecError(f"intervention spec: edits must be a list, not {type(edits).__name__}")
+        return cls(edit_from_dict(e, where=f"edits[{i}]") for i, e in enumerate(edits))
 
     @classmethod
     def from_json(cls, text: str) -> "InterventionSpec":
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise CorruptFileError(f"intervention spec is not valid JSON: {exc}") from exc
+            d = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SpecError(f"intervention spec is not valid JSON: {exc}") from exc
+        return cls.from_dict(d)
 
 
-def edit_from_dict(d: dict) -> Edit:
-    d = dict(d)
-    kind = d.pop("kind", None)
-    if kind not in EDIT_TYPES:
-        raise CorruptFileError(f"unknown edit kind {kind!r}: expected one of {sorted(EDIT_TYPES)}")
-    if kind == "mean_ablate":
-        d["values"] = tuple(torch.tensor(v["data"], dtype=torch.float32).reshape(v["shape"]) for v in d["values"])
-    if "spans" in d:
-        d["spans"] = tuple(tuple(s) for s in d["spans"])
-    if d.get("sinks") is not None:
-        d["sinks"] = tuple(d["sinks"])
+def edit_from_dict(d: dict, where: str = "edit") -> Edit:
+    """One edit from its JSON form (``where`` names it in errors, e.g. ``edits[2]``)."""
+    if not isinstance(d, dict):
+        raise SpecError(f"{where}: an edit is an object with a 'kind', not {type(d).__name__} {d!r:.80}")
+    kind = d.get("kind")
+    if not isinstance(kind, str) or kind not in EDIT_TYPES:
+        raise SpecError(f"{where}: unknown edit kind {kind!r}: expected one of {sorted(EDIT_TYPES)}")
+    cls, where = EDIT_TYPES[kind], f"{where} ({kind})"
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known - {"kind"})
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) {unknown}; {kind} takes {sorted(known)}")
+    kwargs = {k: v for k, v in d.items() if k != "kind"}
     try:
-        return EDIT_TYPES[kind](**d)
-    except TypeError as exc:
-        raise CorruptFileError(f"bad fields for edit {kind!r}: {exc}") from exc
+        if kind == "mean_ablate":
+            kwargs["values"] = tuple(_tensor_from_json(v, f"values[{i}]")
+                                     for i, v in enumerate(_list("values", kwargs.get("values", []))))
+        return cls(**kwargs)
+    except InputError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- field checks
+# Each message starts with the field's name; edit_from_dict puts the edit in front.
+
+def _number(name: str, value, *, above: float | None = None, at_least: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, not {value!r}")
+    if above is not None and not value > above:
+        raise InputError(f"{name} must be greater than {above:g}, not {value!r}")
+    if at_least is not None and not value >= at_least:
+        raise InputError(f"{name} must be at least {at_least:g}, not {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value, *, at_least: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, not {value!r}")
+    if at_least is not None and value < at_least:
+        raise InputError(f"{name} must be at least {at_least}, not {value!r}")
+    return value
+
+
+def _choice(name: str, value, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise InputError(f"{name} must be one of {options}, not {value!r}")
+    return value
+
+
+def _list(name: str, value) -> list:
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise InputError(f"{name} must be a list, not {type(value).__name__} {value!r:.80}")
+    return list(value)
+
+
+def _heads(items, *, keep_order: bool = False, what: str = "heads") -> tuple[HeadId, ...]:
+    """``"L3H7"`` strings, ``(layer, head)`` pairs or HeadIds, as HeadIds (sorted unless ``keep_order``)."""
+    out = []
+    for x in _list(what, items):
+        if isinstance(x, str):
+            try:
+                out.append(HeadId.parse(x))
+            except InputError as exc:
+                raise InputError(f"{what}: {exc}") from None
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            out.append(HeadId(*(_integer(what, v, at_least=0) for v in x)))
+        else:
+            raise InputError(f"{what}: {x!r} is not a head: write heads as 'L3H7' or [layer, head]")
+    return tuple(out) if keep_order else tuple(as_heads(out))
 
 
 def _spans(spans) -> tuple[tuple[int, int], ...]:
     out = []
-    for s in spans:
-        start, stop = (int(x) for x in s)
-        if not 0 <= start < stop:
-            raise InputError(f"span {s} is empty or negative: write spans as (start, stop) with 0 <= start < stop")
-        out.append((start, stop))
+    for s in _list("spans", spans):
+        pair = [_integer("spans", v) for v in _list("spans", s)]
+        if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
+            raise InputError(f"spans: {s!r} is not a span: write spans as (start, stop) with 0 <= start < stop")
+        out.append((pair[0], pair[1]))
     return tuple(out)
+
+
+def _values(values) -> list[torch.Tensor]:
+    out = []
+    for i, v in enumerate(_list("values", values)):
+        try:
+            t = torch.as_tensor(v, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"values[{i}] is not numbers ({exc})") from None
+        if t.dim() not in (1, 2) or not t.numel():
+            raise InputError(f"values[{i}] has shape {tuple(t.shape)}: give [d_head] or [positions, d_head]")
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"values[{i}] holds non-finite numbers")
+        out.append(t)
+    return out
+
+
+def _tensor_from_json(v, name: str) -> torch.Tensor:
+    if not isinstance(v, dict) or set(v) != {"shape", "data"}:
+        raise InputError(f"{name} must be an object with 'shape' and 'data', not {v!r:.80}")
+    shape = [_integer(f"{name}.shape", n, at_least=0) for n in _list(f"{name}.shape", v["shape"])]
+    data = [_number(f"{name}.data", x) for x in _list(f"{name}.data", v["data"])]
+    if math.prod(shape) != len(data):
+        raise InputError(f"{name}: shape {shape} needs {math.prod(shape)} numbers, data has {len(data)}")
+    return torch.tensor(data, dtype=torch.float32).reshape(shape)
+
+
+def _check_positions(e: Edit, n_ctx: int, where: str) -> None:
+    """Positions an edit names (spans, sinks, patched positions) must exist in a context of ``n_ctx``."""
+    for start, stop in getattr(e, "spans", ()):
+        if stop > n_ctx:
+            raise SpecError(f"{where}: spans: ({start}, {stop}) reaches past the model's context of {n_ctx} tokens")
+    for s in getattr(e, "sinks", None) or ():
+        if s >= n_ctx:
+            raise SpecError(f"{where}: sinks: position {s} is past the model's context of {n_ctx} tokens")
+    for i, v in enumerate(getattr(e, "values", ())):
+        if v.dim() == 2 and v.shape[0] > n_ctx:
+            raise SpecError(f"{where}: values[{i}] covers {v.shape[0]} positions, the model's context is {n_ctx}")
