@@ -24,14 +24,14 @@ True
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
+from . import edit_fields
 from .errors import HeadOutOfRangeError, InputError, SpecError
-from .heads import HeadId, HeadLayout, as_heads
+from .heads import HeadId, HeadLayout
 
 PHASES = ("all", "prefill", "decode")
 FORMAT = "headwise.interventions"
@@ -50,7 +50,7 @@ class Edit:
     stage: ClassVar[str] = "scores"
 
     def __post_init__(self):
-        object.__setattr__(self, "heads", _heads(self.heads))
+        object.__setattr__(self, "heads", edit_fields.heads(self.heads))
         if not isinstance(self.phase, str) or self.phase not in PHASES:
             raise InputError(f"phase must be one of {PHASES}, not {self.phase!r}")
         self._validate()
@@ -88,10 +88,10 @@ class MeanAblate(Edit):
     stage: ClassVar[str] = "output"
 
     def __post_init__(self):
-        heads = list(_heads(self.heads, keep_order=True))
+        heads = list(edit_fields.heads(self.heads, keep_order=True))
         if len(set(heads)) != len(heads):
             raise InputError(f"heads: {heads} name a head twice; MeanAblate takes one value per head")
-        vals = tuple(_values(self.values))
+        vals = tuple(edit_fields.values(self.values))
         if len(vals) != len(heads):
             raise InputError(f"values: MeanAblate needs one value per head: {len(heads)} heads, {len(vals)} values")
         order = sorted(range(len(heads)), key=lambda i: heads[i])
@@ -120,7 +120,7 @@ class Temperature(Edit):
     kind: ClassVar[str] = "temperature"
 
     def _validate(self):
-        _number("temperature", self.temperature, above=0)
+        edit_fields.number("temperature", self.temperature, above=0)
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,9 @@ class SpanBoost(Edit):
     kind: ClassVar[str] = "span_boost"
 
     def _validate(self):
-        object.__setattr__(self, "spans", _spans(self.spans))
-        _choice("rows", self.rows, ("all", "last"))
-        _number("alpha", self.alpha)
+        object.__setattr__(self, "spans", edit_fields.spans(self.spans))
+        edit_fields.choice("rows", self.rows, ("all", "last"))
+        edit_fields.number("alpha", self.alpha)
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ class SpanKnockout(Edit):
     kind: ClassVar[str] = "span_knockout"
 
     def _validate(self):
-        object.__setattr__(self, "spans", _spans(self.spans))
-        _choice("rows", self.rows, ("all", "last"))
+        object.__setattr__(self, "spans", edit_fields.spans(self.spans))
+        edit_fields.choice("rows", self.rows, ("all", "last"))
 
 
 @dataclass(frozen=True)
@@ -170,17 +170,18 @@ class SinkCalibration(Edit):
     stage: ClassVar[str] = "pattern"
 
     def _validate(self):
-        beta = _number("beta", self.beta, above=0)
+        beta = edit_fields.number("beta", self.beta, above=0)
         if beta > 1:
             raise InputError(f"beta must be in (0, 1], not {beta}: 1 leaves attention unchanged")
-        _number("tau", self.tau, at_least=0)
-        _number("alpha", self.alpha, above=0)
-        _choice("rule", self.rule, ("tau", "alpha"))
+        edit_fields.number("tau", self.tau, at_least=0)
+        edit_fields.number("alpha", self.alpha, above=0)
+        edit_fields.choice("rule", self.rule, ("tau", "alpha"))
         if not isinstance(self.keep_first, bool):
             raise InputError(f"keep_first must be true or false, not {self.keep_first!r}")
-        _integer("min_queries", self.min_queries, at_least=1)
+        edit_fields.integer("min_queries", self.min_queries, at_least=1)
         if self.sinks is not None:
-            object.__setattr__(self, "sinks", tuple(_integer("sinks", i, at_least=0) for i in _list("sinks", self.sinks)))
+            sinks = edit_fields.as_list("sinks", self.sinks)
+            object.__setattr__(self, "sinks", tuple(edit_fields.integer("sinks", i, at_least=0) for i in sinks))
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class PatternEcho(Edit):
     def _validate(self):
         if self.source is None:
             raise InputError("source: PatternEcho needs a source head, e.g. source='L3H1'")
-        src = _heads([self.source], what="source")[0]
+        src = edit_fields.heads([self.source], what="source")[0]
         object.__setattr__(self, "source", src)
         if any(h.layer <= src.layer for h in self.heads):
             raise InputError(f"source: PatternEcho source {src} must be in an earlier layer than every target")
@@ -293,95 +294,11 @@ def edit_from_dict(d: dict, where: str = "edit") -> Edit:
     kwargs = {k: v for k, v in d.items() if k != "kind"}
     try:
         if kind == "mean_ablate":
-            kwargs["values"] = tuple(_tensor_from_json(v, f"values[{i}]")
-                                     for i, v in enumerate(_list("values", kwargs.get("values", []))))
+            kwargs["values"] = tuple(edit_fields.tensor_from_json(v, f"values[{i}]")
+                                     for i, v in enumerate(edit_fields.as_list("values", kwargs.get("values", []))))
         return cls(**kwargs)
     except InputError as exc:
         raise SpecError(f"{where}: {exc}") from None
-
-
-# ----------------------------------------------------------------------------- field checks
-# Each message starts with the field's name; edit_from_dict puts the edit in front.
-
-def _number(name: str, value, *, above: float | None = None, at_least: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, not {value!r}")
-    if above is not None and not value > above:
-        raise InputError(f"{name} must be greater than {above:g}, not {value!r}")
-    if at_least is not None and not value >= at_least:
-        raise InputError(f"{name} must be at least {at_least:g}, not {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value, *, at_least: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be an integer, not {value!r}")
-    if at_least is not None and value < at_least:
-        raise InputError(f"{name} must be at least {at_least}, not {value!r}")
-    return value
-
-
-def _choice(name: str, value, options: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in options:
-        raise InputError(f"{name} must be one of {options}, not {value!r}")
-    return value
-
-
-def _list(name: str, value) -> list:
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        raise InputError(f"{name} must be a list, not {type(value).__name__} {value!r:.80}")
-    return list(value)
-
-
-def _heads(items, *, keep_order: bool = False, what: str = "heads") -> tuple[HeadId, ...]:
-    """``"L3H7"`` strings, ``(layer, head)`` pairs or HeadIds, as HeadIds (sorted unless ``keep_order``)."""
-    out = []
-    for x in _list(what, items):
-        if isinstance(x, str):
-            try:
-                out.append(HeadId.parse(x))
-            except InputError as exc:
-                raise InputError(f"{what}: {exc}") from None
-        elif isinstance(x, (tuple, list)) and len(x) == 2:
-            out.append(HeadId(*(_integer(what, v, at_least=0) for v in x)))
-        else:
-            raise InputError(f"{what}: {x!r} is not a head: write heads as 'L3H7' or [layer, head]")
-    return tuple(out) if keep_order else tuple(as_heads(out))
-
-
-def _spans(spans) -> tuple[tuple[int, int], ...]:
-    out = []
-    for s in _list("spans", spans):
-        pair = [_integer("spans", v) for v in _list("spans", s)]
-        if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
-            raise InputError(f"spans: {s!r} is not a span: write spans as (start, stop) with 0 <= start < stop")
-        out.append((pair[0], pair[1]))
-    return tuple(out)
-
-
-def _values(values) -> list[torch.Tensor]:
-    out = []
-    for i, v in enumerate(_list("values", values)):
-        try:
-            t = torch.as_tensor(v, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(f"values[{i}] is not numbers ({exc})") from None
-        if t.dim() not in (1, 2) or not t.numel():
-            raise InputError(f"values[{i}] has shape {tuple(t.shape)}: give [d_head] or [positions, d_head]")
-        if not bool(torch.isfinite(t).all()):
-            raise InputError(f"values[{i}] holds non-finite numbers")
-        out.append(t)
-    return out
-
-
-def _tensor_from_json(v, name: str) -> torch.Tensor:
-    if not isinstance(v, dict) or set(v) != {"shape", "data"}:
-        raise InputError(f"{name} must be an object with 'shape' and 'data', not {v!r:.80}")
-    shape = [_integer(f"{name}.shape", n, at_least=0) for n in _list(f"{name}.shape", v["shape"])]
-    data = [_number(f"{name}.data", x) for x in _list(f"{name}.data", v["data"])]
-    if math.prod(shape) != len(data):
-        raise InputError(f"{name}: shape {shape} needs {math.prod(shape)} numbers, data has {len(data)}")
-    return torch.tensor(data, dtype=torch.float32).reshape(shape)
 
 
 def _check_positions(e: Edit, n_ctx: int, where: str) -> None:

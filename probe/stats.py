@@ -22,6 +22,7 @@ from .errors import InputError
 
 FORMAT = "headwise.head_stats"
 VERSIONS = (1,)  # format versions this headwise reads
+TENSORS = ("query_pos", "entropy", "max_prob", "argmax", "group_mass", "received_sum", "received_count")  # in a file
 MAX_GROUPS = 16
 
 
@@ -109,8 +110,7 @@ class HeadStats:
         return pd.DataFrame(rows)
 
     def save(self, path: str | Path) -> Path:
-        tensors = {k: getattr(self, k) for k in ("query_pos", "entropy", "max_prob", "argmax", "group_mass",
-                                                  "received_sum", "received_count")}
+        tensors = {k: getattr(self, k) for k in TENSORS}
         meta = {"format": FORMAT, "version": 1, "model_id": self.model_id, "layers": list(self.layers),
                 "group_names": list(self.group_names), "token_ids": list(self.token_ids), "meta": self.meta}
         return write_tensors(path, tensors, meta)
@@ -134,9 +134,6 @@ class HeadStats:
                     meta=m.get("meta", {}), **t)
         _check_stats(stats, c)
         return stats
-
-
-TENSORS = ("query_pos", "entropy", "max_prob", "argmax", "group_mass", "received_sum", "received_count")
 
 
 def _check_stats(st: HeadStats, c: FileCheck) -> None:

@@ -85,8 +85,24 @@ def _swap_layers(key):
     return lambda t: t.__setitem__(key, t[key].flip(0).contiguous())
 
 
+def _common(kind: str, tensor: str) -> list[Case]:
+    """Damage every probe file is checked for: an unknown version, layers swapped or repeated in the
+    metadata, layers swapped in the tensors, an edited model id (the last two caught by the sha256)."""
+    return [
+        Case("typed-error", f"{kind}-version-99", dict(meta=_set("version", 99)), CorruptFileError, "version 99"),
+        Case("typed-error", f"{kind}-swapped-layer-list", dict(meta=_set("layers", [1, 0])), CorruptFileError,
+             "out of order"),
+        Case("typed-error", f"{kind}-duplicated-layers", dict(meta=_set("layers", [1, 1])), CorruptFileError,
+             "repeated"),
+        Case("typed-error", f"{kind}-swapped-layer-tensors", dict(tensors=_swap_layers(tensor), sign=False),
+             CorruptFileError, "changed after it was written"),
+        Case("typed-error", f"{kind}-edited-model-id", dict(meta=_set("model_id", "gpt2"), sign=False),
+             CorruptFileError, "changed after it was written"),
+    ]
+
+
 RECORD_CASES = cases(
-    Case("typed-error", "record-version-99", dict(meta=_set("version", 99)), CorruptFileError, "version 99"),
+    *_common("record", "patterns"),
     Case("typed-error", "record-nan", dict(tensors=_poke("patterns", (0, 0, 2, 1), math.nan)), CorruptFileError,
          "patterns holds 1 non-finite"),
     Case("typed-error", "record-probability-above-1", dict(tensors=_poke("patterns", (0, 0, 0, 0), 1.5)),
@@ -101,16 +117,8 @@ RECORD_CASES = cases(
          CorruptFileError, "token strings for"),
     Case("typed-error", "record-negative-token-id", dict(meta=lambda m: m["token_ids"].__setitem__(0, -3)),
          CorruptFileError, "token_ids are not all non-negative"),
-    Case("typed-error", "record-swapped-layer-list", dict(meta=_set("layers", [1, 0])), CorruptFileError,
-         "out of order"),
-    Case("typed-error", "record-duplicated-layers", dict(meta=_set("layers", [0, 0])), CorruptFileError,
-         "repeated"),
     Case("typed-error", "record-layers-vs-tensors", dict(meta=_set("layers", [0])), CorruptFileError,
          "patterns has shape"),
-    Case("typed-error", "record-swapped-layer-tensors", dict(tensors=_swap_layers("patterns"), sign=False),
-         CorruptFileError, "changed after it was written"),
-    Case("typed-error", "record-edited-model-id", dict(meta=_set("model_id", "gpt2"), sign=False),
-         CorruptFileError, "changed after it was written"),
     Case("typed-error", "record-edited-token-ids", dict(meta=lambda m: m["token_ids"].__setitem__(1, 7),
                                                          sign=False), CorruptFileError, "changed after"),
     Case("typed-error", "record-no-model-id", dict(meta=lambda m: m.pop("model_id")), CorruptFileError,
@@ -136,7 +144,7 @@ def _stats(model, tmp_path):
 
 
 STATS_CASES = cases(
-    Case("typed-error", "stats-version-99", dict(meta=_set("version", 99)), CorruptFileError, "version 99"),
+    *_common("stats", "entropy"),
     Case("typed-error", "stats-nan-entropy", dict(tensors=_poke("entropy", (1, 2, 3), math.nan)),
          CorruptFileError, "entropy holds 1 non-finite"),
     Case("typed-error", "stats-inf-received", dict(tensors=_poke("received_sum", (0, 0, 0), math.inf)),
@@ -155,16 +163,8 @@ STATS_CASES = cases(
          CorruptFileError, "received_sum holds 50"),
     Case("typed-error", "stats-fractional-count", dict(tensors=_poke("received_count", 2, 2.5)),
          CorruptFileError, "fractions"),
-    Case("typed-error", "stats-swapped-layer-list", dict(meta=_set("layers", [1, 0])), CorruptFileError,
-         "out of order"),
-    Case("typed-error", "stats-duplicated-layers", dict(meta=_set("layers", [1, 1])), CorruptFileError,
-         "repeated"),
     Case("typed-error", "stats-layers-vs-tensors", dict(meta=_set("layers", [0])), CorruptFileError,
          "lists 1 layers, the tensors hold 2"),
-    Case("typed-error", "stats-swapped-layer-tensors", dict(tensors=_swap_layers("entropy"), sign=False),
-         CorruptFileError, "changed after it was written"),
-    Case("typed-error", "stats-edited-model-id", dict(meta=_set("model_id", "other"), sign=False),
-         CorruptFileError, "changed after it was written"),
     Case("typed-error", "stats-token-ids-shorter-than-rows", dict(meta=lambda m: m.update(
         token_ids=m["token_ids"][:4])), CorruptFileError, "reach past the 4 token ids"),
     Case("typed-error", "stats-query-pos-shape", dict(tensors=lambda t: t.update(query_pos=t["query_pos"][:-1])),
