@@ -4,7 +4,8 @@ Each case id starts with its verdict: ``typed-error`` (refused before any work w
 error whose message names the problem and the fix), ``recomputed`` (a stale or missing thing
 rebuilt, never used), or ``handled`` (the fault no longer does harm, e.g. a cached hub model
 loads offline, a failed figure write keeps the old file). Count them with
-``python -m pytest tests/test_bad_inputs.py --collect-only -q | cut -d'[' -f2 | cut -d: -f1 | sort | uniq -c``.
+``python -m pytest tests/test_bad_inputs.py --collect-only -q | grep -o '\[[a-z-]*:' | sort | uniq -c``
+(the untagged tests beside them check that good files and specs still pass the checks).
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ class Case(NamedTuple):
 
 def cases(*items: Case):
     return pytest.mark.parametrize("case", items, ids=[f"{c.verdict}:{c.name}" for c in items])
+
+
+def tag(verdict: str, name: str):
+    """A catalogue entry of one case (the test gets ``case`` and does its own set-up)."""
+    return cases(Case(verdict, name, None))
 
 
 @contextmanager
@@ -359,7 +365,8 @@ def test_generate_refused_before_work(case, tiny_llama, monkeypatch):
     assert calls == []  # refused before the first forward
 
 
-def test_generate_command_refuses_past_context(capsys):
+@tag("typed-error", "cli-generate-past-context")
+def test_generate_command_refuses_past_context(case, capsys):
     from analyses.cli import main
 
     assert main(["generate", "x" * 250, "--model", "tiny-llama", "--max-new-tokens", "20"]) == 2
@@ -401,15 +408,17 @@ def test_local_looking_path_never_goes_to_the_hub(case, tmp_path, monkeypatch, n
     assert time.perf_counter() - start < 5
 
 
-def test_hub_id_offline_and_not_cached_fails_at_once(tmp_path, monkeypatch, no_hub):
-    """typed-error: HF_HUB_OFFLINE is respected: no request, an error naming the id and the variable."""
+@tag("typed-error", "hub-id-offline-not-cached")
+def test_hub_id_offline_and_not_cached_fails_at_once(case, tmp_path, monkeypatch, no_hub):
+    """HF_HUB_OFFLINE is respected: no request, an error naming the id and the variable."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="'someorg/somemodel' is not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
         load_model("someorg/somemodel", device="cpu")
 
 
-def test_hub_id_without_network_fails_at_once(tmp_path, monkeypatch):
-    """typed-error: one request, no retries: an unreachable hub is an error within seconds, naming the id."""
+@tag("typed-error", "hub-id-unreachable")
+def test_hub_id_without_network_fails_at_once(case, tmp_path, monkeypatch):
+    """One request, no retries: an unreachable hub is an error within seconds, naming the id."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -420,8 +429,9 @@ def test_hub_id_without_network_fails_at_once(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 5
 
 
-def test_cached_hub_model_loads_offline(tmp_path, monkeypatch, tiny_llama):
-    """handled: an org/name already in the hub cache loads from it, offline, without a request."""
+@tag("handled", "hub-id-cached-loads-offline")
+def test_cached_hub_model_loads_offline(case, tmp_path, monkeypatch, tiny_llama):
+    """An org/name already in the hub cache loads from it, offline, without a request."""
     from probe.models import tiny
 
     snap = tmp_path / "hub" / "models--someorg--tiny" / "snapshots" / ("0" * 40)
@@ -549,7 +559,8 @@ def test_stale_cache_is_converted_again_on_load(case, fake_cache):
     assert embedded.check_cache(target, embedded._sha256(gguf), thorough=True) is None
 
 
-def test_recomputed_killed_conversion_leftovers_removed_under_the_lock(fake_cache, capsys):
+@tag("handled", "cache-killed-conversion-leftovers-removed")
+def test_killed_conversion_leftovers_removed_under_the_lock(case, fake_cache, capsys):
     target, _, builds = fake_cache
     left = [target.parent / ".smollm2-135m.k1lled00", target.parent / ".smollm2-135m.tmp-abc"]
     for d in left:
@@ -565,7 +576,8 @@ def test_recomputed_killed_conversion_leftovers_removed_under_the_lock(fake_cach
     assert (target.parent / f".{embedded.NAME}.lock").exists()  # the lock file itself stays
 
 
-def test_handled_interrupted_conversion_keeps_the_old_cache(fake_cache, monkeypatch):
+@tag("handled", "cache-interrupted-conversion-keeps-old")
+def test_interrupted_conversion_keeps_the_old_cache(case, fake_cache, monkeypatch):
     target, gguf, builds = fake_cache
     before = (target / "model.safetensors").read_bytes()
     _new_gguf(target, gguf)
@@ -615,7 +627,8 @@ def test_outputs_get_the_umask_not_0600(tmp_path, mask, tiny_llama):
     assert (folder.stat().st_mode & 0o777) == 0o777 & ~mask
 
 
-def test_handled_embedded_cache_files_get_the_umask(tmp_path, monkeypatch):
+@tag("handled", "cache-files-get-the-umask")
+def test_embedded_cache_files_get_the_umask(case, tmp_path, monkeypatch):
     with umask(0o002):
         monkeypatch.setenv("HEADWISE_HOME", str(tmp_path / "home"))
         gguf = tmp_path / "g.gguf"
@@ -633,7 +646,8 @@ def _figure():
     return go.Figure(go.Bar(x=[1, 2], y=[3, 4]))
 
 
-def test_handled_figure_written_atomically(tmp_path, monkeypatch):
+@tag("handled", "figure-html-written-atomically")
+def test_figure_written_atomically(case, tmp_path, monkeypatch):
     path = write_figure(_figure(), tmp_path / "fig.html")
     before = path.read_text()
     assert '<script charset="utf-8" src="plotly.min.js"></script>' in before  # offline, once beside it
@@ -645,7 +659,8 @@ def test_handled_figure_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "plotly.min.js"]
 
 
-def test_handled_image_figure_written_atomically(tmp_path, monkeypatch):
+@tag("handled", "figure-image-written-atomically")
+def test_image_figure_written_atomically(case, tmp_path, monkeypatch):
     fig = _figure()
     monkeypatch.setattr(type(fig), "to_image", lambda self, format: f"<{format}>".encode())
     assert write_figure(fig, tmp_path / "f.svg").read_bytes() == b"<svg>"
