@@ -29,7 +29,9 @@ from .result import RetrievalResult
 from .scan import as_needles, grid, pick_random, scan_masking, scan_samples, top_heads
 from .scoring import head_scores, sample_events  # noqa: F401
 
-DEFAULT_LENGTHS = (500, 1000, 2000, 3000, 4000)
+# The full grid (issue 18): 6 lengths to the embedded model's 8k context (8000 + 50 new tokens <= 8192)
+# x 5 depths x every shipped needle (4, each with its own never-repeated haystack). Method: docs/methods.md §1.
+DEFAULT_LENGTHS = (500, 1000, 2000, 4000, 6000, 8000)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 
 
