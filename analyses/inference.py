@@ -133,7 +133,9 @@ def wilson(k: int, n: int, level: float = 0.95) -> Interval:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), int(n))
+    lo = 0.0 if k == 0 else max(0.0, centre - half)      # exact ends (no 1e-17 from rounding)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return Interval(p, lo, hi, int(n))
 
 
 def mcnemar_exact(after, before) -> float:

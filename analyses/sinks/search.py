@@ -157,11 +157,13 @@ def heldout_eval(model, task, cfg: SearchConfig, selected: list[HeadId], progres
     out = {"plain": evaluate(model, batches, label_ids),
            "calibrated": evaluate(model, batches, label_ids, cfg.spec(selected)), "random": []}
     cands = candidate_heads(model, cfg)
+    outside = [h for h in cands if h not in set(selected)]   # controls never draw a selected head ...
+    pool = outside if len(outside) >= len(selected) else cands   # ... unless too few are left (flagged)
     if selected:
         for seed in tqdm(range(cfg.n_random), desc="random-head control", disable=not progress):
-            heads = sorted(random.Random(seed).sample(cands, len(selected)))
+            heads = sorted(random.Random(seed).sample(pool, len(selected)))
             r = evaluate(model, batches, label_ids, cfg.spec(heads))
-            out["random"].append({"seed": seed, "heads": [str(h) for h in heads], **r})
+            out["random"].append({"seed": seed, "heads": [str(h) for h in heads], "outside": pool is outside, **r})
     return out
 
 
