@@ -285,3 +285,30 @@ def test_needle_is_separated_from_the_text_at_every_depth(tiny_llama):
         text = tok.decode(p.ids[0].tolist())
         i = text.index(needle)
         assert (i == 0 or text[i - 1].isspace() or text[i - 1] == ">") and text[i + len(needle)].isspace()
+
+
+def test_sparsity_and_masking_intervals():
+    import numpy as np
+    import pandas as pd
+
+    from analyses.retrieval.stats import masking_table, sparsity_ci
+
+    ev = np.zeros((4, 2, 2))
+    ev[:, 0, 1] = 0.5                                    # one head of four always retrieves
+    s = sparsity_ci(ev, [True, True, True, False], n_boot=200)
+    assert (s.estimate, s.lo, s.hi, s.n) == (0.25, 0.25, 0.25, 3)
+    with pytest.raises(InputError):
+        sparsity_ci(ev, [False] * 4)
+    cells = [("a", L, d) for L in (1, 2, 3) for d in (0, 50)]
+    rows = [{"needle": n, "length": L, "depth": d, "condition": c, "success": ok}
+            for (n, L, d), (top, r0, r1) in zip(cells, [(0, 1, 1), (0, 1, 0), (0, 1, 1), (1, 1, 1), (0, 0, 1),
+                                                        (0, 1, 1)])
+            for c, ok in (("top", top), ("random0", r0), ("random1", r1))]
+    t = masking_table(pd.DataFrame(rows)).set_index("condition")
+    assert t.loc["top", "success"] == pytest.approx(1 / 6) and t.loc["top", "n_cells"] == 6
+    assert t.loc["random0", "d_vs_top"] == pytest.approx(4 / 6)       # 4 cells right under random0, wrong under top
+    assert t.loc["random0", "p_vs_top"] == pytest.approx(2 / 16)      # McNemar: 4 vs 0 discordant
+    assert t.loc["random (pooled)", "success"] == pytest.approx((5 + 5) / 12)
+    assert 0 <= t.loc["top", "lo"] <= t.loc["top", "success"] <= t.loc["top", "hi"]
+    with pytest.raises(InputError):
+        masking_table(pd.DataFrame(rows)[lambda d: d.condition != "top"])

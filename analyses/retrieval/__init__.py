@@ -6,7 +6,8 @@ copy-paste event when its argmax key lies in the answer span and holds the emitt
 sample's score is events/|span|, a head's score the mean over samples the model answers
 (ROUGE-1 recall > 0.5); retrieval heads score > 0.1. The masking experiment makes the top-K
 heads (vs K random heads from outside the top set, several seeds) uniform during decoding.
-See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t).
+See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t), and
+:mod:`.stats` for the intervals (sparsity, top-K vs random-K masking). Method: docs/methods.md §1.
 
 >>> from probe import load_model
 >>> res = detect(load_model("tiny-llama"), lengths=[220], depths=[50], needles=["code"],

@@ -1,4 +1,4 @@
-"""ACT head search (Yu et al., ICML 2024, §4; reference: GATECH-EIC/ACT), as methods.md §2 states it.
+"""ACT head search (Yu et al., ICML 2024, §4; reference: GATECH-EIC/ACT), as docs/methods.md §2 states it.
 
 Candidates are the heads of layers 2 .. L-2. Each candidate is calibrated *alone* and scored on a
 calibration split; the heads that improve the score are kept, and all kept heads are then
