@@ -144,3 +144,14 @@ def test_models_without_separate_projections_are_refused(tiny_gpt2):
 
     with pytest.raises(InputError, match="q_proj"):
         attention_modules(tiny_gpt2)
+
+
+def test_path_overlap_of_two_runs(planted):
+    from analyses.circuits.path_patching import path_overlap, resampled_circuit
+
+    model, task = planted
+    r = path_patching_circuit(model, task, INDUCTION_STAGES, frac=1 / 8, shortlist=None)
+    assert resampled_circuit(r, [0], 8) == set(r.circuit)
+    same = path_overlap(r, r, 8, n_boot=20)
+    assert same["jaccard"]["estimate"] == 1.0 and same["overlap_coefficient"]["lo"] == 1.0
+    assert same["jaccard"]["null_mean"] < 0.5 and same["jaccard"]["p_null"] < 0.1
