@@ -37,7 +37,7 @@ class SearchConfig:
     metric: str = "accuracy"
     first_layer: int = 2
     last_layer: int | None = None  # default L-2
-    n_random: int = 5
+    n_random: int = 10    # random head sets of the held-out control (issue 18: >= 10 draws)
     batch_size: int = 16
 
     def __post_init__(self):
