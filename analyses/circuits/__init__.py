@@ -1,9 +1,10 @@
 """Circuits across tasks and their overlap — Merullo, Eickhoff, Pavlick, ICLR 2024,
 "Circuit Component Reuse Across Tasks in Transformer Language Models" (arXiv 2310.08744;
-code: jmerullo/circuit_reuse). Spec: methods.md §3.
+code: jmerullo/circuit_reuse). Spec: docs/methods.md §3.
 
 Pipeline: :mod:`.tasks` (clean/corrupted prompt pairs) -> :mod:`.patching` (exact per-head activation
-patching, EAP, EAP-IG, faithfulness) -> :mod:`.overlap` (circuit rule, Jaccard / overlap coefficient /
+patching, EAP, EAP-IG, faithfulness) and :mod:`.path_patching` (the paper's per-stage path patching,
+EAP-shortlisted, top ~2% per stage) -> :mod:`.overlap` (circuit rule, Jaccard / overlap coefficient /
 Spearman, bootstrap, random null) -> :mod:`.roles` (head roles, cross-task intervention) ->
 :mod:`.result` (frozen results with ``to_frame``/``plot``/save/load); :mod:`.scan` runs it all.
 """

@@ -11,6 +11,7 @@ import pandas as pd
 from probe.atomic import atomic_path
 from probe.errors import InputError
 
+from ..inference import mcnemar_exact
 from .data import Item, build_items, generate_dataset, item_regions, label, answer_item
 from .detector import Detector, center_by_group, evaluate, paired_diff
 from .mitigate import boost_heads, boost_spec, guided_generate
@@ -54,8 +55,37 @@ def _confound_checks(det: Detector, tr: pd.DataFrame, te: pd.DataFrame, L: int, 
     return out
 
 
-def _conditions(det: Detector, k: int, alpha: float) -> dict[str, dict]:
-    """Mitigation conditions; ``control`` names the condition each one is compared with besides greedy."""
+def _baselines(det: Detector, df: pd.DataFrame, L: int, H: int, center: str, seed: int) -> dict:
+    """:func:`.baselines.honest_baselines` on the run's split (detector scored as it was fitted)."""
+    from .baselines import honest_baselines
+
+    tr, te = (labelled(df[df["split"] == s]) for s in ("train", "heldout"))
+    (Xtr, ytr), (Xte, yte) = features(tr, L, H), features(te, L, H)
+    if len(set(yte.tolist())) < 2:
+        return {}
+    gtr, gte = tr["template_id"].to_numpy(), te["template_id"].to_numpy()
+    Xs = Xte
+    if center == "template":
+        pool = df[(df["split"] == "train") & (df["n_new"] > 0)]
+        _, means = center_by_group(_row_features(pool, L, H), pool["template_id"].to_numpy())
+        Xs = center_by_group(Xte, gte, means)[0]
+    return honest_baselines(Xtr, ytr, gtr, Xte, yte, gte, det.score(Xs), seed=seed)
+
+
+def _conditions(det: Detector, k: int, alpha: float, boost: str = "context") -> dict[str, dict]:
+    """Mitigation conditions; ``control`` names the condition each one is compared with besides greedy.
+
+    ``boost="paint"``: the boosts are PAINT as stated (:mod:`.paint`: passage tokens only, 0.7/0.3,
+    all heads of layers 2..L-1 for ``paint``; the top-``k`` detector heads vs ``k`` random heads)."""
+    if boost == "paint":
+        return {"greedy": {},
+                "paint": {"paint": True},
+                f"paint_top{k}": {"paint": True, "heads": boost_heads(det, k, "top"), "control": f"paint_random{k}"},
+                f"paint_random{k}": {"paint": True, "heads": boost_heads(det, k, "random")},
+                "sampled": {"guided": True, "n_candidates": 1},
+                "guided": {"guided": True, "control": "sampled"}}
+    if boost != "context":
+        raise InputError(f"boost must be 'context' (whole context, one alpha) or 'paint', not {boost!r}")
     return {"greedy": {},
             f"boost_top{k}": {"heads": boost_heads(det, k, "top"), "alpha": alpha, "control": f"boost_random{k}"},
             f"boost_random{k}": {"heads": boost_heads(det, k, "random"), "alpha": alpha},
@@ -70,6 +100,11 @@ def _answer(model, item: Item, det: Detector, cond: dict, max_new_tokens: int, s
         return guided_generate(model, ids, det, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=max_new_tokens,
                                reading=det.meta.get("reading", "code"),
                                seed=seed, n_candidates=cond.get("n_candidates", 8)).text
+    if cond.get("paint"):
+        from .paint import paint_for
+
+        spec = paint_for(model, item.prompt, item.passage, heads=cond.get("heads"))[1]
+        return answer_item(model, item, max_new_tokens=max_new_tokens, spec=spec)["answer"]
     spec = boost_spec(cond["heads"], (reg.ctx_start, reg.ctx_stop), cond["alpha"]) if cond.get("heads") else None
     return answer_item(model, item, max_new_tokens=max_new_tokens, spec=spec)["answer"]
 
@@ -90,19 +125,20 @@ def _stale(path: Path, ids: list[str], key: str) -> bool:
 
 def mitigation(model, items: list[Item], det: Detector, out: Path, *, k: int = 20, alpha: float = 0.3,
                max_new_tokens: int = 10, seed: int = 0, greedy: dict | None = None, block: int = 5,
-               progress: bool = True) -> pd.DataFrame:
+               boost: str = "context", progress: bool = True) -> pd.DataFrame:
     """Grounded / contradicted rate on ``items`` per condition; one parquet per finished block of items.
 
     Conditions: greedy (before; ``greedy`` maps item ids to answers already generated), sampled
     (one candidate per chunk: the sampling control), guided (best of 8 by the detector), and the
-    boost on the top-``k`` heads by coefficient, ``k`` random heads (control) and all heads of 2..L-1. ``d_greedy`` / ``d_control``: paired change in grounded rate with a 95% interval.
+    boost on the top-``k`` heads by coefficient, ``k`` random heads (control) and all heads of 2..L-1. ``d_greedy`` / ``d_control``: paired change in grounded rate with a 95% interval,
+    ``p_greedy`` / ``p_control`` the exact McNemar p-values. ``boost="paint"``: PAINT as stated (:mod:`.paint`).
     """
     from tqdm import tqdm
 
     folder = Path(out) / "mitigation"
     folder.mkdir(parents=True, exist_ok=True)
     grounded, rows = {}, []
-    conditions = _conditions(det, k, alpha)
+    conditions = _conditions(det, k, alpha, boost)
     for name, cond in conditions.items():
         key, parts = _key(name, cond, det, max_new_tokens, seed), []
         for b in range(0, len(items), block):   # one file per block of items: an interrupted run resumes
@@ -128,6 +164,8 @@ def mitigation(model, items: list[Item], det: Detector, out: Path, *, k: int = 2
         r["control"] = c or ""
         r.update(zip(("d_control", "d_control_lo", "d_control_hi"),
                      paired_diff(grounded[r["condition"]], grounded[c]) if c else (np.nan,) * 3))
+        r["p_greedy"] = mcnemar_exact(grounded[r["condition"]], grounded["greedy"])
+        r["p_control"] = mcnemar_exact(grounded[r["condition"]], grounded[c]) if c else np.nan
     return pd.DataFrame(rows)
 
 
@@ -188,7 +226,8 @@ def _detector_stage(model, df: pd.DataFrame, out: Path, *, center: str, n_perm: 
 
 def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigate: int = 60, k: int = 20,
                   alpha: float = 0.3, n_perm: int = 50, seed: int = 0, mitigate_templates=(1, 2, 3, 4),
-                  reading: str = "code", center: str = "none", progress: bool = True) -> GroundingResult:
+                  reading: str = "code", center: str = "none", boost: str = "context",
+                  progress: bool = True) -> GroundingResult:
     """Data → detectors → mitigation on ``model``; writes ``out/`` (resumable) and returns the result.
 
     The detector needs both grounded and ungrounded answers, so the example needs the embedded
@@ -211,10 +250,11 @@ def run_grounding(model, out: str | Path, *, limit: int | None = None, n_mitigat
     det, summary = _detector_stage(model, df, out, center=center, n_perm=n_perm, seed=seed, reading=reading)
     te = df[df["split"] == "heldout"]
     summary.update(_confound_checks(det, df[df["split"] == "train"], te, model.n_layers, model.n_heads))
+    summary["baselines"] = _baselines(det, df, model.n_layers, model.n_heads, center, seed)
     held = {it.item_id: it for it in build_items(limit=limit)}
     # mitigation items: held-out items of the hallucination-prone templates (model-free choice)
     items = [held[i] for i in te["item_id"] if held[i].template_id in mitigate_templates][:n_mitigate]
-    mit = (mitigation(model, items, det, out, k=k, alpha=alpha, seed=seed, progress=progress,
+    mit = (mitigation(model, items, det, out, k=k, alpha=alpha, seed=seed, progress=progress, boost=boost,
                       greedy=dict(zip(df["item_id"], df["answer"]))) if n_mitigate else pd.DataFrame())
     result = GroundingResult(model.model_id, summary, det.head_weights(), mit)
     result.save(out)
@@ -234,6 +274,8 @@ def add_cli(subparsers) -> None:
     s.add_argument("--center", choices=("none", "template"), default="none",
                    help="fit the detector on template-centred features (confound control) or plain (the paper)")
     s.add_argument("--n-perm", type=int, default=50, help="permutation-null refits")
+    s.add_argument("--boost", choices=("context", "paint"), default="context",
+                   help="mitigation boost: whole context with one alpha, or PAINT as stated (passage only, 0.7/0.3)")
     s.set_defaults(run=_cli_scan)
 
 
@@ -249,7 +291,12 @@ def _load(name):
 def _cli_scan(args) -> int:
     res = run_grounding(_load(args.model), args.out, limit=args.limit, n_mitigate=args.n_mitigate,
                         k=args.top_k, alpha=args.alpha, reading=args.reading, center=args.center,
-                        n_perm=args.n_perm)
+                        n_perm=args.n_perm, boost=args.boost)
+    if res.summary.get("baselines"):
+        from .baselines import baseline_table
+
+        print("held-out AUROC, baselines first:")
+        print(baseline_table(res.summary["baselines"]).to_string(index=False))
     print(json.dumps(res.summary, indent=2))
     print(res.mitigation.to_string(index=False))
     return 0

@@ -6,7 +6,8 @@ copy-paste event when its argmax key lies in the answer span and holds the emitt
 sample's score is events/|span|, a head's score the mean over samples the model answers
 (ROUGE-1 recall > 0.5); retrieval heads score > 0.1. The masking experiment makes the top-K
 heads (vs K random heads from outside the top set, several seeds) uniform during decoding.
-See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t).
+See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t), and
+:mod:`.stats` for the intervals (sparsity, top-K vs random-K masking). Method: docs/methods.md §1.
 
 >>> from probe import load_model
 >>> res = detect(load_model("tiny-llama"), lengths=[220], depths=[50], needles=["code"],
@@ -29,7 +30,9 @@ from .result import RetrievalResult
 from .scan import as_needles, grid, pick_random, scan_masking, scan_samples, top_heads
 from .scoring import head_scores, sample_events  # noqa: F401
 
-DEFAULT_LENGTHS = (500, 1000, 2000, 3000, 4000)
+# The full grid (issue 18): 6 lengths to the embedded model's 8k context (8000 + 50 new tokens <= 8192)
+# x 5 depths x every shipped needle (4, each with its own never-repeated haystack). Method: docs/methods.md §1.
+DEFAULT_LENGTHS = (500, 1000, 2000, 4000, 6000, 8000)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 
 

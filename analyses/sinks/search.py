@@ -1,4 +1,4 @@
-"""ACT head search (Yu et al., ICML 2024, §4; reference: GATECH-EIC/ACT), as methods.md §2 states it.
+"""ACT head search (Yu et al., ICML 2024, §4; reference: GATECH-EIC/ACT), as docs/methods.md §2 states it.
 
 Candidates are the heads of layers 2 .. L-2. Each candidate is calibrated *alone* and scored on a
 calibration split; the heads that improve the score are kept, and all kept heads are then
@@ -37,7 +37,7 @@ class SearchConfig:
     metric: str = "accuracy"
     first_layer: int = 2
     last_layer: int | None = None  # default L-2
-    n_random: int = 5
+    n_random: int = 10    # random head sets of the held-out control (issue 18: >= 10 draws)
     batch_size: int = 16
 
     def __post_init__(self):
@@ -157,11 +157,13 @@ def heldout_eval(model, task, cfg: SearchConfig, selected: list[HeadId], progres
     out = {"plain": evaluate(model, batches, label_ids),
            "calibrated": evaluate(model, batches, label_ids, cfg.spec(selected)), "random": []}
     cands = candidate_heads(model, cfg)
+    outside = [h for h in cands if h not in set(selected)]   # controls never draw a selected head ...
+    pool = outside if len(outside) >= len(selected) else cands   # ... unless too few are left (flagged)
     if selected:
         for seed in tqdm(range(cfg.n_random), desc="random-head control", disable=not progress):
-            heads = sorted(random.Random(seed).sample(cands, len(selected)))
+            heads = sorted(random.Random(seed).sample(pool, len(selected)))
             r = evaluate(model, batches, label_ids, cfg.spec(heads))
-            out["random"].append({"seed": seed, "heads": [str(h) for h in heads], **r})
+            out["random"].append({"seed": seed, "heads": [str(h) for h in heads], "outside": pool is outside, **r})
     return out
 
 

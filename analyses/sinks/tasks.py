@@ -72,7 +72,14 @@ class Task:
 
 
 def load_task(name: str, *, demo_per_label: int = 2, calib_frac: float = 0.5, seed: int = 0) -> Task:
-    """Load ``data/sinks/<name>.txt`` and split it (seeded): demonstrations, calibration, held-out."""
+    """Load ``data/sinks/<name>.txt`` and split it (seeded): demonstrations, calibration, held-out.
+
+    ``"<name>@large"``: the same demonstrations with the generated calibration and held-out splits
+    (>= 200 items each, :mod:`analyses.sinks.items`)."""
+    if name.endswith("@large") and name[:-len("@large")] in TEMPLATES:
+        from .items import large_task
+
+        return large_task(name[:-len("@large")], demo_per_label=demo_per_label, seed=seed)
     if name not in TEMPLATES:
         raise InputError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
     lines = [ln.split("\t", 1) for ln in (DATA / f"{name}.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
