@@ -1,7 +1,7 @@
 """The analysis contract: what every analysis declares, so that the CLI, the dashboard and the atlas
 need nothing else.
 
-An analysis is an :class:`Analysis` entry: its name and title, the paper and the methods.md section
+An analysis is an :class:`Analysis` entry: its name and title, the paper and the docs/methods.md section
 it implements, a config class (:mod:`analyses.config`: defaults = the full published-style run,
 ``small(model)`` = a first run of minutes), the minimum sample size below which a result is only an
 illustration, the result type, and the work as :class:`Stage` s. A stage

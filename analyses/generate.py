@@ -15,17 +15,17 @@ True
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from probe.atomic import atomic_path
+from probe.atomic import write_text
+from probe.checks import check_generation
 from probe.errors import InputError
 
 
 def generate_text(model, prompt: str, *, max_new_tokens: int = 32, chat: bool = False) -> str:
     """Greedy continuation of ``prompt`` through Hugging Face ``generate`` (applied edits act on every step)."""
     ids = model.encode(model.chat(prompt) if chat else prompt)
+    check_generation(model, ids.shape[1], max_new_tokens)  # before any work
     with torch.no_grad():
         out = model.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
@@ -61,17 +61,12 @@ def command(args, model_loader) -> int:
             text = out.text
             print(f"chunk scores (P grounded): {[round(s, 3) for s in out.chunk_scores]}")
             if args.html:
-                _write(args.html, token_view_html(toks, scores, args.prompt))
+                write_text(args.html, token_view_html(toks, scores, args.prompt))
                 print(f"token view: {args.html}")
     finally:
         if handle is not None:
             handle.remove()
     print(text)
     if args.out:
-        _write(args.out, text)
+        write_text(args.out, text)
     return 0
-
-
-def _write(path: str, text: str) -> None:
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")

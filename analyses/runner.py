@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from probe.atomic import write_figure
 from probe.errors import InputError
 
 from .contract import Analysis, Result, Stage, Unit
@@ -172,15 +173,16 @@ def _reporter(analysis, stage, total, done, progress):
 def write_figures(result: Result, folder: str | Path, png: bool = False) -> list[str]:
     """Every figure of the result's page (default options) as ``folder/figures/<name>.html``.
 
-    plotly.js is written once beside them (works offline); ``png`` also writes PNGs where kaleido
-    and a Chromium are available (slow: it starts a browser).
+    Each is written atomically (:func:`probe.atomic.write_figure`); plotly.js is written once beside
+    them (works offline); ``png`` also writes PNGs where kaleido and a Chromium are available (slow:
+    it starts a browser).
     """
     out = Path(folder) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for fig in figures(result.sections()):
         figure = result.plot(fig.kind, **fig.defaults())
-        figure.write_html(str(out / f"{fig.file_name()}.html"), include_plotlyjs="directory")
+        write_figure(figure, out / f"{fig.file_name()}.html")     # atomic; plotly.min.js once, beside them
         names.append(f"{fig.file_name()}.html")
         if png:
             names += _png(figure, out / f"{fig.file_name()}.png")
@@ -189,7 +191,7 @@ def write_figures(result: Result, folder: str | Path, png: bool = False) -> list
 
 def _png(fig, path: Path) -> list[str]:
     try:
-        fig.write_image(str(path))
+        write_figure(fig, path)
         return [path.name]
     except Exception:  # kaleido needs a browser it may not find offline: the HTML is the figure of record
         return []

@@ -37,3 +37,7 @@ class CorruptFileError(HeadwiseError, ValueError):
 
 class ModelMismatchError(HeadwiseError, ValueError):
     """A file made for another model (different id or weights hash)."""
+
+
+class SpecError(InputError, CorruptFileError):
+    """An intervention spec that cannot be used as written; the message names the edit and the field."""

@@ -1,7 +1,8 @@
 """``AttentionRecord``: full per-head patterns for a short input, saved as safetensors + JSON.
 
 ``patterns`` is ``[layer, head, query_pos, key_pos]`` over the chosen ``layers`` and ``heads``.
-Files are written atomically and validated on load (format tag, shapes, rows summing to 1).
+Files are written atomically with a sha256 of their contents and validated on load (format tag and
+version, sha256, shapes against the metadata, finite probabilities, causal rows summing to 1).
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 import torch
 
 from .atomic import read_tensors, write_tensors
+from .checks import FileCheck, check_token_ids, meta_list
 from .errors import CorruptFileError, InputError
 from .heads import HeadId
 
 FORMAT = "headwise.attention_record"
+VERSIONS = (1,)  # format versions this headwise reads
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,17 +52,45 @@ class AttentionRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionRecord":
-        tensors, m = read_tensors(path, FORMAT)
+        """Read a record back, refusing a damaged, edited or foreign file (see :func:`_checked_fields`)."""
+        tensors, m = read_tensors(path, FORMAT, versions=VERSIONS)
         try:
-            rec = cls(model_id=m["model_id"], token_ids=tuple(m["token_ids"]), tokens=tuple(m["tokens"]),
-                      layers=tuple(m["layers"]), heads=tuple(m["heads"]), patterns=tensors["patterns"],
-                      meta=m.get("meta", {}))
-        except (KeyError, InputError) as exc:
+            rec = cls(**_checked_fields(path, tensors, m))
+        except InputError as exc:
             raise CorruptFileError(f"{path}: attention record is inconsistent ({exc}); capture it again") from exc
         sums = rec.patterns.float().sum(-1)
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
             raise CorruptFileError(f"{path}: attention rows do not sum to 1; the file is damaged, capture it again")
         return rec
+
+
+def _checked_fields(path, tensors: dict, m: dict) -> dict:
+    """The record's fields from a file, each checked: metadata types, layers and heads strictly
+    increasing, one token string per id, patterns ``[layer, head, T, T]`` of finite probabilities
+    with nothing on future keys (causal)."""
+    c = FileCheck(path, "capture it again")
+    if not isinstance(m.get("model_id"), str) or not m["model_id"]:
+        c.fail("the metadata has no model_id")
+    layers, heads = meta_list(c, m, "layers"), meta_list(c, m, "heads")
+    c.increasing("layers", layers)
+    c.increasing("heads", heads)
+    ids = check_token_ids(c, meta_list(c, m, "token_ids"))
+    tokens = meta_list(c, m, "tokens")
+    if len(tokens) != len(ids) or any(not isinstance(t, str) for t in tokens):
+        c.fail(f"{len(tokens)} token strings for {len(ids)} token ids")
+    if set(tensors) != {"patterns"}:
+        c.fail(f"tensors {sorted(tensors)}, expected ['patterns']")
+    pats = tensors["patterns"]
+    c.shape("patterns", pats, (len(layers), len(heads), len(ids), len(ids)))
+    c.probabilities("patterns", pats)
+    future = torch.triu(torch.ones(len(ids), len(ids), dtype=torch.bool), diagonal=1)
+    if bool((pats[..., future].abs() > 1e-6).any()):
+        c.fail("patterns put attention on later positions (a causal model never does)")
+    meta = m.get("meta", {})
+    if not isinstance(meta, dict):
+        c.fail("the metadata's 'meta' is not an object")
+    return dict(model_id=m["model_id"], token_ids=ids, tokens=tuple(tokens), layers=tuple(layers),
+                heads=tuple(heads), patterns=pats, meta=meta)
 
 
 def run_metadata(**extra) -> dict:

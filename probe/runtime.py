@@ -24,6 +24,7 @@ from typing import Iterator, Protocol
 import torch
 
 from . import allocator, eager
+from .checks import context_length
 from .errors import InputError
 from .heads import HeadLayout
 from .interventions import InterventionSpec, PatternEcho
@@ -288,7 +289,7 @@ def intervene(model, spec: InterventionSpec) -> Iterator[InterventionSpec]:
     hf = _hf(model)
     previous = hf.config._attn_implementation
     rt = install(hf)
-    spec.validate(rt.layout)
+    spec.validate(rt.layout, n_ctx=context_length(hf.config))
     try:
         with _attached(rt, rt.specs, spec):
             yield spec

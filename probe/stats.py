@@ -17,9 +17,12 @@ import torch
 
 from . import eager
 from .atomic import read_tensors, write_tensors
-from .errors import CorruptFileError, InputError
+from .checks import FileCheck, check_token_ids, meta_list
+from .errors import InputError
 
 FORMAT = "headwise.head_stats"
+VERSIONS = (1,)  # format versions this headwise reads
+TENSORS = ("query_pos", "entropy", "max_prob", "argmax", "group_mass", "received_sum", "received_count")  # in a file
 MAX_GROUPS = 16
 
 
@@ -107,24 +110,64 @@ class HeadStats:
         return pd.DataFrame(rows)
 
     def save(self, path: str | Path) -> Path:
-        tensors = {k: getattr(self, k) for k in ("query_pos", "entropy", "max_prob", "argmax", "group_mass",
-                                                  "received_sum", "received_count")}
+        tensors = {k: getattr(self, k) for k in TENSORS}
         meta = {"format": FORMAT, "version": 1, "model_id": self.model_id, "layers": list(self.layers),
                 "group_names": list(self.group_names), "token_ids": list(self.token_ids), "meta": self.meta}
         return write_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadStats":
-        t, m = read_tensors(path, FORMAT)
-        try:
-            stats = cls(model_id=m["model_id"], layers=tuple(m["layers"]), group_names=tuple(m["group_names"]),
-                        token_ids=tuple(m["token_ids"]), meta=m.get("meta", {}), **t)
-        except (KeyError, TypeError) as exc:
-            raise CorruptFileError(f"{path}: head-stats file is missing {exc}") from exc
-        L, H, Q = stats.entropy.shape
-        if stats.query_pos.shape != (Q,) or stats.group_mass.shape[:3] != (L, H, Q) or len(stats.layers) != L:
-            raise CorruptFileError(f"{path}: head-stats arrays have inconsistent shapes")
+        """Read statistics back, refusing a damaged, edited or foreign file (see :func:`_check_stats`)."""
+        t, m = read_tensors(path, FORMAT, versions=VERSIONS)
+        c = FileCheck(path)
+        if not isinstance(m.get("model_id"), str):
+            c.fail("the metadata has no model_id")
+        layers, names = meta_list(c, m, "layers"), meta_list(c, m, "group_names")
+        c.increasing("layers", layers)
+        c.unique_strings("group_names", names)
+        ids = check_token_ids(c, meta_list(c, m, "token_ids"))
+        if set(t) != set(TENSORS):
+            c.fail(f"tensors {sorted(t)}, expected {sorted(TENSORS)}")
+        if not isinstance(m.get("meta", {}), dict):
+            c.fail("the metadata's 'meta' is not an object")
+        stats = cls(model_id=m["model_id"], layers=tuple(layers), group_names=tuple(names), token_ids=ids,
+                    meta=m.get("meta", {}), **t)
+        _check_stats(stats, c)
         return stats
+
+
+def _check_stats(st: HeadStats, c: FileCheck) -> None:
+    """Shapes against each other and the metadata; every number in its range.
+
+    Rows: ``query_pos`` strictly increasing, ``argmax`` a visible key (``<= query_pos``), ``max_prob``
+    and group masses probabilities, entropy in ``[0, log(keys + 1)]``. Keys: ``received_count`` whole
+    numbers of rows, ``received_sum`` in ``[0, received_count]``; no row or key past ``token_ids``.
+    """
+    if st.entropy.dim() != 3:
+        c.fail(f"entropy has shape {tuple(st.entropy.shape)}, expected (layer, head, query)")
+    L, H, Q = st.entropy.shape
+    K = st.received_count.shape[0] if st.received_count.dim() == 1 else -1
+    if len(st.layers) != L:
+        c.fail(f"the metadata lists {len(st.layers)} layers, the tensors hold {L}")
+    for name, want in (("query_pos", (Q,)), ("max_prob", (L, H, Q)), ("argmax", (L, H, Q)),
+                       ("group_mass", (L, H, Q, len(st.group_names))), ("received_count", (None,)),
+                       ("received_sum", (L, H, K))):
+        c.shape(name, getattr(st, name), want)
+    c.integers("query_pos", st.query_pos)
+    c.integers("argmax", st.argmax)
+    c.increasing("query_pos", st.query_pos.tolist())
+    qp = st.query_pos.double()
+    c.between("argmax", st.argmax, 0, qp, tol=0)
+    c.probabilities("max_prob", st.max_prob)
+    c.probabilities("group_mass", st.group_mass)
+    c.between("entropy", st.entropy, 0.0, torch.log(qp + 2))
+    count = st.received_count.double()
+    c.between("received_count", count, 0, Q, tol=0)
+    if bool((count != count.round()).any()):
+        c.fail("received_count holds fractions (it counts query rows)")
+    c.between("received_sum", st.received_sum, 0.0, count * (1 + 1e-4))
+    if st.token_ids and ((Q and int(qp.max()) >= len(st.token_ids)) or K > len(st.token_ids)):
+        c.fail(f"rows or keys reach past the {len(st.token_ids)} token ids")
 
 
 class StatsCollector:

@@ -306,6 +306,27 @@ def test_mitigation_rates_and_resume(tiny_llama, tmp_path, monkeypatch):
         run_stage(GROUNDING, stage, tiny_llama, cfg, state | {"detector": other}, UnitStore(tmp_path))
 
 
+def _check_baselines(state, folder):
+    """The honest baselines (issue 18) reach the result: listed before the detector in its summary, tabled on its page."""
+    from analyses.grounding.baselines import ORDER
+    from analyses.layout import Section, Table
+
+    base = state["stats"]["baselines"]
+    assert list(base) == list(ORDER) and base["template_only"]["estimate"] > 0.7    # the template predicts the label
+    res = GroundingResult("fake", state["stats"], state["detector"].head_weights(), detector=state["detector"])
+    keys = list(res.summary())
+    assert keys.index("baseline_template_only") < keys.index("auroc")
+    assert res.summary()["baseline_template_only"].n == base["template_only"]["n"]
+
+    def tables(items):
+        return [t for i in items for t in (tables(i.items) if isinstance(i, Section) else [i] if isinstance(i, Table)
+                                           else [])]
+
+    table = next(t for t in tables(res.sections()) if t.name == "baselines")
+    assert table.frame["scorer"].tolist()[:2] == ["template_only", "within_template_detector"]
+    assert GroundingResult.load(res.save(folder)).stats["baselines"]["template_only"] == base["template_only"]
+
+
 def test_detector_stage_reloads_instead_of_refitting(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -321,6 +342,7 @@ def test_detector_stage_reloads_instead_of_refitting(tmp_path, monkeypatch):
     first = run_stage(GROUNDING, stage, fake, cfg, {"df": df}, UnitStore(tmp_path))
     det, s = first["detector"], first["stats"]
     assert s["n_items"] == len(df) and det.meta["model_id"] == "fake"
+    _check_baselines(first, tmp_path / "result")
 
     def boom(*a, **k):
         raise AssertionError("refit")

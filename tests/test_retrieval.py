@@ -243,3 +243,92 @@ def test_embedded_model_scores_match_eager_patterns(smol, reference_patterns):
     ours = torch.tensor(rec["events"])
     assert rec["success"] and ours.max() > 0.5
     assert (ours - ref).abs().max() <= 1e-6
+
+
+# ----------------------------------------------------------------------------- haystacks (issue 18)
+
+def _smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from probe.models.embedded import embedded_dir
+    return AutoTokenizer.from_pretrained(str(embedded_dir(progress=False)))
+
+
+def test_shipped_haystacks_are_long_distinct_and_never_repeat_within_the_longest_length():
+    from analyses.retrieval import DEFAULT_LENGTHS
+    from analyses.retrieval.harness import haystack_ids, load_haystack, load_needles
+
+    tok, needles = _smol_tokenizer(), load_needles()
+    names = [n.haystack for n in needles]
+    assert len(needles) >= 3 and len(set(names)) == len(names)          # each needle its own haystack
+    longest = max(DEFAULT_LENGTHS)
+    assert longest >= 8000 and len(DEFAULT_LENGTHS) >= 6
+    from analyses.retrieval import RetrievalConfig
+
+    assert RetrievalConfig().lengths == DEFAULT_LENGTHS                 # the scan's default grid is this one
+    for n in needles:
+        paras = load_haystack(name=n.haystack)
+        assert sum(len(p.split()) for p in paras) >= 8000               # >= 8k words per needle haystack
+        assert len(set(paras)) == len(paras)
+        text = tok.decode(haystack_ids(tok, paras, longest))
+        used = [p.strip() for p in text.split("\n\n") if p.strip()]
+        assert len(used) == len(set(used)) > 20                        # no paragraph twice at 8k tokens
+        assert n.answer.lower() not in "\n".join(paras).lower()         # the answer only comes from the needle
+
+
+def test_haystack_refuses_to_repeat_unless_asked(tiny_llama):
+    from analyses.retrieval.harness import haystack_ids
+
+    tok = tiny_llama.tokenizer
+    paras = ["One short paragraph.", "Another short one."]
+    with pytest.raises(InputError, match="repeat=True"):
+        haystack_ids(tok, paras, 200)
+    assert len(haystack_ids(tok, paras, 200, repeat=True)) == 200
+    ids = haystack_ids(tok, paras, 5)
+    assert ids == tok("\n\n".join(paras), add_special_tokens=False).input_ids[:5]     # reading order
+
+
+def test_needle_is_separated_from_the_text_at_every_depth(tiny_llama):
+    from analyses.retrieval.harness import _insert
+
+    tok = tiny_llama.tokenizer
+    hay = tok("Alpha beta gamma. Delta epsilon zeta. Eta theta.", add_special_tokens=False).input_ids
+    needle = "The code is 4817."
+    at0, at100 = _insert(tok, hay, needle, 0), _insert(tok, hay, needle, 100)
+    assert at0.startswith(needle + " Alpha")                             # depth 0: no longer glued
+    assert at100.endswith("Eta theta. " + needle)
+    mid = _insert(tok, hay, needle, 50)
+    assert " " + needle + " " in mid and mid.replace(" " + needle, "") == tok.decode(hay)
+    for depth in (0, 25, 50, 75, 100):
+        p = build_prompt(tiny_llama, Needle("code", needle, "What is the code?", "4817"), 200, depth,
+                         max_new_tokens=3)
+        text = tok.decode(p.ids[0].tolist())
+        i = text.index(needle)
+        assert (i == 0 or text[i - 1].isspace() or text[i - 1] == ">") and text[i + len(needle)].isspace()
+
+
+def test_sparsity_and_masking_intervals():
+    import numpy as np
+    import pandas as pd
+
+    from analyses.retrieval.stats import masking_table, sparsity_ci
+
+    ev = np.zeros((4, 2, 2))
+    ev[:, 0, 1] = 0.5                                    # one head of four always retrieves
+    s = sparsity_ci(ev, [True, True, True, False], n_boot=200)
+    assert (s.estimate, s.lo, s.hi, s.n) == (0.25, 0.25, 0.25, 3)
+    with pytest.raises(InputError):
+        sparsity_ci(ev, [False] * 4)
+    cells = [("a", L, d) for L in (1, 2, 3) for d in (0, 50)]
+    rows = [{"needle": n, "length": L, "depth": d, "condition": c, "success": ok}
+            for (n, L, d), (top, r0, r1) in zip(cells, [(0, 1, 1), (0, 1, 0), (0, 1, 1), (1, 1, 1), (0, 0, 1),
+                                                        (0, 1, 1)])
+            for c, ok in (("top", top), ("random0", r0), ("random1", r1))]
+    t = masking_table(pd.DataFrame(rows)).set_index("condition")
+    assert t.loc["top", "success"] == pytest.approx(1 / 6) and t.loc["top", "n_cells"] == 6
+    assert t.loc["random0", "d_vs_top"] == pytest.approx(4 / 6)       # 4 cells right under random0, wrong under top
+    assert t.loc["random0", "p_vs_top"] == pytest.approx(2 / 16)      # McNemar: 4 vs 0 discordant
+    assert t.loc["random (pooled)", "success"] == pytest.approx((5 + 5) / 12)
+    assert 0 <= t.loc["top", "lo"] <= t.loc["top", "success"] <= t.loc["top", "hi"]
+    with pytest.raises(InputError):
+        masking_table(pd.DataFrame(rows)[lambda d: d.condition != "top"])

@@ -196,6 +196,9 @@ def test_search_picks_the_head_that_helps(tiny_llama, tmp_path):
     assert head in res.selected
     assert res.heldout["calibrated"]["accuracy"] > res.heldout["plain"]["accuracy"]
     assert len(res.heldout["random"]) == 5 and all(len(r["heads"]) == len(res.selected) for r in res.heldout["random"])
+    kept = {str(h) for h in res.selected}                    # the control draws outside the kept set (issue 18)
+    assert all(r["outside"] and not kept & set(r["heads"]) for r in res.heldout["random"])
+    assert SinksConfig().n_random == 10
     df = res.to_frame()
     assert set(df.metric) >= {"accuracy", "delta_accuracy", "selected"} and res.plot() is not None
 

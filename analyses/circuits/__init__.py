@@ -1,12 +1,13 @@
 """Circuits across tasks and their overlap — Merullo, Eickhoff, Pavlick, ICLR 2024,
 "Circuit Component Reuse Across Tasks in Transformer Language Models" (arXiv 2310.08744;
-code: jmerullo/circuit_reuse). Spec: methods.md §3.
+code: jmerullo/circuit_reuse). Spec: docs/methods.md §3.
 
 Pipeline (:data:`CIRCUITS`, stages in :mod:`.run`): :mod:`.tasks` (clean/corrupted prompt pairs) ->
 :mod:`.patching` (exact per-head activation patching, EAP, EAP-IG, faithfulness) -> :mod:`.overlap`
 (circuit rule, Jaccard / overlap coefficient / Spearman, bootstrap, random null) -> :mod:`.roles`
 (head roles, cross-task intervention) -> :mod:`.result` (frozen results with ``to_frame``/``plot``/
-save/load).
+save/load). :mod:`.path_patching` holds the paper's per-stage path patching (EAP-shortlisted, top ~2%
+per stage) and the overlap of path-patched circuits; it is called directly, not yet a stage.
 
 >>> from probe import load_model
 >>> from analyses import run

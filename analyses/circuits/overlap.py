@@ -22,6 +22,8 @@ from scipy.stats import spearmanr
 
 from probe.heads import HeadId
 
+from ..inference import jaccard, overlap_coefficient  # noqa: F401  (one definition, shared)
+
 
 def select_circuit(scores, frac: float = 0.05) -> list[HeadId]:
     """Top ``frac`` of heads by |score| from an ``[L, H]`` array (at least one head)."""
@@ -33,16 +35,6 @@ def select_circuit(scores, frac: float = 0.05) -> list[HeadId]:
     k = max(1, int(round(frac * s.size)))
     flat = np.argsort(-np.nan_to_num(s, nan=-np.inf).ravel(), kind="stable")[:k]
     return sorted(HeadId(int(i // s.shape[1]), int(i % s.shape[1])) for i in flat)
-
-
-def jaccard(a, b) -> float:
-    a, b = set(a), set(b)
-    return len(a & b) / len(a | b) if a | b else float("nan")
-
-
-def overlap_coefficient(a, b) -> float:
-    a, b = set(a), set(b)
-    return len(a & b) / min(len(a), len(b)) if a and b else float("nan")
 
 
 def rank_correlation(sa, sb) -> float:

@@ -1,4 +1,4 @@
-"""Head importance by activation patching and attribution patching (Merullo et al. 2024, methods.md §3).
+"""Head importance by activation patching and attribution patching (Merullo et al. 2024, docs/methods.md §3).
 
 **Exact patching.** Run the corrupted prompts and record every head's output ``z`` (before
 ``o_proj``) with a :func:`probe.tap` ``on_output`` observer. Then, for each head ``h``, run the clean

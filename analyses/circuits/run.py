@@ -5,7 +5,7 @@ pairs, the circuit (top ``frac`` of heads) and its faithfulness next to a random
 the reduce measures the overlap of every pair of circuits (bootstrap over prompts, random null).
 ``roles``: previous-token / duplicate-token / induction scores on repeated tokens, each task's
 mover scores and the IOI S2 attention (one unit each). ``repair``: with IOI and Colored Objects
-both scanned, the cross-task intervention on the heads the roles pick. Methods: methods.md §3.
+both scanned, the cross-task intervention on the heads the roles pick. Methods: docs/methods.md §3.
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ CIRCUITS = Analysis(
                 "fraction by |score|; circuits of different tasks are compared with bootstrap intervals and a "
                 "random null.",
     paper="Merullo, Eickhoff, Pavlick, ICLR 2024, Circuit Component Reuse Across Tasks",
-    url="https://arxiv.org/abs/2310.08744", methods="methods.md §3",
+    url="https://arxiv.org/abs/2310.08744", methods="docs/methods.md §3",
     config=CircuitsConfig, result=CircuitsResult, min_samples=32,
     stages=(Stage("tasks", plan_tasks, compute_task, reduce_tasks, depends=("n", "seed", "ig_steps", "frac")),
             Stage("roles", plan_roles, compute_role, reduce_roles, depends=("seed",)),

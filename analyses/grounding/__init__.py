@@ -4,7 +4,8 @@ Lookback Lens (Chuang et al., EMNLP 2024, arXiv 2407.07071; code voidism/Lookbac
 lookback ratio ``A_ctx / (A_ctx + A_new)`` of every head at every generated token, averaged over
 a span, feeds a logistic-regression detector of ungrounded spans; guided decoding keeps the
 sampled chunk the detector finds most grounded. PAINT (arXiv 2501.12206): boosting pre-softmax
-scores on context tokens (``z + alpha|z|``) in layers ``2..L-1`` on the last row. See methods.md §5.
+scores on context tokens (``z + alpha|z|``) in layers ``2..L-1`` on the last row; :mod:`.paint` does it as
+stated (passage tokens only, 0.7 / 0.3). Honest baselines: :mod:`.baselines`. See docs/methods.md §5.
 
 The analysis (:data:`GROUNDING`, stages in :mod:`.run`): counterfactual passages → greedy answers
 with lookback ratios from the streaming statistics → automatic labels → detector (held-out AUROC

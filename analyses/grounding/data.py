@@ -34,6 +34,7 @@ class Item:
     context_end: int      # character offset where the response header (the last line) starts
     passage_value: str
     true_value: str
+    passage: tuple[int, int] = (0, 0)   # character span of the passage (filler + statement), not the question
 
 
 def load_facts(path: str | Path | None = None) -> dict:
@@ -49,30 +50,41 @@ def load_facts(path: str | Path | None = None) -> dict:
 def build_items(spec: dict | None = None, limit: int | None = None) -> list[Item]:
     """Every fact x counterfactual value x template, in a fixed order (fillers rotate).
 
-    ``extra_templates`` (a later round) come after all items of ``templates``, so the shards of
-    an earlier run stay valid when templates are added.
+    ``extra_templates`` (a later round) come after all items of ``templates``, and ``extra_facts``
+    (the round after, with every template) after those, so the shards of an earlier run stay
+    valid when templates or facts are added.
     """
     spec = spec or load_facts()
-    rounds = [list(enumerate(spec["templates"]))]
-    n0 = len(spec["templates"])
-    rounds.append([(n0 + i, t) for i, t in enumerate(spec.get("extra_templates", []))])
-    items = []
-    for block in rounds:
-        items += _items(spec, block)
+    base = list(enumerate(spec["templates"]))
+    n0, facts = len(spec["templates"]), list(enumerate(spec["facts"]))
+    extra_t = [(n0 + i, t) for i, t in enumerate(spec.get("extra_templates", []))]
+    extra_f = [(len(facts) + i, f) for i, f in enumerate(spec.get("extra_facts", []))]
+    items = _items(spec, base, facts) + _items(spec, extra_t, facts) + _items(spec, base + extra_t, extra_f)
     return items[:limit]
 
 
-def _items(spec: dict, templates: list[tuple[int, str]]) -> list[Item]:
+def _items(spec: dict, templates: list[tuple[int, str]], facts: list[tuple[int, dict]]) -> list[Item]:
     items = []
-    for fi, fact in enumerate(spec["facts"]):
+    for fi, fact in facts:
         for ai, alt in enumerate(fact["alts"]):
             for ti, tmpl in templates:
                 filler = spec["fillers"][(fi + ai + ti) % len(spec["fillers"])]
                 statement = fact["statement"].format(x=alt)
                 statement = statement[0].upper() + statement[1:]
                 prompt = tmpl.format(filler=filler, statement=statement, question=fact["question"])
-                items.append(Item(f"f{fi}a{ai}t{ti}", fi, ti, prompt, prompt.rindex("\n"), alt, fact["true"]))
+                span = _passage_span(prompt, statement, filler if "{filler}" in tmpl else None)
+                items.append(Item(f"f{fi}a{ai}t{ti}", fi, ti, prompt, prompt.rindex("\n"), alt, fact["true"], span))
     return items
+
+
+def _passage_span(prompt: str, statement: str, filler: str | None) -> tuple[int, int]:
+    """Characters of the passage: the statement (with its full stop) and the filler sentence, if any."""
+    s0 = prompt.index(statement)
+    s1 = s0 + len(statement) + (prompt[s0 + len(statement):].startswith("."))
+    if filler is None:
+        return s0, s1
+    f0 = prompt.index(filler)
+    return min(s0, f0), max(s1, f0 + len(filler))
 
 
 def split_of(item: Item, held_out: float = 0.3) -> str:

@@ -7,7 +7,8 @@ tokens: the row of the token before it (shared by all candidates) and the rows o
 but the last (the last row produces the next chunk's first token and is carried over).
 
 PAINT-style boost (arXiv 2501.12206): pre-softmax scores on context keys become ``z + alpha*|z|``
-in the chosen heads of layers ``2..L-1``, on the last query row (``SpanBoost(rows="last")``).
+in the chosen heads of layers ``2..L-1``, on the last query row (``SpanBoost(rows="last")``);
+``boost="paint"`` uses PAINT as stated instead (:mod:`.paint`: passage tokens only, 0.7 / 0.3).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from probe.checks import check_generation
 from probe.errors import InputError
 from probe.heads import HeadId
 from probe.interventions import InterventionSpec, SpanBoost
@@ -25,6 +27,7 @@ from probe.runtime import collect_stats
 from probe.stats import StatsRequest
 from probe.decoding import stop_ids
 
+from ..inference import mcnemar_exact
 from .data import Item, answer_item, item_regions, label, text_regions
 from .detector import Detector, paired_diff
 from .lookback import Regions, ratios_from_stats, regions
@@ -76,6 +79,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
     T = ids.shape[1]
     if T < 2:
         raise InputError("the prompt needs a context and at least one more token")
+    check_generation(model, T, max_new_tokens)
     c0, c1 = ctx or (0, T - 1)
     reg = regions(T, c0, c1, reading)
     if detector.n_layers != model.n_layers or detector.n_heads != model.n_heads:
@@ -138,13 +142,24 @@ def boost_heads(detector: Detector, k: int | None = None, how: str = "top", seed
 
 # ----------------------------------------------------------------------------- the mitigation experiment
 
-def conditions(det: Detector, k: int, alpha: float) -> dict[str, dict]:
+def conditions(det: Detector, k: int, alpha: float, boost: str = "context") -> dict[str, dict]:
     """Mitigation conditions; ``control`` names the condition each one is compared with besides greedy.
 
     greedy (before), sampled (one candidate per chunk: the sampling control), guided (best of 8 by
     the detector), and the boost on the detector's top-``k`` heads, on ``k`` random heads (control)
-    and on all heads of layers 2..L-1.
+    and on all heads of layers 2..L-1. ``boost="paint"``: the boosts are PAINT as stated
+    (:mod:`.paint`: passage tokens only, 0.7/0.3, all heads of layers 2..L-1 for ``paint``; the
+    top-``k`` detector heads vs ``k`` random heads).
     """
+    if boost == "paint":
+        return {"greedy": {},
+                "paint": {"paint": True},
+                f"paint_top{k}": {"paint": True, "heads": boost_heads(det, k, "top"), "control": f"paint_random{k}"},
+                f"paint_random{k}": {"paint": True, "heads": boost_heads(det, k, "random")},
+                "sampled": {"guided": True, "n_candidates": 1},
+                "guided": {"guided": True, "control": "sampled"}}
+    if boost != "context":
+        raise InputError(f"boost must be 'context' (whole context, one alpha) or 'paint', not {boost!r}")
     return {"greedy": {},
             f"boost_top{k}": {"heads": boost_heads(det, k, "top"), "alpha": alpha, "control": f"boost_random{k}"},
             f"boost_random{k}": {"heads": boost_heads(det, k, "random"), "alpha": alpha},
@@ -154,12 +169,17 @@ def conditions(det: Detector, k: int, alpha: float) -> dict[str, dict]:
 
 
 def answer(model, item: Item, det: Detector, cond: dict, max_new_tokens: int, seed: int) -> str:
-    """The answer to ``item`` under one condition (guided decoding or a boost of ``cond["heads"]``)."""
+    """The answer to ``item`` under one condition (guided decoding, PAINT, or a boost of ``cond["heads"]``)."""
     ids, reg = item_regions(model, item)
     if cond.get("guided"):
         return guided_generate(model, ids, det, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=max_new_tokens,
                                reading=det.meta.get("reading", "code"),
                                seed=seed, n_candidates=cond.get("n_candidates", 8)).text
+    if cond.get("paint"):
+        from .paint import paint_for
+
+        spec = paint_for(model, item.prompt, item.passage, heads=cond.get("heads"))[1]
+        return answer_item(model, item, max_new_tokens=max_new_tokens, spec=spec)["answer"]
     spec = boost_spec(cond["heads"], (reg.ctx_start, reg.ctx_stop), cond["alpha"]) if cond.get("heads") else None
     return answer_item(model, item, max_new_tokens=max_new_tokens, spec=spec)["answer"]
 
@@ -167,7 +187,8 @@ def answer(model, item: Item, det: Detector, cond: dict, max_new_tokens: int, se
 def rates(answers: dict[str, list[str]], items: list[Item], conds: dict[str, dict]) -> pd.DataFrame:
     """Grounded / contradicted rate per condition, and the paired change vs greedy and vs the control.
 
-    ``d_greedy`` / ``d_control``: paired change in grounded rate with a 95% bootstrap interval.
+    ``d_greedy`` / ``d_control``: paired change in grounded rate with a 95% bootstrap interval;
+    ``p_greedy`` / ``p_control``: the exact McNemar p-values of the same pairs.
     """
     grounded, rows = {}, []
     for name, texts in answers.items():
@@ -183,6 +204,8 @@ def rates(answers: dict[str, list[str]], items: list[Item], conds: dict[str, dic
         r["control"] = c or ""
         r.update(zip(("d_control", "d_control_lo", "d_control_hi"),
                      paired_diff(grounded[r["condition"]], grounded[c]) if c else (np.nan,) * 3))
+        r["p_greedy"] = mcnemar_exact(grounded[r["condition"]], grounded["greedy"])
+        r["p_control"] = mcnemar_exact(grounded[r["condition"]], grounded[c]) if c else np.nan
     return pd.DataFrame(rows)
 
 

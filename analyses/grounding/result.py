@@ -18,6 +18,7 @@ from ..layout import Download, Figure, Note, Section, Table, Tool, ToolOutput
 from .detector import Detector
 
 FORMAT = "headwise.grounding_result"
+BASELINES_FIRST = {"template_only": "template-only baseline", "mean_ratio_fitted": "fitted mean-ratio baseline"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class GroundingResult(Result):
     ``head_weights``: ``[layers, heads]`` detector coefficients (standardised features).
     ``mitigation``: one row per condition: grounded / contradicted rate on held-out items and the
     paired change vs greedy (``d_greedy``) and vs its control (``d_control``), with 95% intervals.
+    ``stats["baselines"]``: the honest baselines (:mod:`.baselines`), each ``{estimate, lo, hi, n}``.
+    ``p_greedy`` / ``p_control`` in ``mitigation``: exact McNemar p-values of the same pairs.
     ``roc``: held-out ROC points; ``answers``: the answered items (no ratios); ``detector``: the fit.
     Frame: ``coef`` and ``rank`` per head; run-level numbers with ``layer = head = -1``.
     """
@@ -65,7 +68,7 @@ class GroundingResult(Result):
         runs = {k: v for k, v in self.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for _, r in self.mitigation.iterrows():
             runs |= {f"{m}:{r['condition']}": r[m] for m in ("grounded_rate", "contradicted_rate", "d_greedy",
-                                                               "d_control") if m in r and not pd.isna(r[m])}
+                                                               "d_control", "p_greedy", "p_control") if m in r and not pd.isna(r[m])}
         return pd.concat([head_frame(self.head_scores()), run_rows(runs)], ignore_index=True)
 
     def roles(self, top: int = 10) -> dict[HeadId, list[str]]:
@@ -78,7 +81,10 @@ class GroundingResult(Result):
 
     def summary(self) -> dict[str, Stat]:
         s, n = self.stats, self.stats.get("n_heldout")
-        out = {"auroc": Stat("held-out AUROC", s.get("auroc"), n=n, ci=_ci(s, "auroc_ci")),
+        base = self.stats.get("baselines", {})           # the honest baselines come before the detector
+        out = {f"baseline_{k}": Stat(label, base[k]["estimate"], n=base[k].get("n"), ci=(base[k]["lo"], base[k]["hi"]))
+               for k, label in BASELINES_FIRST.items() if k in base}
+        out |= {"auroc": Stat("held-out AUROC", s.get("auroc"), n=n, ci=_ci(s, "auroc_ci")),
                "baseline": Stat("mean-ratio baseline", s.get("baseline_auroc"), n=n, ci=_ci(s, "baseline_ci")),
                "null": Stat(f"permutation null (95th pct; p = {s.get('perm_p', float('nan')):.3g})", s.get("null_q95")),
                "w_auroc": Stat("within-template AUROC", s.get("w_auroc"), n=n, ci=_ci(s, "w_auroc_ci")),
@@ -97,6 +103,11 @@ class GroundingResult(Result):
     def sections(self) -> list[Section]:
         roc = (Figure("roc"), Table("ROC points", self.roc)) if len(self.roc) else \
             (Note("No held-out ROC in this result (a run saved before version 2 keeps only the summary)."),)
+        if self.stats.get("baselines"):
+            from .baselines import baseline_table
+
+            roc = (Table("held-out AUROC, honest baselines first", baseline_table(self.stats["baselines"]),
+                         "baselines"),) + roc
         mit = (Figure("mitigation"), Table("mitigation", self.mitigation)) if len(self.mitigation) else \
             (Note("This run has no mitigation stage (n_mitigate = 0)."),)
         view = (Tool("guided", "Generate (detector-guided) and colour each token", GuidedPrompt(), self.token_view),) \

@@ -5,7 +5,9 @@ lookback ratios of the rows that produced it (streaming statistics). ``detector`
 detectors fitted on the training facts and scored on held-out facts (plain and template-centred,
 with intervals, the mean-ratio baseline, permutation nulls); a stored fit is reused, so guided
 answers made with it stay valid. ``mitigation``: per condition and block of held-out items of the
-hallucination-prone templates, the answers under the boost or guided decoding. Methods: methods.md §5.
+hallucination-prone templates, the answers under the boost (``boost``: the whole context, or PAINT as
+stated) or guided decoding; the detector's summary carries the honest baselines (:mod:`.baselines`).
+Methods: docs/methods.md §5.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from probe.heads import HeadId
 
 from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit
+from .baselines import detector_baselines
 from .data import Item, answer_item, build_items
 from .detector import Detector, confound_checks, fit_detectors, heldout_roc
 from .mitigate import answer, conditions, rates
@@ -44,6 +47,8 @@ class GroundingConfig(Config):
     alpha: float = opt(0.3, "PAINT-style boost z + alpha|z| on the context keys", min=0)
     mitigate_templates: tuple[int, ...] = opt((1, 2, 3, 4), "templates the mitigation items come from", min=0)
     block: int = opt(5, "mitigation items per unit", min=1)
+    boost: Literal["context", "paint"] = opt("context", "mitigation boost: the whole context with one alpha, or "
+                                                        "PAINT as stated (passage tokens only, 0.7/0.3)")
 
     @classmethod
     def small(cls, model) -> "GroundingConfig":
@@ -93,6 +98,7 @@ def reduce_detector(model, cfg: GroundingConfig, payloads: dict, state: dict) ->
     det, df = Detector.from_dict(payloads["fit"]["detector"]), state["df"]
     stats = payloads["fit"]["stats"] | confound_checks(det, df[df["split"] == "train"], df[df["split"] == "heldout"],
                                                         model.n_layers, model.n_heads)
+    stats["baselines"] = detector_baselines(det, df, cfg.center, cfg.seed)   # reported before the detector
     return state | {"detector": det, "stats": stats}
 
 
@@ -115,7 +121,7 @@ def plan_mitigation(model, cfg: GroundingConfig, state: dict) -> list[Unit]:
     items, det = mitigation_items(cfg, state["df"]), state["detector"]
     digest = hashlib.sha256(json.dumps(det.to_dict()).encode()).hexdigest()[:16]
     units = []
-    for name, cond in conditions(det, cfg.k, cfg.alpha).items():
+    for name, cond in conditions(det, cfg.k, cfg.alpha, cfg.boost).items():
         for b in range(0, len(items), cfg.block):
             spec = {"condition": name, "cond": _json_cond(cond), "items": [it.item_id for it in items[b:b + cfg.block]],
                     "offset": b, "detector": digest if cond.get("guided") else None}
@@ -141,7 +147,7 @@ def reduce_mitigation(model, cfg: GroundingConfig, payloads: dict, state: dict) 
         answers: dict[str, list[str]] = {}
         for uid, p in payloads.items():
             answers.setdefault(uid.rsplit("-", 1)[0], []).extend(p["answers"])
-        mit = rates(answers, mitigation_items(cfg, df), conditions(det, cfg.k, cfg.alpha))
+        mit = rates(answers, mitigation_items(cfg, df), conditions(det, cfg.k, cfg.alpha, cfg.boost))
     keep = [c for c in df.columns if c != "row_lr"]
     return GroundingResult(model.model_id, state["stats"], det.head_weights(), mit, heldout_roc(det, df), df[keep], det)
 
@@ -152,7 +158,7 @@ GROUNDING = Analysis(
                 "logistic-regression detector of ungrounded answers; mitigation: detector-guided decoding and a "
                 "boost on context keys.",
     paper="Chuang et al., EMNLP 2024, Lookback Lens; PAINT (arXiv 2501.12206)", url="https://arxiv.org/abs/2407.07071",
-    methods="methods.md §5", config=GroundingConfig, result=GroundingResult, min_samples=100,
+    methods="docs/methods.md §5", config=GroundingConfig, result=GroundingResult, min_samples=100,
     stages=(Stage("items", plan_items, compute_items, reduce_items, depends=("max_new_tokens", "reading")),
             Stage("detector", plan_detector, compute_detector, reduce_detector, depends=("center", "n_perm", "seed",
                                                                                         "reading")),

@@ -6,7 +6,8 @@ copy-paste event when its argmax key lies in the answer span and holds the emitt
 sample's score is events/|span|, a head's score the mean over samples the model answers
 (ROUGE-1 recall > 0.5); retrieval heads score > 0.1. The masking experiment makes the top-K
 heads (vs K random heads from outside the top set, several seeds) uniform during decoding.
-See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t).
+See :mod:`.scoring` for which attention row is used (the reference's: the row producing w_t), and
+:mod:`.stats` for the intervals (sparsity, top-K vs random-K masking). Method: docs/methods.md §1.
 
 >>> from probe import load_model
 >>> from analyses import run
@@ -17,10 +18,11 @@ See :mod:`.scoring` for which attention row is used (the reference's: the row pr
 """
 from .harness import Needle, build_prompt, load_needles, locate_span, rouge1_recall
 from .result import RetrievalResult
-from .run import RETRIEVAL, RetrievalConfig, run_masked, run_sample
+from .run import DEFAULT_DEPTHS, DEFAULT_LENGTHS, RETRIEVAL, RetrievalConfig, run_masked, run_sample
 from .scoring import head_scores, sample_events
 
 ANALYSIS = RETRIEVAL
 
-__all__ = ["ANALYSIS", "RETRIEVAL", "RetrievalConfig", "RetrievalResult", "Needle", "build_prompt", "load_needles",
-           "locate_span", "rouge1_recall", "run_sample", "run_masked", "sample_events", "head_scores"]
+__all__ = ["ANALYSIS", "RETRIEVAL", "RetrievalConfig", "DEFAULT_LENGTHS", "DEFAULT_DEPTHS", "RetrievalResult",
+           "Needle", "build_prompt", "load_needles", "locate_span", "rouge1_recall", "run_sample", "run_masked",
+           "sample_events", "head_scores"]

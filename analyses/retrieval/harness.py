@@ -6,6 +6,12 @@ the question is appended: ``<book>{context}</book>\\nBased on the content of the
 inside the chat template for instruct models (the reference's chat form), plain otherwise. A
 completion-style lead-in (``"The secret code ... is"``) is appended by default: it helps a small model.
 
+**Haystacks** (``data/retrieval/haystacks/``): each shipped needle has its own public-domain book
+excerpt (Jane Austen, >= 10,000 words each, see ``data/retrieval/README.md``), taken in reading
+order and never repeated: a length the excerpt cannot fill is an :class:`InputError` (the embedded
+model's full 8k context fits with room to spare). ``repeat=True`` restores the old behaviour
+(paragraphs shuffled and cycled) for a short custom haystack. Method notes: docs/methods.md §1.
+
 The answer span ``[s, e)`` is located in the *tokenized prompt* by exact token subsequence search;
 if the answer's tokens are not a subsequence (a tokenization boundary merged it with its
 neighbours), that is an :class:`InputError`, never a silent zero.
@@ -24,6 +30,7 @@ from probe.errors import ContextLengthError, InputError
 
 from ..data import data_path
 
+DEFAULT_HAYSTACK = "northanger_abbey"
 QUESTION = "\nBased on the content of the book, Question: {q}\nAnswer:"
 
 
@@ -34,6 +41,7 @@ class Needle:
     question: str
     answer: str
     lead: str = ""
+    haystack: str = ""   # name of its haystack in data/retrieval/haystacks/ ("" = DEFAULT_HAYSTACK)
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,16 @@ def load_needles(path: str | Path | None = None) -> list[Needle]:
     return [Needle(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_haystack(path: str | Path | None = None) -> list[str]:
-    text = (Path(path) if path else data_path("retrieval", "haystack.txt")).read_text()
+def load_haystack(path: str | Path | None = None, name: str | None = None) -> list[str]:
+    """Paragraphs (blank-line separated) of ``path``, or of the shipped haystack ``name``."""
+    if path is None:
+        folder = data_path("retrieval", "haystacks")
+        name = name or DEFAULT_HAYSTACK
+        path = folder / f"{name}.txt"
+        if not path.exists():
+            known = sorted(p.stem for p in folder.glob("*.txt"))
+            raise InputError(f"unknown haystack {name!r}; shipped: {known}")
+    text = Path(path).read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
@@ -70,7 +86,7 @@ def select_needles(names: list[str] | None, needles: list[Needle] | None = None)
 
 
 def haystack_text(paragraphs: list[str], n_words: int, seed: int) -> str:
-    """Paragraphs in a seeded order, repeated until at least ``n_words`` words."""
+    """Paragraphs in a seeded order, repeated until at least ``n_words`` words (``repeat=True`` only)."""
     rng, out, words = random.Random(seed), [], 0
     while words < n_words:
         order = paragraphs[:]
@@ -81,9 +97,33 @@ def haystack_text(paragraphs: list[str], n_words: int, seed: int) -> str:
     return "\n\n".join(out)
 
 
+def haystack_ids(tok, paragraphs: list[str], budget: int, *, repeat: bool = False, seed: int = 0) -> list[int]:
+    """The first ``budget`` tokens of the paragraphs in reading order, each paragraph used at most once.
+
+    Raises :class:`InputError` when the paragraphs hold fewer tokens (unless ``repeat``).
+    """
+    if repeat:
+        return tok(haystack_text(paragraphs, budget + 50, seed), add_special_tokens=False).input_ids[:budget]
+    used, n = [], 0
+    for p in paragraphs:
+        used.append(p)
+        n += len(tok(p, add_special_tokens=False).input_ids) + 1
+        if n >= budget + 8:
+            break
+    ids = tok("\n\n".join(used), add_special_tokens=False).input_ids
+    if len(ids) < budget:
+        raise InputError(f"the haystack holds {len(ids)} tokens, fewer than the {budget} asked for: use a smaller "
+                         "length, a longer haystack, or repeat=True (paragraphs are then reused)")
+    return ids[:budget]
+
+
 def build_prompt(model, needle: Needle, length: int, depth: float, *, max_new_tokens: int = 50,
-                 lead: bool = True, paragraphs: list[str] | None = None, seed: int = 0) -> Prompt:
-    """The NIAH prompt of about ``length`` tokens with ``needle`` at ``depth`` percent."""
+                 lead: bool = True, paragraphs: list[str] | None = None, seed: int = 0,
+                 repeat: bool = False) -> Prompt:
+    """The NIAH prompt of about ``length`` tokens with ``needle`` at ``depth`` percent.
+
+    The haystack is ``paragraphs`` or the needle's own shipped haystack; ``repeat``/``seed``: see
+    :func:`haystack_ids`."""
     _check_cell(model, needle, length, depth, max_new_tokens)
     tok = model.tokenizer
     overhead = len(_wrap(model, "", needle, lead))  # template + question + lead-in, in tokens
@@ -91,8 +131,8 @@ def build_prompt(model, needle: Needle, length: int, depth: float, *, max_new_to
     if budget < 1:
         raise InputError(f"length {length} leaves no room for haystack around the needle {needle.name!r} "
                          f"(question, template and needle take {length - budget} tokens): use a larger length")
-    hay = haystack_text(paragraphs or load_haystack(), budget + 50, seed)
-    hay_ids = tok(hay, add_special_tokens=False).input_ids[:budget]
+    paragraphs = paragraphs or load_haystack(name=needle.haystack or None)
+    hay_ids = haystack_ids(tok, paragraphs, budget, repeat=repeat, seed=seed)
     context = _insert(tok, hay_ids, needle.needle, depth)
     ids = torch.tensor([_wrap(model, context, needle, lead)], dtype=torch.long)
     if ids.shape[1] + max_new_tokens > model.n_ctx:
@@ -125,8 +165,9 @@ def _insert(tok, hay_ids: list[int], needle: str, depth: float) -> str:
         ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", prefix)]
         cut = ends[-1] if ends else 0
         prefix, rest = prefix[:cut], prefix[cut:] + rest
-    sep = " " if prefix else ""
-    return prefix + sep + needle + rest
+    before = " " if prefix and not prefix[-1].isspace() else ""
+    after = " " if rest and not rest[0].isspace() else ""   # depth 0: never glue the needle to the text
+    return prefix + before + needle + after + rest
 
 
 def _wrap(model, context: str, needle: Needle, lead: bool) -> list[int]:

@@ -5,7 +5,7 @@ decoding through the streaming statistics (:mod:`.decode`), copy-paste events pe
 (:mod:`.scoring`). Its reduce scores the heads (mean over answered samples) and draws the head
 sets of the masking control: the top-K and, per seed, K random heads from outside the best
 ``exclude_top``. Stage ``masking``: one unit per masking cell, the prompt prefilled once and
-decoded with each set made uniform (decode rows only). Methods: methods.md §1.
+decoded with each set made uniform (decode rows only). Methods: docs/methods.md §1.
 """
 from __future__ import annotations
 
@@ -28,14 +28,18 @@ from .scoring import head_scores, sample_events
 
 SUCCESS_RECALL = 0.5
 Cell = tuple[str, int, float]
+# The full grid (issue 18): 6 lengths to the embedded model's 8k context (8000 + 50 new tokens <= 8192)
+# x 5 depths x every shipped needle (4, each with its own never-repeated haystack). Method: docs/methods.md §1.
+DEFAULT_LENGTHS = (500, 1000, 2000, 4000, 6000, 8000)
+DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 
 
 @dataclass(frozen=True)
 class RetrievalConfig(Config):
-    """The NIAH grid and the masking control (defaults: 5 lengths x 5 depths x every shipped needle)."""
+    """The NIAH grid and the masking control (defaults: 6 lengths to 8k x 5 depths x every shipped needle)."""
 
-    lengths: tuple[int, ...] = opt((500, 1000, 2000, 3000, 4000), "context lengths in tokens", min=1)
-    depths: tuple[float, ...] = opt((0.0, 25.0, 50.0, 75.0, 100.0), "needle depths in percent", min=0, max=100)
+    lengths: tuple[int, ...] = opt(DEFAULT_LENGTHS, "context lengths in tokens", min=1)
+    depths: tuple[float, ...] = opt(DEFAULT_DEPTHS, "needle depths in percent", min=0, max=100)
     needles: tuple[str, ...] | None = opt(None, "needle names from data/retrieval/needles.jsonl (default: all)")
     cells: tuple[Cell, ...] | None = opt(None, "explicit needle:length:depth cells instead of the grid")
     threshold: float = opt(0.1, "a retrieval head scores above this", min=0, max=1)
@@ -176,7 +180,7 @@ RETRIEVAL = Analysis(
     description="Needle-in-a-haystack: a head makes a copy-paste event when its argmax key is in the needle and "
                 "holds the emitted token; masking makes the top-K heads (vs random K) uniform while decoding.",
     paper="Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality",
-    url="https://arxiv.org/abs/2404.15574", methods="methods.md §1",
+    url="https://arxiv.org/abs/2404.15574", methods="docs/methods.md §1",
     config=RetrievalConfig, result=RetrievalResult, min_samples=75,
     stages=(Stage("samples", plan_samples, compute_sample, reduce_samples, depends=("max_new_tokens", "row", "lead")),
             Stage("masking", plan_masking, compute_masking, reduce_masking, depends=("max_new_tokens", "lead"))))

@@ -1,4 +1,4 @@
-"""Retrieval score of one NIAH sample (Wu et al. 2024, methods.md §1).
+"""Retrieval score of one NIAH sample (Wu et al. 2024, docs/methods.md §1).
 
 A copy-paste event for head (l, h) at decode step t: the argmax key j* of the attention row
 inside the answer span [s, e) **and** ``prompt_ids[j*] == w_t`` (token ids compared, as the

@@ -3,7 +3,7 @@
 Rajabzadeh et al. 2024, "EchoAtt: Attend, Copy, then Adjust for More Efficient Large Language
 Models" (arXiv 2409.14595): inner layers of LLMs have highly similar attention maps, so a block
 of layers can share one layer's attention. Related: LiSA (Mu et al. 2024, arXiv 2408.01890):
-sharing needs head realignment across layers, and shallow layers are fragile. See methods.md §4.
+sharing needs head realignment across layers, and shallow layers are fragile. See docs/methods.md §4.
 
 The analysis (:data:`SIMILARITY`, stages in :mod:`.run`) measures layer x layer (head-averaged,
 causal lower-triangle maps) and head x head similarity over a prompt set (cosine and row-wise

@@ -5,7 +5,7 @@ averages them, matches heads across adjacent layers and clusters head families. 
 held-out baseline loss and, per variant and adjacent pair, the loss when layer l+1 reuses layer
 l's pattern (:mod:`.echo`). ``plan``: the greedy sharing plan, one measured trial a unit (each
 trial depends on the ones before, so the stage repeats until the search ends). ``report``
-assembles the :class:`SimilarityResult`. Methods: methods.md §4.
+assembles the :class:`SimilarityResult`. Methods: docs/methods.md §4.
 """
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ SIMILARITY = Analysis(
                 "experiment reuses layer l's pattern in layer l+1 and measures the loss increase; a greedy plan "
                 "shares layers under a loss budget.",
     paper="Rajabzadeh et al. 2024, EchoAtt: Attend, Copy, then Adjust", url="https://arxiv.org/abs/2409.14595",
-    methods="methods.md §4", config=SimilarityConfig, result=SimilarityResult, min_samples=20,
+    methods="docs/methods.md §4", config=SimilarityConfig, result=SimilarityResult, min_samples=20,
     stages=(Stage("prompts", plan_prompts, compute_prompt, reduce_prompts, depends=("max_tokens", "head_js")),
             Stage("echo", plan_echo, compute_loss, reduce_echo, depends=("max_tokens",)),
             Stage("plan", plan_trial, compute_loss, reduce_trial, depends=("max_tokens",), repeat=True),

@@ -1,6 +1,6 @@
 """Sink profiling: which keys act as attention sinks, per head, and what kind of token they are.
 
-ACT's rule (methods.md §2): a key j is a sink of a head when its column mean
+ACT's rule (docs/methods.md §2): a key j is a sink of a head when its column mean
 ā_j = (1/(N−j)) Σ_{i≥j} A[i,j] exceeds τ (0.1 in the reference) or, in the paper's other
 form, α/N. The column sums come from ``probe.stream_stats`` (``received_mean()``) and the
 rule is the engine's own :func:`probe.eager.detect_sinks`, so what is profiled here is exactly

@@ -5,9 +5,10 @@ token type (:mod:`.profile`). ``search``: the plain model's calibration-split sc
 per candidate layer, each of its heads calibrated alone (:mod:`.search`); the reduce keeps the
 heads by the selection rule: ``accuracy`` (the paper: the head improves accuracy) or
 ``gold_logprob`` (it raises the gold label's log-probability, finer on small splits). ``heldout``:
-the plain model, all kept heads calibrated together, and random heads of the same number (the
-control), each on the held-out split. The result holds the profile, the search and the
-calibration file. Methods: methods.md §2.
+the plain model, all kept heads calibrated together, and ``n_random`` sets of as many random heads
+drawn outside the kept set (the control), each on the held-out split; the ``<task>@large`` tasks
+(``--task sentiment@large``, :mod:`.items`) give >= 200 held-out items. The result holds the
+profile, the search and the calibration file. Methods: docs/methods.md §2.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from ..contract import Analysis, Stage, Unit
 from .calibration import Calibration
 from .profile import SinkProfile, text_rows
 from .result import SinksResult
-from .search import SearchResult, act_spec, candidate_heads, evaluate, random_heads, scan_layer, select_heads
+from .search import (SearchResult, act_spec, candidate_heads, control_pool, evaluate, random_heads, scan_layer,
+                     select_heads)
 from .tasks import label_token_ids, load_task, task_batches
 
 ACT_OPTIONS = {"beta": "ACT: scale of the sink columns (1 = unchanged; the paper: 0.4)",
@@ -37,7 +39,8 @@ ACT_OPTIONS = {"beta": "ACT: scale of the sink columns (1 = unchanged; the paper
 class SinksConfig(Config):
     """The task, the ACT settings (the engine's ``SinkCalibration``) and the search protocol."""
 
-    task: str = opt("sentiment", "sentiment, topic, qtype (data/sinks/) or a task file (.json, Task.save)")
+    task: str = opt("sentiment", "sentiment, topic, qtype (data/sinks/), the same with @large (>= 200 "
+                                    "generated held-out items) or a task file (.json, Task.save)")
     shots: int = opt(0, "demonstrations per label in each prompt", min=0)
     limit: int | None = opt(None, "use only the first N calibration and held-out items", min=1)
     act: SinkCalibration = opt(SinkCalibration(), "ACT settings", options=ACT_OPTIONS)
@@ -46,7 +49,7 @@ class SinksConfig(Config):
                     "or the gold label's log-probability")
     first_layer: int = opt(2, "first candidate layer (reference: 2)", min=0)
     last_layer: int | None = opt(None, "last candidate layer (default: L-2)", min=0)
-    n_random: int = opt(5, "random-head control: number of seeds", min=0)
+    n_random: int = opt(10, "random-head control: number of seeds (heads drawn outside the kept set)", min=0)
     batch_size: int = opt(16, "prompts per forward", min=1)
     n_profile: int = opt(8, "held-out prompts profiled for sinks", min=1)
 
@@ -119,11 +122,11 @@ def reduce_search(model, cfg: SinksConfig, payloads: dict, state: dict) -> dict:
 
 def plan_heldout(model, cfg: SinksConfig, state: dict) -> list[Unit]:
     key, kept = _task(cfg).fingerprint(), [str(h) for h in state["selected"]]
-    cands = candidate_heads(model, cfg.first_layer, cfg.last_layer)
+    pool, outside = control_pool(candidate_heads(model, cfg.first_layer, cfg.last_layer), state["selected"])
     units = [Unit("plain", {"task": key, "heads": []}), Unit("calibrated", {"task": key, "heads": kept})]
     if kept:
-        units += [Unit(f"random-{s:03d}", {"task": key, "seed": s,
-                                            "heads": [str(h) for h in random_heads(cands, len(kept), s)]})
+        units += [Unit(f"random-{s:03d}", {"task": key, "seed": s, "outside": outside,
+                                            "heads": [str(h) for h in random_heads(pool, len(kept), s)]})
                   for s in range(cfg.n_random)]
     return units
 
@@ -132,13 +135,15 @@ def compute_heldout(model, cfg: SinksConfig, unit: Unit, _) -> dict:
     batches, label_ids = _batches(model, cfg, "heldout")
     heads = [HeadId.parse(h) for h in unit.spec["heads"]]
     return evaluate(model, batches, label_ids, cfg.spec(heads)) | {"n_items": sum(len(b.gold) for b in batches),
-                                                                     "heads": unit.spec["heads"]}
+                                                                     "heads": unit.spec["heads"],
+                                                                     "outside": unit.spec.get("outside", True)}
 
 
 def reduce_heldout(model, cfg: SinksConfig, payloads: dict, state: dict) -> SinksResult:
     score = ("accuracy", "gold_logprob")
     held = {"plain": {k: payloads["plain"][k] for k in score}, "calibrated": {k: payloads["calibrated"][k] for k in score},
-            "random": [{"seed": int(uid.split("-")[1]), "heads": p["heads"], **{k: p[k] for k in score}}
+            "random": [{"seed": int(uid.split("-")[1]), "heads": p["heads"], "outside": p["outside"],
+                        **{k: p[k] for k in score}}
                        for uid, p in payloads.items() if uid.startswith("random-")],
             "n_items": int(payloads["plain"]["n_items"])}
     search = SearchResult(model.model_id, model.weights_hash, _task(cfg).name, cfg.to_dict(), state["baseline"],
@@ -152,7 +157,7 @@ SINKS = Analysis(
     description="A key is a sink of a head when its column-mean attention exceeds tau; ACT calibration scales the "
                 "attention on the other sinks by beta in the heads whose lone calibration helps a task.",
     paper="Yu et al., ICML 2024, Unveiling and Harnessing Hidden Attention Sinks",
-    url="https://arxiv.org/abs/2406.15765", methods="methods.md §2",
+    url="https://arxiv.org/abs/2406.15765", methods="docs/methods.md §2",
     config=SinksConfig, result=SinksResult, min_samples=30,
     stages=(Stage("profile", plan_profile, compute_profile, reduce_profile, depends=("act",)),
             Stage("search", plan_search, compute_search, reduce_search, depends=("act", "shots", "batch_size")),

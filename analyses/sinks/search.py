@@ -1,10 +1,11 @@
-"""ACT head search (Yu et al., ICML 2024, §4; reference: GATECH-EIC/ACT), as methods.md §2 states it.
+"""ACT head search (Yu et al., ICML 2024, §4; reference: GATECH-EIC/ACT), as docs/methods.md §2 states it.
 
 Candidates are the heads of layers 2 .. L-2. Each candidate is calibrated *alone* and scored on a
 calibration split; the heads that improve the score are kept, and all kept heads are then
 calibrated *together* on a held-out split. Control: the same number of heads drawn at random
-from the candidates, several seeds. Calibrating a head of layer l leaves layers < l unchanged,
-so each candidate reruns only layers l.. from cached layer inputs (identical to a full forward).
+from the candidates outside the kept set, several seeds (10 by default). Calibrating a head of
+layer l leaves layers < l unchanged, so each candidate reruns only layers l.. from cached layer
+inputs (identical to a full forward).
 """
 from __future__ import annotations
 
@@ -116,6 +117,13 @@ def select_heads(base: dict, rows: list[dict], metric: str = "accuracy") -> list
 def random_heads(candidates: list[HeadId], n: int, seed: int) -> list[HeadId]:
     """The random-head control: ``n`` candidates drawn with ``seed``."""
     return sorted(random.Random(seed).sample(candidates, n))
+
+
+def control_pool(candidates: list[HeadId], selected) -> tuple[list[HeadId], bool]:
+    """Where the random-head control draws from: the candidates outside ``selected`` (``True``), or all
+    candidates (``False``, flagged in the result) when fewer than ``len(selected)`` lie outside."""
+    outside = [h for h in candidates if h not in set(selected)]
+    return (outside, True) if len(outside) >= len(selected) else (list(candidates), False)
 
 
 # ----------------------------------------------------------------------------- result

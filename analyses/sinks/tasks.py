@@ -98,11 +98,19 @@ class Task:
 
 def load_task(name: str, *, demo_per_label: int = 2, calib_frac: float = 0.5, seed: int = 0) -> Task:
     """A shipped task (``data/sinks/<name>.txt``, split seeded into demonstrations, calibration and
-    held-out items) or a task file written by :meth:`Task.save`."""
+    held-out items) or a task file written by :meth:`Task.save`.
+
+    ``"<name>@large"``: the same demonstrations with the generated calibration and held-out splits
+    (>= 200 items each, :mod:`analyses.sinks.items`)."""
     if name.endswith(".json"):
         return _task_file(Path(name))
+    if name.endswith("@large") and name[:-len("@large")] in TEMPLATES:
+        from .items import large_task
+
+        return large_task(name[:-len("@large")], demo_per_label=demo_per_label, seed=seed)
     if name not in TEMPLATES:
-        raise InputError(f"unknown task {name!r}: choose one of {', '.join(TASKS)} or give a task file (.json)")
+        raise InputError(f"unknown task {name!r}: choose one of {', '.join(TASKS)} (each also as "
+                         "<task>@large) or give a task file (.json)")
     lines = [ln.split("\t", 1) for ln in (data_path("sinks", f"{name}.txt")).read_text(encoding="utf-8").splitlines() if ln.strip()]
     labels = tuple(dict.fromkeys(lab for lab, _ in lines))
     rng = random.Random(seed)

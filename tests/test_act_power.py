@@ -1,0 +1,79 @@
+"""ACT with power (issue 18): generated >= 200-item splits, both rules, random heads outside the set."""
+import dataclasses
+
+import pytest
+
+from analyses.sinks import items, load_task
+from analyses.sinks.power import ActPower, act_power, heldout_power, random_outside
+from analyses.sinks import SinksConfig
+from probe.errors import InputError
+from probe.heads import HeadId
+
+
+@pytest.mark.parametrize("name", ["sentiment", "topic", "qtype"])
+def test_generated_splits_ship_reproducibly_with_enough_distinct_items(name):
+    assert items.read(name) == items.generate(name)                    # the shipped file is the generator's
+    t = load_task(f"{name}@large")
+    calib, held = ({i.text for i in t.split(s)} for s in ("calib", "heldout"))
+    assert len(held) == len(t.split("heldout")) >= 200 and len(calib) >= 200
+    assert not calib & held                                           # the search never sees a held-out item
+    small = load_task(name)
+    assert not held & {i.text for s in ("demo", "calib", "heldout") for i in small.split(s)}
+    assert t.split("demo") == small.split("demo") and t.labels == small.labels
+    per_label = [sum(i.label == k for i in t.split("heldout")) for k in range(len(t.labels))]
+    assert len(set(per_label)) == 1                                   # balanced
+    words = {w.lower().strip(".,?:;") for x in held for w in x.split()}
+    assert len(words) >= 150                                          # lexical variety, not one frame
+
+
+def test_random_controls_never_draw_a_selected_head():
+    cands = [HeadId(l, h) for l in range(2) for h in range(4)]
+    sel = [HeadId(0, 1), HeadId(1, 2)]
+    for seed in range(20):
+        drawn = random_outside(cands, sel, 2, seed)
+        assert len(drawn) == 2 and not set(drawn) & set(sel)
+    with pytest.raises(InputError, match="outside"):
+        random_outside(cands, cands[:6], 3, 0)
+    from analyses.sinks.search import control_pool       # the held-out stage's control: flagged fallback
+
+    assert control_pool(cands, sel) == ([h for h in cands if h not in sel], True)
+    assert control_pool(cands, cands[:6]) == (cands, False)
+
+
+def _trimmed(name, n):
+    """The generated task with only ``n`` items per split (the tests' CPU budget)."""
+    t = load_task(name)
+    return dataclasses.replace(t, items={k: tuple(v)[:n] for k, v in t.items.items()})
+
+
+def test_heldout_power_reports_both_metrics_with_intervals(tiny_llama, tmp_path):
+    task = _trimmed("sentiment@large", 48)
+    cfg = SinksConfig(first_layer=0, last_layer=1)
+    sel = {"accuracy": [HeadId(0, 1)], "gold_logprob": []}
+    p = heldout_power(tiny_llama, task, cfg, sel, n_random=10, progress=False)
+    acc = p.rules["accuracy"]
+    assert p.n_heldout == 48 and len(acc["random_heads"]) == 10
+    assert all("L0H1" not in hs for hs in acc["random_heads"])
+    for m in ("accuracy", "gold_logprob"):
+        v = acc["verdicts"][m]
+        assert v["n_draws"] == 10 and v["gain"]["n"] == 48 and v["gain"]["lo"] <= v["gain"]["estimate"] <= v["gain"]["hi"]
+        assert v["test"] == ("mcnemar_exact" if m == "accuracy" else "sign_flip") and 0 <= v["p_value"] <= 1
+    assert p.rules["gold_logprob"]["verdicts"] == {}                  # no head kept: nothing to judge
+    lo, hi = p.plain["accuracy"]["lo"], p.plain["accuracy"]["hi"]
+    assert 0 <= lo <= p.plain["accuracy"]["estimate"] <= hi <= 1
+    df = p.to_frame()
+    assert {"plain", "calibrated", "gain", "random_gain"} <= set(df.quantity) and p.plot().data
+    back = ActPower.load(p.save(tmp_path / "p.json"))
+    assert back.rules == p.rules and back.n_heldout == 48
+
+
+def test_act_power_runs_search_then_judges(tiny_llama, tmp_path):
+    cfg = SinksConfig(first_layer=0, last_layer=1)
+    p = act_power(tiny_llama, _trimmed("qtype@large", 24), cfg, n_random=3, min_draws=3, out=tmp_path,
+                  progress=False)
+    assert set(p.rules) == {"accuracy", "gold_logprob"} and p.task == "qtype@large"
+    assert (tmp_path / "search_qtype@large.json").exists() and (tmp_path / "power_qtype@large.json").exists()
+    for r in p.rules.values():
+        for v in r["verdicts"].values():
+            assert v["is_gain"] == (v["gain"]["lo"] > 0 and v["gain"]["estimate"] > v["control"]["hi"]
+                                    and v["n_draws"] >= 3)

@@ -1,0 +1,157 @@
+"""Path patching (Wang et al. 2022) on a tiny model with a planted two-stage induction circuit.
+
+Hand-set weights (RoPE kept; MLPs and every other head silenced):
+  * L0H0, a previous-token head: RoPE-phased query/key on the four fastest frequencies put its
+    attention on position p-1; it copies that token's identity into the "previous token" subspace.
+  * L1H1, an induction head: its query (current token) matches keys holding the previous-token
+    identity (slow frequencies, where RoPE barely rotates over 7 positions); it copies the
+    attended token into the subspace the unembedding reads.
+  * L0H2, a distractor: it attends to the tokens 'a'/'g' and writes them straight into the logits.
+    It has a real total effect (the corruption swaps 'a' for 'g') but no path into L1H1's keys.
+Prompt "zabcdea" -> 'b'; corruption "zgbcdea" (the first 'a' replaced) breaks the induction match.
+"""
+import numpy as np
+import pytest
+import torch
+
+from analyses.circuits import patching as P
+from analyses.circuits.path_patching import (INDUCTION_STAGES, PathPatchingResult, Stage, circuits_at, path_patch,
+                                             path_patching_circuit)
+from analyses.circuits.tasks import TaskBatch
+from probe import load_model
+from probe.errors import InputError
+from probe.heads import HeadId
+
+LETTERS = "abcdefgh"
+PREV, IND, DISTRACTOR = HeadId(0, 0), HeadId(1, 1), HeadId(0, 2)
+
+
+def _planted():
+    model = load_model("tiny-llama", device="cpu")      # a private copy: its weights are edited
+    hf, d = model.hf, model.d_head
+    tok = model.tokenizer
+    ids = {ch: tok(ch, add_special_tokens=False).input_ids[0] for ch in LETTERS + "z"}
+    theta = hf.model.rotary_emb.inv_freq.clone()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        for layer in hf.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        hf.model.norm.weight.fill_(1.0)
+        E = hf.model.embed_tokens.weight
+        E[:, 0] = 1.0                                            # dim 0: constant
+        E[:, 30] = 1.0                                           # dim 30 (read by nothing): every token has
+        for k, ch in enumerate(LETTERS):
+            E[ids[ch], 30], E[ids[ch], 1 + k] = 0.0, 1.0         # the same norm; dims 1..8: identity
+            hf.lm_head.weight[ids[ch], 17 + k] = 1.0             # dims 17..24: read by the unembedding
+        a0, a1 = hf.model.layers[0].self_attn, hf.model.layers[1].self_attn
+        # previous-token head L0H0 (KV head 0): score ~ sum_i cos(theta_i (p - j - 1)), i = 0..3
+        c = 6.0
+        for i in range(4):
+            a0.q_proj.weight[0 * d + i, 0] = c
+            a0.k_proj.weight[0 * d + i, 0] = c * float(torch.cos(theta[i]))
+            a0.k_proj.weight[0 * d + i + d // 2, 0] = c * float(torch.sin(theta[i]))
+        for k in range(8):
+            a0.v_proj.weight[0 * d + k, 1 + k] = 1.0
+            a0.o_proj.weight[9 + k, 0 * d + k] = 0.2             # -> dims 9..16: previous token
+        # distractor L0H2 (KV head 1): constant query, keys flag 'a' and 'g' (slow frequency dims 7, 15)
+        a0.q_proj.weight[2 * d + 7, 0] = 3.0
+        for ch in "ag":
+            a0.k_proj.weight[1 * d + 7, 1 + LETTERS.index(ch)] = 3.0
+        for k in range(8):
+            a0.v_proj.weight[1 * d + k, 1 + k] = 1.0
+            a0.o_proj.weight[17 + k, 2 * d + k] = 0.05           # -> straight into the logits (weak)
+        # induction head L1H1 (KV head 0): query = current token, key = previous-token subspace
+        slow = [4, 5, 6, 7, 12, 13, 14, 15]
+        for k in range(8):
+            a1.q_proj.weight[1 * d + slow[k], 1 + k] = 3.0
+            a1.k_proj.weight[0 * d + slow[k], 9 + k] = 3.0 / 0.2 * 0.6
+            a1.v_proj.weight[0 * d + k, 1 + k] = 1.0
+            a1.o_proj.weight[17 + k, 1 * d + k] = 0.5
+    def enc(s):
+        return [ids[ch] for ch in s]
+    clean, corrupt = enc("zabcdea"), enc("zgbcdea")
+    task = TaskBatch("planted", torch.tensor([clean]), torch.tensor([corrupt]), torch.tensor([[ids["b"]]]),
+                     torch.tensor([[ids["g"]]]), ({},))
+    return model, task
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _planted()
+
+
+def test_the_planted_model_does_induction(planted):
+    model, task = planted
+    ld_clean = float(P.run_ld(model, task.clean, task.good, task.bad)[0])
+    ld_corr = float(P.run_ld(model, task.corrupt, task.good, task.bad)[0])
+    assert ld_clean > 1.0 and ld_corr < 0.1 * ld_clean
+    # the distractor is a real distractor: patching it alone moves the logit difference
+    z_corr = P.record_z(model, task.corrupt)
+    total = P.exact_patching(model, task, z_corr)[0] - ld_clean
+    assert abs(float(total[DISTRACTOR.layer, DISTRACTOR.head])) > 0.01
+
+
+def test_path_patching_recovers_both_stages_and_rejects_the_distractor(planted):
+    model, task = planted
+    r = path_patching_circuit(model, task, INDUCTION_STAGES, frac=1 / 8, shortlist=None)
+    ind, prev = r.stage("induction"), r.stage("previous_token")
+    assert ind.selected == (IND,) and prev.selected == (PREV,)
+    assert prev.receivers == (IND,) and all(h.layer == 0 for h in prev.candidates)
+    s = dict(zip(prev.candidates, prev.scores))
+    assert s[PREV] > 0.5                                    # the path L0H0 -> L1H1 keys carries the effect
+    assert abs(s[DISTRACTOR]) < 1e-5                        # no path from the distractor into those keys
+    d_logits = dict(zip(ind.candidates, ind.scores))[DISTRACTOR]
+    assert d_logits != 0 and abs(d_logits) < dict(zip(ind.candidates, ind.scores))[IND]   # direct path only
+    assert r.circuit == sorted([PREV, IND])
+
+
+def test_eap_shortlist_then_path_patching_confirms(planted, tmp_path):
+    model, task = planted
+    res = circuits_at(model, task, INDUCTION_STAGES, fracs=(1 / 8, 2 / 8), shortlist=3, method="eap")
+    one, two = res[1 / 8], res[2 / 8]
+    assert one.stage("previous_token").selected == (PREV,)
+    assert len(one.stage("induction").candidates) == 3      # only the shortlist was path patched
+    assert IND in two.stage("induction").selected and DISTRACTOR not in two.stage("previous_token").selected
+    frame = one.to_frame()
+    assert set(frame.stage) == {"induction", "previous_token"} and frame.selected.sum() == 2
+    assert one.plot().data
+    back = PathPatchingResult.load(one.save(tmp_path / "pp.json"))
+    assert back.circuit == one.circuit and np.allclose(back.stage("induction").scores, one.stage("induction").scores)
+
+
+def test_queries_and_values_channels_and_bad_stages(planted):
+    model, task = planted
+    zc, zr = P.record_z(model, task.clean), P.record_z(model, task.corrupt)
+    ld_clean = P.run_ld(model, task.clean, task.good, task.bad)
+    # the previous-token head feeds only the induction head's keys: nothing flows into its queries/values
+    for ch in ("q", "v"):
+        ld = path_patch(model, task, [PREV], [IND], ch, zc, zr)
+        assert torch.allclose(ld[:, 0], ld_clean, atol=1e-5)
+    ld_k = path_patch(model, task, [PREV, DISTRACTOR], [IND], "k", zc, zr)
+    assert ld_k[0, 0] < ld_clean[0] - 1.0 and torch.allclose(ld_k[:, 1], ld_clean, atol=1e-5)
+    with pytest.raises(InputError):
+        Stage("x", None, "q")
+    with pytest.raises(InputError):
+        path_patching_circuit(model, task, (Stage("a", "b", "k"),))
+    with pytest.raises(InputError):
+        path_patch(model, task, [PREV], None, "k", zc, zr)
+
+
+def test_models_without_separate_projections_are_refused(tiny_gpt2):
+    from analyses.circuits.path_patching import attention_modules
+
+    with pytest.raises(InputError, match="q_proj"):
+        attention_modules(tiny_gpt2)
+
+
+def test_path_overlap_of_two_runs(planted):
+    from analyses.circuits.path_patching import path_overlap, resampled_circuit
+
+    model, task = planted
+    r = path_patching_circuit(model, task, INDUCTION_STAGES, frac=1 / 8, shortlist=None)
+    assert resampled_circuit(r, [0], 8) == set(r.circuit)
+    same = path_overlap(r, r, 8, n_boot=20)
+    assert same["jaccard"]["estimate"] == 1.0 and same["overlap_coefficient"]["lo"] == 1.0
+    assert same["jaccard"]["null_mean"] < 0.5 and same["jaccard"]["p_null"] < 0.1
