@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import _check_ids
+from .compat import output_cache, with_cache
 from .interventions import InterventionSpec
 from .memory import stream_estimate
 from .records import run_metadata
@@ -91,7 +92,7 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
         with torch.no_grad():
             with _maybe(bool(stats_in_prefill), collector, rt), _maybe_spec(model, prefill_spec):
                 out = model.hf(ids, use_cache=True, **_last_logits_only(model.hf))
-            past = out.past_key_values
+            past = output_cache(out)
             with _maybe_spec(model, decode_spec):
                 for _ in range(max_new_tokens):
                     nxt = int(out.logits[0, -1].argmax())
@@ -101,8 +102,8 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
                     if len(new) == max_new_tokens:
                         break
                     step = torch.tensor([[nxt]], device=ids.device)
-                    out = model.hf(step, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                    out = model.hf(step, **with_cache(model.hf, past), use_cache=True)
+                    past = output_cache(out)
     stats = None
     if collector.has_rows:
         stats = collector.result(ids[0].tolist() + new, run_metadata(weights_hash=model.weights_hash))
