@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 
 from .errors import (ContextLengthError, CorruptFileError, HeadOutOfRangeError, HeadwiseError, InputError,  # noqa: F401
-                     MemoryBudgetError, ModelLoadError, ModelMismatchError, UnknownModelError)
+                     MemoryBudgetError, ModelLoadError, ModelMismatchError, UnknownModelError, UnsupportedModelError)
 from .heads import HeadId, HeadLayout, as_heads, kv_group  # noqa: F401
 from .interventions import (InterventionSpec, MeanAblate, PatternEcho, SinkCalibration, SpanBoost,  # noqa: F401
                             SpanKnockout, Temperature, Uniform, ZeroAblate)

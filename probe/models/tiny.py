@@ -111,18 +111,18 @@ def tiny_family(name: str, seed: int = SEED) -> tuple[torch.nn.Module, PreTraine
 
 @torch.no_grad()
 def randomise(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every weight from a seeded generator: matrices ~ N(0, g^2/fan_in) (g = 3 for queries and
-    keys, so scores are large), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.3^2), sinks ~ N(1, 1)."""
+    """Redraw every weight from a seeded generator: matrices ~ N(0, g^2/fan_in) (g = 2 for queries and
+    keys, so scores are large), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.3^2), sinks ~ N(2, 1)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if p.dim() >= 2:
-            gain = 3.0 if any(k in name for k in ("q_proj", "k_proj", "query_key_value", "c_attn", "qkv_proj",
+            gain = 2.0 if any(k in name for k in ("q_proj", "k_proj", "query_key_value", "c_attn", "qkv_proj",
                                                   "Wqkv")) else 1.0
             fan_in = p.shape[-1] if "embed" not in name and "wte" not in name and "wpe" not in name else 1
             new = torch.randn(p.shape, generator=g) * gain / fan_in ** 0.5
         elif leaf == "sinks":
-            new = torch.randn(p.shape, generator=g) + 1.0
+            new = torch.randn(p.shape, generator=g) + 2.0
         elif "norm" in name or "ln" in name or leaf == "weight":
             new = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
         else:

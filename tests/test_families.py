@@ -1,0 +1,317 @@
+"""The family matrix: headwise is exact on every supported architecture, or refuses it.
+
+Each family is a tiny seeded model (:func:`probe.models.tiny.tiny_family`: hidden 64, 2-3 layers,
+weights redrawn so softcaps saturate, sinks and biases take mass and a 6-key sliding window is far
+shorter than the prompt). Every check compares headwise with the family's own code: the plain
+model, Hugging Face eager patterns (``output_attentions``), or a reference built from the modeling
+file's own ``eager_attention_forward``. ``record_property`` logs each largest difference
+(``pytest --junitxml=...`` turns them into the matrix table).
+"""
+import sys
+
+import pytest
+import torch
+
+from probe import (InterventionSpec, KeyGroup, SinkCalibration, SpanBoost, SpanKnockout, Temperature, Uniform,
+                   UnsupportedModelError, ZeroAblate, collect_stats, generate_with_stats, install, intervene,
+                   stream_stats)
+from probe.models import Model, weights_fingerprint
+from probe.models.tiny import BYPASSING, FAMILIES, WINDOW, tiny_family
+
+SUPPORTED = [n for n in FAMILIES if n not in BYPASSING]
+PROMPT = "The quick brown fox jumps over the lazy dog."
+GROUPS = (KeyGroup("first", 0, 1), KeyGroup("mid", 8, 20), KeyGroup("tail", 30))
+N_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """``zoo(name) -> (Model wrapped by headwise, plain HF twin never touched, tokenizer)``, built once each."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            hf, tok = tiny_family(name)
+            plain, _ = tiny_family(name)
+            rt = install(hf)
+            model = Model(hf=hf, tokenizer=tok, model_id=f"tiny-{name}", source=name, layout=rt.layout, n_ctx=256,
+                          weights_hash=weights_fingerprint(hf))
+            built[name] = (model, plain, tok)
+        return built[name]
+    return get
+
+
+def ids_of(tok, text=PROMPT):
+    return tok(text, return_tensors="pt").input_ids
+
+
+def eager_patterns(plain, ids) -> torch.Tensor:
+    """``[L, H, T, T]`` float64 patterns from the family's own eager attention (the real pattern: a learned
+    sink's share is what the rows miss)."""
+    previous = plain.config._attn_implementation
+    plain.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = plain(ids, output_attentions=True)
+    finally:
+        plain.set_attn_implementation(previous)
+    return torch.stack(out.attentions)[:, 0].double()
+
+
+def windows(cfg) -> list[int | None]:
+    """Sliding window of every layer, from the config (an independent rule for visible-key counts)."""
+    L = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return [cfg.sliding_window if t == "sliding_attention" else None for t in types[:L]]
+    return [getattr(cfg, "sliding_window", None)] * L
+
+
+def visible_counts(cfg, rows: range, n_keys: int) -> torch.Tensor:
+    """``[L, K]``: how many of ``rows`` see each key (causal, within the layer's window)."""
+    j = torch.arange(n_keys)[None, :]
+    i = torch.tensor(list(rows))[:, None]
+    out = []
+    for w in windows(cfg):
+        vis = (j <= i) & ((i - j < w) if w else True)
+        out.append(vis.sum(0).double())
+    return torch.stack(out)
+
+
+def reference_stats(p: torch.Tensor, n_keys: int) -> dict:
+    """Statistics of patterns ``[L, H, rows, K]`` computed directly (float64)."""
+    pos = torch.arange(n_keys)
+    gm = torch.stack([((pos >= g.start) & ((pos < g.stop) if g.stop else True)).double() for g in GROUPS])
+    return {"entropy": -(p * p.clamp_min(1e-300).log()).sum(-1), "max_prob": p.max(-1).values,
+            "group_mass": torch.einsum("lhqk,gk->lhqg", p, gm), "sink_mass": 1.0 - p.sum(-1),
+            "received_sum": p.sum(2), "argmax": p.argmax(-1)}
+
+
+def compare_stats(st, ref: dict, record, tag: str, atol=2e-5) -> None:
+    worst = 0.0
+    for key in ("entropy", "max_prob", "group_mass", "sink_mass", "received_sum"):
+        got, want = getattr(st, key).double(), ref[key]
+        if key == "received_sum":
+            got = got[..., :want.shape[-1]]
+        diff = float((got - want).abs().max())
+        worst = max(worst, diff)
+        assert diff <= atol, f"{tag}: {key} differs by {diff:.3g}"
+    ties = (st.argmax != ref["argmax"])
+    assert float(ties.float().mean()) < 0.01, f"{tag}: argmax differs on {int(ties.sum())} rows"
+    record(tag, worst)
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_plain_forward_is_the_models_own(zoo, name, record_property):
+    """Idle, and for unobserved unedited layers inside intervene(): bit-identical to the unwrapped model."""
+    model, plain, tok = zoo(name)
+    ids = ids_of(tok)
+    with torch.no_grad():
+        assert torch.equal(model.hf(ids).logits, plain(ids).logits)
+        ours, theirs = _greedy(model.hf, ids), _greedy(plain, ids)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # decode steps against the cache too
+        last = model.n_layers - 1
+        with intervene(model, InterventionSpec([ZeroAblate(heads=[(last, 1)])])):
+            edited = model.hf(ids, output_hidden_states=True)
+        ref = plain(ids, output_hidden_states=True)
+    for l in range(last):  # every layer before the edited one runs the model's own attention
+        assert torch.equal(edited.hidden_states[l + 1], ref.hidden_states[l + 1]), f"layer {l}"
+    assert not torch.equal(edited.logits, ref.logits)
+    record_property("idle_max_diff", 0.0)
+
+
+def _greedy(hf, ids, n=N_NEW):
+    from probe.compat import output_cache, with_cache
+
+    out = hf(ids, use_cache=True)
+    logits, past = [out.logits[:, -1]], output_cache(out)
+    for _ in range(n):
+        nxt = out.logits[:, -1:].argmax(-1)
+        out = hf(nxt, **with_cache(hf, past), use_cache=True)
+        logits.append(out.logits[:, -1])
+        past = output_cache(out)
+    return logits
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_prefill_statistics_equal_eager_patterns(zoo, name, record_property):
+    model, plain, tok = zoo(name)
+    ids = ids_of(tok)
+    T = ids.shape[1]
+    assert T > 4 * WINDOW
+    st = stream_stats(model, ids, groups=GROUPS, verbose=False)
+    p = eager_patterns(plain, ids)
+    compare_stats(st, reference_stats(p, T), record_property, "prefill_max_diff")
+    assert torch.equal(st.received_count.double(), visible_counts(plain.config, range(T), T))
+    if name == "gpt_oss":
+        assert float(st.sink_mass.mean()) > 0.05  # the sinks take real mass: rows of the real pattern sum below 1
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_decode_statistics_past_the_window(zoo, name, record_property):
+    """Decode rows against the KV cache (a sliding-window cache holds only the last keys) = a full recompute."""
+    model, plain, tok = zoo(name)
+    ids = ids_of(tok)
+    T = ids.shape[1]
+    gen = generate_with_stats(model, ids, max_new_tokens=N_NEW, groups=GROUPS, stats_in_prefill="last")
+    assert gen.n_new == N_NEW and gen.stats.query_pos.tolist() == list(range(T - 1, T - 1 + N_NEW))
+    full = torch.cat([ids, gen.new_ids], 1)[:, :-1]
+    p = eager_patterns(plain, full)[:, :, T - 1:]
+    compare_stats(gen.stats, reference_stats(p, full.shape[1]), record_property, "decode_max_diff")
+    want = visible_counts(plain.config, range(T - 1, full.shape[1]), full.shape[1])
+    assert torch.equal(gen.stats.received_count.double()[:, :want.shape[1]], want)
+
+
+def reference_attention(edits: dict):
+    """An attention function built from the modeling file's own eager attention, with hand-made edits.
+
+    ``edits``: ``{"zero": {(l, h)}, "uniform": {(l, h)}, "act": {(l, h): (beta, tau)}}``.
+    """
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        own = sys.modules[type(module).__module__].eager_attention_forward
+        layer = module.layer_idx
+        uni = [h for l, h in edits.get("uniform", ()) if l == layer]
+        if uni:
+            query = query.clone()
+            query[:, uni] = 0.0  # Wu et al.'s masking: the head's query set to 0
+        out, weights = own(module, query, key, value, attention_mask, **kwargs)
+        out = out.clone()
+        group = query.shape[1] // key.shape[1]
+        for (l, h), (beta, tau) in edits.get("act", {}).items():
+            if l == layer:
+                out[:, :, h] = _act(weights[:, h].double(), attention_mask, beta, tau) @ value[:, h // group].double()
+        for l, h in edits.get("zero", ()):
+            if l == layer:
+                out[:, :, h] = 0.0
+        return out, weights
+    return attention
+
+
+def _act(w: torch.Tensor, mask: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
+    """ACT (Yu et al. 2024) by hand on patterns ``[B, Tq, K]``: sinks = column mean > tau, first one spared."""
+    vis = (mask > torch.finfo(mask.dtype).min / 2)[:, 0].double()
+    out = w.clone()
+    for b in range(w.shape[0]):
+        mean = w[b].sum(0) / vis[b].sum(0).clamp(min=1)
+        sinks = torch.nonzero(mean > tau).flatten()[1:]
+        if len(sinks) == 0:
+            continue
+        s = torch.zeros(w.shape[-1], dtype=torch.bool)
+        s[sinks] = True
+        m, r = (w[b] * s).sum(-1, keepdim=True), (w[b] * ~s).sum(-1, keepdim=True)
+        scaled = torch.where(s, beta * w[b], w[b] * (1 + (1 - beta) * m / r.clamp(min=1e-300)))
+        out[b] = torch.where(r > 0, scaled, w[b])
+    return out
+
+
+def _with_reference(plain, edits):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    name = f"reference_{id(edits)}"
+    AttentionInterface.register(name, reference_attention(edits))
+    AttentionMaskInterface.register(name, eager_mask)
+    previous = plain.config._attn_implementation
+    plain.set_attn_implementation(name)
+    return previous
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_edits_equal_a_reference_from_the_modeling_file(zoo, name, record_property):
+    """Zero-ablation, uniform (query := 0) and ACT, in prefill and every decode step (past the window)."""
+    model, plain, tok = zoo(name)
+    ids = ids_of(tok)
+    last = model.n_layers - 1
+    spec = InterventionSpec([ZeroAblate(heads=[(0, 1), (last, 2)]), Uniform(heads=[(1, 0), (0, 3)]),
+                             SinkCalibration(heads=[(last, 1), (0, 2)], beta=0.4, tau=0.1)])
+    edits = {"zero": {(0, 1), (last, 2)}, "uniform": {(1, 0), (0, 3)},
+             "act": {(last, 1): (0.4, 0.1), (0, 2): (0.4, 0.1)}}
+    with torch.no_grad(), intervene(model, spec):
+        ours = _greedy(model.hf, ids)
+    previous = _with_reference(plain, edits)
+    try:
+        with torch.no_grad():
+            ref = _greedy(plain, ids)
+    finally:
+        plain.set_attn_implementation(previous)
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, ref))
+    record_property("edits_max_rel_diff", worst)
+    assert worst < 1e-4
+    with torch.no_grad():
+        assert float((plain(ids).logits[:, -1] - ref[0]).abs().max()) > 1e-2  # the edits changed something
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_left_padded_rows_equal_single_rows(zoo, name, record_property):
+    """A left-padded batch (position ids skip the pads) with position-indexed edits = each row alone."""
+    model, plain, tok = zoo(name)
+    texts = [PROMPT, "A short one."]
+    enc = [ids_of(tok, t)[0] for t in texts]
+    T = max(len(e) for e in enc)
+    pad = tok.pad_token_id
+    ids = torch.full((2, T), pad)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for r, e in enumerate(enc):
+        ids[r, T - len(e):], mask[r, T - len(e):] = e, 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    last = model.n_layers - 1
+    spec = InterventionSpec([SpanBoost(heads=[(0, 0)], spans=[(0, 3)], alpha=0.5),
+                             SinkCalibration(heads=[(last, 1)], beta=0.3, sinks=(0, 2)),
+                             Temperature(heads=[(1, 2)], temperature=2.0), ZeroAblate(heads=[(last, 3)])])
+    worst = 0.0
+    with torch.no_grad(), intervene(model, spec):
+        both = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        for r, e in enumerate(enc):
+            alone = model.hf(e[None]).logits[:, -1]
+            diff = float((both[r] - alone[0]).abs().max() / alone.abs().max())
+            worst = max(worst, diff)
+    record_property("padded_max_rel_diff", worst)
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("name", BYPASSING)
+def test_models_that_bypass_attention_interface_are_refused(name):
+    hf, tok = tiny_family(name)
+    ids = ids_of(tok)
+    with torch.no_grad():
+        before = hf(ids).logits
+    with pytest.raises(UnsupportedModelError, match=f"{type(hf).__name__} computes attention without"):
+        install(hf)
+    with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
+        with intervene(hf, InterventionSpec([ZeroAblate(heads=["L0H0"])])):
+            pass
+    assert not hasattr(hf, "_headwise_rt")
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, before)  # the refused model is left exactly as it was
+
+
+# ----------------------------------------------------------------------------- positions against a window
+
+def test_knockout_of_a_token_outside_the_window_does_nothing_in_decode(zoo):
+    """Mistral decoding past its 6-key window: position 0 is gone from the cache, so knocking it out is a no-op;
+    a position still in the window changes the next-token logits."""
+    model, _, tok = zoo("mistral")
+    ids = ids_of(tok)
+    T = ids.shape[1]
+    heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    with torch.no_grad():
+        base = _greedy(model.hf, ids, n=3)
+        with intervene(model, InterventionSpec([SpanKnockout(heads=heads, spans=[(0, 1)], phase="decode")])):
+            gone = _greedy(model.hf, ids, n=3)
+        with intervene(model, InterventionSpec([SpanKnockout(heads=heads, spans=[(T - 2, T - 1)], phase="decode")])):
+            kept = _greedy(model.hf, ids, n=3)
+    assert max(float((a - b).abs().max()) for a, b in zip(base, gone)) < 1e-4  # (the engine vs SDPA: rounding only)
+    assert float((kept[1] - base[1]).abs().max()) > 1e-2
+
+
+def test_statistics_collect_real_positions_in_a_long_decode(zoo):
+    """Argmax and received columns address token positions: nothing lands outside the window's positions."""
+    model, _, tok = zoo("mistral")
+    ids = ids_of(tok)
+    T = ids.shape[1]
+    gen = generate_with_stats(model, ids, max_new_tokens=N_NEW)
+    rows = gen.stats.query_pos
+    assert bool(((gen.stats.argmax <= rows) & (gen.stats.argmax > rows - WINDOW)).all())
+    assert float(gen.stats.received_sum[..., :T - WINDOW].abs().max()) == 0.0
