@@ -315,3 +315,233 @@ def test_statistics_collect_real_positions_in_a_long_decode(zoo):
     rows = gen.stats.query_pos
     assert bool(((gen.stats.argmax <= rows) & (gen.stats.argmax > rows - WINDOW)).all())
     assert float(gen.stats.received_sum[..., :T - WINDOW].abs().max()) == 0.0
+
+
+# ----------------------------------------------------------------------------- arguments, refusals, records
+
+class Attn(torch.nn.Module):
+    """A stand-in attention module (what the functions receive as ``module``)."""
+
+    layer_idx = 0
+
+
+def qkv(B=1, H=2, KV=1, T=6, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, n, T, D, generator=g, dtype=torch.float64) for n in (H, KV, KV))
+
+
+def test_unknown_attention_arguments_are_refused_by_name():
+    from probe.call import PASSIVE, parse_call
+
+    q, k, _ = qkv()
+    with pytest.raises(UnsupportedModelError, match="Attn passes the attention argument 'alibi_slopes'"):
+        parse_call(Attn(), q, k, None, {"alibi_slopes": torch.ones(2)})
+    call = parse_call(Attn(), q, k, None, {**{name: True for name in PASSIVE}, "something_new": None})
+    assert call.n_keys == 6 and not call.decoding
+
+
+@pytest.mark.parametrize("case, match", [
+    ("dropout", "model.eval"), ("block_mask", "flex"), ("flash_mask", "sdpa"), ("bidirectional", "bidirectional"),
+    ("packed", "packed"), ("window_without_positions", "position_ids")])
+def test_calls_the_engine_cannot_compute_exactly_are_refused(case, match):
+    from probe.call import parse_call
+
+    q, k, _ = qkv(T=6)
+    kwargs, mask = {}, None
+    if case == "dropout":
+        kwargs = {"dropout": 0.1}
+    elif case == "block_mask":
+        mask = type("BlockMask", (), {"shape": (1, 1, 6, 6)})()
+    elif case == "flash_mask":
+        mask = torch.ones(1, 6, dtype=torch.bool)
+    elif case == "bidirectional":
+        mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    elif case == "packed":
+        kwargs = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
+    else:
+        kwargs = {"sliding_window": 4}
+    with pytest.raises(UnsupportedModelError, match=match):
+        parse_call(Attn(), q, k, mask, kwargs)
+
+
+def manual_attention(q, k, v, scaling, mask, softcap=None, bias=None, sinks=None):
+    """Dense reference in the model's own order: scale, softcap, bias, mask, softmax (with a sink logit)."""
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    vv = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    s = q @ kk.transpose(-1, -2) * scaling
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1).double()], -1)
+    p = torch.softmax(s, -1)[..., :kk.shape[2]]
+    return (p @ vv).transpose(1, 2), p
+
+
+def test_softcap_bias_sinks_and_float_masks_in_the_models_order():
+    from probe import eager
+    from probe.call import parse_call
+
+    q, k, v = qkv(H=4, KV=2, T=7)
+    q = q * 3
+    T = 7
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    g = torch.Generator().manual_seed(1)
+    pb = torch.randn(1, 4, T, T, generator=g, dtype=torch.float64)
+    extra = torch.randn(1, 1, T, T, generator=g, dtype=torch.float64)
+    float_mask = torch.where(causal, extra, torch.finfo(torch.float64).min)  # an additive mask carrying a bias
+    sinks = torch.tensor([0.5, 2.0, -1.0, 1.0])
+    call = parse_call(Attn(), q, k, float_mask, {"scaling": 0.3, "softcap": 1.5, "position_bias": pb, "s_aux": sinks})
+    seen = []
+    out = eager.attend(q, k, v, call=call, chunk=3, on_chunk=lambda c: seen.append((c.probs.clone(), c.sink.clone())))
+    ref, p = manual_attention(q, k, v, 0.3, causal, 1.5, pb + extra, sinks)
+    torch.testing.assert_close(out, ref)
+    probs, sink = (torch.cat(x, 2) for x in zip(*seen))
+    torch.testing.assert_close(probs, p)
+    torch.testing.assert_close(sink + probs.sum(-1), torch.ones_like(sink))  # the sink's share, reported
+
+
+def test_engine_refused_where_it_cannot_reproduce_the_model(monkeypatch):
+    """A family whose eager function computes something its arguments do not say: plain forwards stay exact,
+    statistics and edits are refused up front."""
+    from transformers.models.llama import modeling_llama
+
+    from probe.models.tiny import tiny_llama
+
+    real = modeling_llama.eager_attention_forward
+
+    def doubled(*args, **kwargs):
+        out, weights = real(*args, **kwargs)
+        return out * 2, weights
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", doubled)
+    hf = tiny_llama()
+    hf.set_attn_implementation("eager")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = hf(ids).logits
+        rt = install(hf)
+        assert rt.native == "eager" and "does not reproduce LlamaAttention" in rt.refusal
+        assert torch.equal(hf(ids).logits, before)
+    with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+        with collect_stats(hf):
+            pass
+
+
+def test_the_native_implementation_is_recorded_once(zoo):
+    model, plain, tok = zoo("gpt_oss")  # gpt-oss has no SDPA path (sinks): its own eager function is the native
+    rt = model.hf._headwise_rt
+    assert rt.native == "eager" and model.hf.config._attn_implementation == "headwise_eager"
+    previous = model.hf.config._attn_implementation
+    model.hf.set_attn_implementation("eager")  # switched away, e.g. for a reference: install puts it back
+    assert install(model.hf) is rt and model.hf.config._attn_implementation == previous and rt.native == "eager"
+
+
+def test_unedited_heads_of_an_edited_layer_are_the_models_own(zoo):
+    model, plain, tok = zoo("llama")
+    ids = ids_of(tok)
+    D = model.d_head
+    got = {}
+
+    def grab(store):
+        return lambda mod, args: store.__setitem__("z", args[0].clone())
+
+    h1 = model.hf.model.layers[1].self_attn.o_proj.register_forward_pre_hook(grab(got))
+    ref = {}
+    h2 = plain.model.layers[1].self_attn.o_proj.register_forward_pre_hook(grab(ref))
+    try:
+        with torch.no_grad(), intervene(model, InterventionSpec([Uniform(heads=["L1H2"])])):
+            model.hf(ids)
+        with torch.no_grad():
+            plain(ids)
+    finally:
+        h1.remove()
+        h2.remove()
+    for h in (0, 1, 3):
+        assert torch.equal(got["z"][..., h * D:(h + 1) * D], ref["z"][..., h * D:(h + 1) * D])
+    assert not torch.allclose(got["z"][..., 2 * D:3 * D], ref["z"][..., 2 * D:3 * D])
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss", "llama"])
+def test_fused_kernel_is_never_given_what_it_does_not_implement(zoo, name, monkeypatch):
+    """Under the Triton interpreter: softcap (Gemma2) and learned sinks (gpt-oss) go to the eager engine, with
+    statistics equal to the all-eager run; a plain family (Llama) does take the kernel."""
+    pytest.importorskip("triton")
+    import os
+
+    import probe.kernels as pk
+    from probe.call import parse_call
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels run on CPU only under TRITON_INTERPRET=1")
+    q, k, _ = qkv(H=2, KV=2)
+    assert "softcap" in pk.call_supported(parse_call(Attn(), q, k, None, {"softcap": 5.0}))
+    assert "sinks" in pk.call_supported(parse_call(Attn(), q, k, None, {"s_aux": torch.zeros(2)}))
+    assert "bias" in pk.call_supported(parse_call(Attn(), q, k, None, {"position_bias": torch.zeros(1, 2, 6, 6)}))
+    model, _, tok = zoo(name)
+    ids = ids_of(tok, "The quick brown fox")
+    monkeypatch.setenv("HEADWISE_KERNELS", "0")
+    ref = stream_stats(model, ids, groups=GROUPS, verbose=False)
+    monkeypatch.setenv("HEADWISE_KERNELS", "interpret")
+    calls, real = [], pk.fused_attend
+    monkeypatch.setattr(pk, "fused_attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = stream_stats(model, ids, groups=GROUPS, verbose=False)
+    assert (len(calls) == model.n_layers) if name == "llama" else not calls
+    for key in ("entropy", "max_prob", "group_mass", "received_sum", "received_count", "sink_mass"):
+        torch.testing.assert_close(getattr(got, key), getattr(ref, key), atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_records_of_sink_models_keep_the_sinks_share(zoo, tmp_path):
+    from probe import AttentionRecord, CorruptFileError
+
+    model, plain, tok = zoo("gpt_oss")
+    ids = ids_of(tok, "sinks take mass")
+    p = eager_patterns(plain, ids).float()
+    kw = dict(model_id="tiny-gpt_oss", token_ids=tuple(ids[0].tolist()), tokens=tuple(model.str_tokens(ids)),
+              layers=tuple(range(model.n_layers)), heads=tuple(range(model.n_heads)), patterns=p)
+    rec = AttentionRecord(**kw, sink_mass=1.0 - p.sum(-1))
+    assert float(p.sum(-1).min()) < 0.9  # rows really are short of 1
+    back = AttentionRecord.load(rec.save(tmp_path / "sinks.safetensors"))
+    assert torch.equal(back.sink_mass, rec.sink_mass) and torch.equal(back.patterns, rec.patterns)
+    AttentionRecord(**kw).save(tmp_path / "no-sinks.safetensors")
+    with pytest.raises(CorruptFileError, match="sum to 1"):
+        AttentionRecord.load(tmp_path / "no-sinks.safetensors")  # rows below 1 without the sink's share: damaged
+    AttentionRecord(**kw, sink_mass=0.5 * (1.0 - p.sum(-1))).save(tmp_path / "wrong.safetensors")
+    with pytest.raises(CorruptFileError):
+        AttentionRecord.load(tmp_path / "wrong.safetensors")
+
+
+def test_cache_argument_follows_the_installed_forward_signature():
+    from probe.compat import cache_arg, output_cache, with_cache
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            pass
+
+    class New:
+        def forward(self, input_ids, cache=None, use_cache=None):
+            pass
+
+    class Neither:
+        def forward(self, input_ids):
+            pass
+
+    assert cache_arg(Old()) == "past_key_values" and with_cache(New(), 1) == {"cache": 1}
+    with pytest.raises(UnsupportedModelError, match="Neither"):
+        cache_arg(Neither())
+    assert output_cache({"logits": 0, "past_key_values": 7}) == 7 and output_cache({"cache": 3}) == 3
+
+
+def test_echo_into_a_window_that_lost_the_sources_keys_is_refused(zoo):
+    """Qwen2 here has a full layer 0 and sliding layers 1-2: in decode past the window, layer 1's cache no longer
+    holds the tokens layer 0 attends to, so echoing layer 0's pattern into it cannot be exact."""
+    from probe import PatternEcho
+
+    model, _, tok = zoo("qwen2")
+    ids = ids_of(tok)
+    with torch.no_grad(), intervene(model, InterventionSpec([PatternEcho(heads=["L1H0"], source="L0H0")])):
+        model.hf(ids)  # prefill: both layers see every position
+        with pytest.raises(UnsupportedModelError, match="sliding-window"):
+            _greedy(model.hf, ids, n=2)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from probe.compat import output_cache, with_cache
 from probe.errors import InputError
 from probe.heads import HeadId
 from probe.interventions import InterventionSpec, SpanBoost
@@ -54,8 +55,8 @@ def _candidate(model, reg: Regions, past, logits, n: int, stop: set[int], sample
             if t in stop:
                 break
             toks.append(t)
-            out = model.hf(torch.tensor([[t]]), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1]
+            out = model.hf(torch.tensor([[t]]), **with_cache(model.hf, past), use_cache=True)
+            past, logits = output_cache(out), out.logits[0, -1]
     lr = ratios_from_stats(col.result(), reg, "one") if toks else torch.zeros(0, model.n_layers, model.n_heads)
     return toks, lr, past, logits
 
@@ -83,7 +84,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
     request = StatsRequest(groups=tuple(reg.groups()), received=False, from_pos=T - 1)
     with collect_stats(model, request) as col, torch.no_grad():
         out = model.hf(ids, use_cache=True)
-    past, logits = out.past_key_values, out.logits[0, -1]
+    past, logits = output_cache(out), out.logits[0, -1]
     carry = ratios_from_stats(col.result(), reg, "one")[-1:]     # row that produces the next token
     kept, rows, scores = [], [], []
     while len(kept) < max_new_tokens:

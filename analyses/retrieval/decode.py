@@ -14,6 +14,7 @@ from contextlib import ExitStack
 import torch
 
 from probe import InterventionSpec, KeyGroup, StatsRequest, Uniform, collect_stats, intervene
+from probe.compat import output_cache, with_cache
 from probe.records import run_metadata
 
 _STOP: dict[str, set[int]] = {}
@@ -33,7 +34,7 @@ def prefill(model, ids: torch.Tensor):
     """KV cache of ``ids[:, :-1]`` on the fast path (the registered attention is SDPA while idle)."""
     with torch.no_grad():
         out = model.hf(ids[:, :-1], use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    return output_cache(out)
 
 
 def decode(model, ids: torch.Tensor, past, *, max_new_tokens: int = 50, span=None, heads=None):
@@ -56,7 +57,7 @@ def decode(model, ids: torch.Tensor, past, *, max_new_tokens: int = 50, span=Non
             stack.enter_context(intervene(model, InterventionSpec([Uniform(heads=list(heads), phase="decode")])))
         inp = ids[:, -1:]
         for _ in range(max_new_tokens):
-            out = model.hf(inp, past_key_values=past, use_cache=True)
+            out = model.hf(inp, **with_cache(model.hf, past), use_cache=True)
             nxt = int(out.logits[0, -1].argmax())
             if nxt in eos:
                 break
