@@ -256,6 +256,9 @@ def _positions(name: str, kwargs: dict, vis, diag: int, Tq: int, K: int, device)
         if kwargs.get("sliding_window") is not None:
             raise UnsupportedModelError(f"{name} passes a sliding window but no position_ids: headwise cannot tell which "
                                         "tokens a sliding-window cache still holds")
+        if vis is not None and bool((~vis.any(1).any(1))[:, :diag + Tq].any()):  # a past key no query sees: padding
+            raise UnsupportedModelError(f"{name} gets a padded batch but no position_ids: headwise cannot tell which "
+                                        "token position each key holds; pass position_ids (or upgrade transformers)")
         return own[None], torch.arange(K, device=device)[None]
     pos = torch.as_tensor(pos, device=device).long()
     pos = pos[None] if pos.dim() == 1 else pos

@@ -342,7 +342,7 @@ def test_unknown_attention_arguments_are_refused_by_name():
 
 @pytest.mark.parametrize("case, match", [
     ("dropout", "model.eval"), ("block_mask", "flex"), ("flash_mask", "sdpa"), ("bidirectional", "bidirectional"),
-    ("packed", "packed"), ("window_without_positions", "position_ids")])
+    ("packed", "packed"), ("window_without_positions", "position_ids"), ("padding_without_positions", "padded")])
 def test_calls_the_engine_cannot_compute_exactly_are_refused(case, match):
     from probe.call import parse_call
 
@@ -358,6 +358,9 @@ def test_calls_the_engine_cannot_compute_exactly_are_refused(case, match):
         mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
     elif case == "packed":
         kwargs = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}
+    elif case == "padding_without_positions":
+        mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+        mask[..., :2] = False  # two pads on the left, and no position ids to say where the tokens start
     else:
         kwargs = {"sliding_window": 4}
     with pytest.raises(UnsupportedModelError, match=match):
