@@ -197,11 +197,12 @@ def _read_mask(name: str, mask, Tq: int, K: int):
     if mask is None:
         return None, None
     if not isinstance(mask, torch.Tensor):
-        raise UnsupportedModelError(f"{name} passes a {type(mask).__name__} attention mask (flex attention): headwise's "
-                                    "engine reads sdpa and eager masks; load the model with attn_implementation='sdpa'")
+        raise UnsupportedModelError(f"{name} passes a {type(mask).__name__} attention mask (flex attention): "
+                                    "headwise's engine reads sdpa and eager masks; load the model with "
+                                    "attn_implementation='sdpa'")
     if mask.dim() != 4 or mask.shape[-2] not in (1, Tq) or mask.shape[-1] < K:
-        raise UnsupportedModelError(f"{name} passes an attention mask of shape {tuple(mask.shape)} for {Tq} queries and "
-                                    f"{K} keys (a flash-attention 2D mask?): load the model with "
+        raise UnsupportedModelError(f"{name} passes an attention mask of shape {tuple(mask.shape)} for {Tq} queries "
+                                    f"and {K} keys (a flash-attention 2D mask?): load the model with "
                                     "attn_implementation='sdpa' or 'eager'")
     mask = mask[..., :K].expand(*mask.shape[:2], Tq, K)
     if mask.dtype == torch.bool:
@@ -254,8 +255,8 @@ def _positions(name: str, kwargs: dict, vis, diag: int, Tq: int, K: int, device)
         pos = kwargs.get("cache_position")
     if pos is None:
         if kwargs.get("sliding_window") is not None:
-            raise UnsupportedModelError(f"{name} passes a sliding window but no position_ids: headwise cannot tell which "
-                                        "tokens a sliding-window cache still holds")
+            raise UnsupportedModelError(f"{name} passes a sliding window but no position_ids: headwise cannot tell "
+                                        "which tokens a sliding-window cache still holds")
         if vis is not None and bool((~vis.any(1).any(1))[:, :diag + Tq].any()):  # a past key no query sees: padding
             raise UnsupportedModelError(f"{name} gets a padded batch but no position_ids: headwise cannot tell which "
                                         "token position each key holds; pass position_ids (or upgrade transformers)")

@@ -32,7 +32,7 @@ def cache_arg(hf) -> str:
 
 
 def with_cache(hf, cache) -> dict:
-    """Keyword arguments that hand ``cache`` to ``hf``'s forward: ``hf(ids, **with_cache(hf, past), use_cache=True)``."""
+    """Keyword arguments handing ``cache`` to ``hf``'s forward: ``hf(ids, **with_cache(hf, past), use_cache=True)``."""
     return {cache_arg(hf): cache}
 
 

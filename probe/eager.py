@@ -189,7 +189,8 @@ def row_stats(probs: torch.Tensor, groups: torch.Tensor | None, scores: torch.Te
         logp = torch.log(probs.clamp(min=torch.finfo(probs.dtype).tiny))
         entropy = -torch.einsum("...k,...k->...", probs, logp)
     else:
-        lse = scores.gather(-1, argmax[..., None])[..., 0] - torch.log(max_prob.clamp(min=torch.finfo(probs.dtype).tiny))
+        tiny = torch.finfo(probs.dtype).tiny
+        lse = scores.gather(-1, argmax[..., None])[..., 0] - torch.log(max_prob.clamp(min=tiny))
         entropy = torch.where(max_prob > 0, lse - torch.einsum("...k,...k->...", probs, scores),
                               torch.zeros_like(lse))
     out = {"entropy": entropy.clamp(min=0.0), "max_prob": max_prob, "argmax": argmax}

@@ -142,7 +142,7 @@ def verify(hf, rt) -> None:
             "Use a family whose modeling code calls ALL_ATTENTION_FUNCTIONS (the README lists them)")
     odd = sorted(str(l) for l, n in check.calls.items() if n != 1 or not (isinstance(l, int) and 0 <= l < L))
     if odd or check.problems:
-        raise UnsupportedModelError(f"{model}'s attention calls do not map one to one onto its {L} layers "
-                                    f"({'; '.join(check.problems) or 'layers called twice or unknown: ' + ', '.join(odd)}): "
+        why = "; ".join(check.problems) or "layers called twice or unknown: " + ", ".join(odd)
+        raise UnsupportedModelError(f"{model}'s attention calls do not map one to one onto its {L} layers ({why}): "
                                     "headwise addresses heads as (layer, head) and cannot address this model")
     rt.refusal = check.refusal

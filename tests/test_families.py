@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from probe import (InterventionSpec, KeyGroup, SinkCalibration, SpanBoost, SpanKnockout, Temperature, Uniform,
-                   UnsupportedModelError, ZeroAblate, collect_stats, generate_with_stats, install, intervene,
+from probe import (InterventionSpec, KeyGroup, SinkCalibration, SpanBoost, SpanKnockout, StatsRequest, Temperature,
+                   Uniform, UnsupportedModelError, ZeroAblate, collect_stats, generate_with_stats, install, intervene,
                    stream_stats)
 from probe.models import Model, weights_fingerprint
 from probe.models.tiny import BYPASSING, FAMILIES, WINDOW, tiny_family
@@ -404,6 +404,53 @@ def test_softcap_bias_sinks_and_float_masks_in_the_models_order():
     probs, sink = (torch.cat(x, 2) for x in zip(*seen))
     torch.testing.assert_close(probs, p)
     torch.testing.assert_close(sink + probs.sum(-1), torch.ones_like(sink))  # the sink's share, reported
+
+
+@pytest.mark.parametrize("kind", ["sliding", "chunked", "padded"])
+def test_masks_built_by_transformers_are_the_truth(kind):
+    """Sliding-window, chunked (Llama 4) and left-padded masks, as transformers builds them, in the engine."""
+    from transformers.masking_utils import (chunked_causal_mask_function, sdpa_mask,
+                                            sliding_window_causal_mask_function)
+
+    from probe import eager
+    from probe.call import parse_call
+
+    T = 9
+    q, k, v = qkv(B=2, H=2, KV=1, T=T)
+    pad = torch.ones(2, T, dtype=torch.bool)
+    fn = {"sliding": sliding_window_causal_mask_function(3),
+          "chunked": chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))}.get(kind)
+    if kind == "padded":
+        pad[1, :3] = False
+    mask = sdpa_mask(batch_size=2, q_length=T, kv_length=T, attention_mask=pad, allow_is_causal_skip=False,
+                     **({"mask_function": fn} if fn else {}))
+    pos = (pad.long().cumsum(1) - 1).clamp(min=0)
+    call = parse_call(Attn(), q, k, mask, {"position_ids": pos})
+    out = eager.attend(q, k, v, call=call, chunk=4)
+    ref, _ = manual_attention(q, k, v, 8 ** -0.5, mask)
+    real = mask.any(-1)[:, 0]  # rows that see a key (padding rows give zeros here, NaN in the dense reference)
+    torch.testing.assert_close(out[real], ref[real])
+    assert call.k_pos.tolist()[1][:4] == ([-3, -2, -1, 0] if kind == "padded" else [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_static_caches_map_to_the_same_positions(zoo, name):
+    """A static cache (free slots after the queries; for sliding layers a rolling buffer): same statistics."""
+    model, _, tok = zoo(name)
+    ids = ids_of(tok, "The quick brown fox jumps over")
+    T = ids.shape[1]
+    req = dict(groups=(KeyGroup("a", 0, 3), KeyGroup("b", T - 4, T + 2)))
+    got = {}
+    for impl in ("dynamic", "static"):
+        with torch.no_grad(), collect_stats(model, StatsRequest(**req)) as c:
+            got[impl] = (model.hf.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=impl,
+                                           pad_token_id=tok.pad_token_id), c.result())
+    (a, sa), (b, sb) = got["dynamic"], got["static"]
+    assert torch.equal(a, b) and torch.equal(sa.query_pos, sb.query_pos) and torch.equal(sa.argmax, sb.argmax)
+    K = sa.received_sum.shape[-1]
+    torch.testing.assert_close(sa.group_mass, sb.group_mass, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sa.received_sum, sb.received_sum[..., :K], atol=1e-5, rtol=1e-5)
+    assert torch.equal(sa.received_count, sb.received_count[..., :K])
 
 
 def test_engine_refused_where_it_cannot_reproduce_the_model(monkeypatch):
