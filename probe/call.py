@@ -143,6 +143,24 @@ class AttentionCall:
         return dataclasses.replace(self, mask=pick(self.mask), bias=pick(self.bias),
                                    sinks=None if self.sinks is None else self.sinks[heads])
 
+    def align(self, pattern: torch.Tensor, src_pos: torch.Tensor) -> torch.Tensor:
+        """A pattern ``[B, Tq, K_src]`` over keys at positions ``src_pos [B|1, K_src]``, placed on this call's keys.
+
+        Raises when the pattern has mass on a position this call's keys do not hold (a sliding-window
+        layer in decode no longer holds what a full layer attends to).
+        """
+        if pattern.shape[-1] == self.n_keys and torch.equal(src_pos, self.k_pos):
+            return pattern
+        idx = self.k_pos - src_pos[:, :1]                               # [B|1, K]: source index of each key
+        ok = (idx >= 0) & (idx < pattern.shape[-1])
+        out = pattern.gather(-1, idx.clamp(0, pattern.shape[-1] - 1)[:, None, :].expand(pattern.shape[0], -1, -1))
+        out = out * ok[:, None, :]
+        if not torch.allclose(out.sum(-1), pattern.sum(-1), atol=1e-5):
+            raise UnsupportedModelError(f"PatternEcho into layer {self.layer}: its keys do not hold every token the "
+                                        "source head attends to (a sliding-window layer in decode); echo into a "
+                                        "full layer")
+        return out
+
     def bias_rows(self, rows: slice, heads=None) -> torch.Tensor | None:
         if self.bias is None:
             return None

@@ -20,7 +20,6 @@ True
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from contextlib import contextmanager
 from typing import Iterator, Protocol
@@ -144,7 +143,7 @@ class Runtime:
     def _eager(self, query, key, value, call: AttentionCall, plan, watchers) -> torch.Tensor:
         """The eager engine with every observer: echo stores, collectors, pattern taps."""
         layer, Tq, K = call.layer, call.n_queries, call.n_keys
-        echo = {h: _aligned(*self._echo[src], call) for h, src in plan.echo.items()}
+        echo = {h: call.align(*self._echo[src]) for h, src in plan.echo.items()}
         stores = {h: torch.zeros(query.shape[0], Tq, K, device=query.device)
                   for h in self._echo_sources(layer, call.decoding)}
         probe_taps = self._probe_taps(layer)
@@ -208,20 +207,6 @@ class Runtime:
     def _echo_sources(self, layer: int, decoding: bool) -> set[int]:
         return {e.source.head for e in self.spec.edits
                 if isinstance(e, PatternEcho) and e.active(decoding) and e.source.layer == layer}
-
-
-def _aligned(pattern: torch.Tensor, src_pos: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """A source head's pattern ``[B, Tq, K_src]`` placed on this call's keys (they may hold other positions)."""
-    if pattern.shape[-1] == call.n_keys and torch.equal(src_pos, call.k_pos):
-        return pattern
-    idx = call.k_pos - src_pos[:, :1]                                   # [B|1, K]: source index of each key
-    ok = (idx >= 0) & (idx < pattern.shape[-1])
-    out = pattern.gather(-1, idx.clamp(0, pattern.shape[-1] - 1)[:, None, :].expand(pattern.shape[0], -1, -1))
-    out = out * ok[:, None, :]
-    if not torch.allclose(out.sum(-1), pattern.sum(-1), atol=1e-5):
-        raise UnsupportedModelError(f"PatternEcho into layer {call.layer}: its keys do not hold every token the source "
-                                    "head attends to (a sliding-window layer in decode); echo into a full layer")
-    return out
 
 
 def _fused_ok(query, plan: eager.LayerPlan, call: AttentionCall, watchers: list[StatsCollector]) -> bool:

@@ -71,7 +71,8 @@ class HeadStats:
     row per decode step); ``group_mass`` adds a group axis; ``sink_mass`` is the share a learned sink
     (gpt-oss ``s_aux``) took, zero for models without one (rows of the real pattern sum to 1 - sink);
     ``received_sum`` is ``[layer, head, key]`` and ``received_count`` ``[layer, key]`` (the queries that
-    could see each key). ``layers`` maps the first axis to model layers; ``argmax`` holds key positions.
+    could see each key); ``group_count`` ``[layer, query, group]`` is how many keys of each group the
+    row could see (a sliding window hides old ones: divide a group mass by it for a mean per key). ``layers`` maps the first axis to model layers; ``argmax`` holds key positions.
     """
 
     model_id: str
@@ -87,6 +88,7 @@ class HeadStats:
     token_ids: tuple[int, ...] = ()
     meta: dict = field(default_factory=dict)
     sink_mass: torch.Tensor | None = None
+    group_count: torch.Tensor | None = None  # None in files written before it existed
 
     def __post_init__(self):
         if self.sink_mass is None:
@@ -126,6 +128,8 @@ class HeadStats:
     def save(self, path: str | Path) -> Path:
         tensors = {k: getattr(self, k) for k in ("query_pos", "entropy", "max_prob", "argmax", "group_mass",
                                                   "received_sum", "received_count", "sink_mass")}
+        if self.group_count is not None:
+            tensors["group_count"] = self.group_count
         meta = {"format": FORMAT, "version": 2, "model_id": self.model_id, "layers": list(self.layers),
                 "group_names": list(self.group_names), "token_ids": list(self.token_ids), "meta": self.meta}
         return write_tensors(path, tensors, meta)
@@ -184,6 +188,8 @@ class StatsCollector:
         stats["argmax"] = k_pos[stats["argmax"]]
         if sink is not None:
             stats["sink_mass"] = sink
+        if groups is not None:
+            stats["group_count"] = (seen[0, 0].to(probs.dtype) @ groups.T.to(probs.dtype))[None]
         self._add_rows(layer, chunk.q_pos[0][keep], stats)
         if self.request.received:
             self._add_received(layer, k_pos, probs[0].sum(1).detach().double(), seen[0, 0].sum(0).double())
@@ -207,6 +213,9 @@ class StatsCollector:
             raise InputError(f"got {row['group_mass'].shape[-1]} group masses for {len(self.request.groups)} "
                              "key groups: pass the request's groups to the kernel")
         row["argmax"] = call.k_pos[0][row["argmax"]]
+        if self.request.groups:
+            groups = torch.stack([g.contains(call.k_pos[0]) for g in self.request.groups]).float()
+            row["group_count"] = (call.visible(slice(None))[0, 0][keep].float() @ groups.T)[None]
         self._add_rows(layer, q_pos[keep], row)
         if self.request.received and received is not None:
             row0 = int(torch.nonzero(keep)[0])
@@ -246,19 +255,20 @@ class StatsCollector:
         G = len(self.request.groups)
         stack = lambda key: torch.stack([p[key] for p in per_layer])  # noqa: E731
         group_mass = stack("group_mass") if G else torch.zeros(*stack("entropy").shape, 0)
+        group_count = stack("group_count") if G else torch.zeros(len(self.layers), stack("entropy").shape[-1], 0)
         return HeadStats(model_id=self.model_id, layers=self.layers,
                          group_names=tuple(g.name for g in self.request.groups),
                          query_pos=per_layer[0]["q_pos"], entropy=stack("entropy").float(),
                          max_prob=stack("max_prob").float(), argmax=stack("argmax").long(),
                          group_mass=group_mass.float(), received_sum=recv, received_count=count,
                          token_ids=tuple(int(t) for t in token_ids), meta=meta or {},
-                         sink_mass=stack("sink_mass").float())
+                         sink_mass=stack("sink_mass").float(), group_count=group_count.float())
 
     @staticmethod
     def _cat(chunks: list[dict]) -> dict[str, torch.Tensor]:
         keys = chunks[0].keys()
-        out = {k: torch.cat([c[k][0] if k != "q_pos" else c[k] for c in chunks], dim=-1 if k != "group_mass" else -2)
-               for k in keys}
+        out = {k: torch.cat([c[k][0] if k != "q_pos" else c[k] for c in chunks],
+                            dim=-2 if k in ("group_mass", "group_count") else -1) for k in keys}
         return out
 
     def _pad(self, t: torch.Tensor | None, K: int, rows: bool = True) -> torch.Tensor:

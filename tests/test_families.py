@@ -87,6 +87,14 @@ def reference_stats(p: torch.Tensor, n_keys: int) -> dict:
             "received_sum": p.sum(2), "argmax": p.argmax(-1)}
 
 
+def group_counts(cfg, rows: range, n_keys: int) -> torch.Tensor:
+    """``[L, rows, G]``: keys of each group a row sees (causal, within the layer's window)."""
+    j = torch.arange(n_keys)[None, :]
+    i = torch.tensor(list(rows))[:, None]
+    gm = torch.stack([((j[0] >= g.start) & ((j[0] < g.stop) if g.stop else True)).double() for g in GROUPS])
+    return torch.stack([((j <= i) & ((i - j < w) if w else True)).double() @ gm.T for w in windows(cfg)])
+
+
 def compare_stats(st, ref: dict, record, tag: str, atol=2e-5) -> None:
     worst = 0.0
     for key in ("entropy", "max_prob", "group_mass", "sink_mass", "received_sum"):
@@ -145,6 +153,7 @@ def test_prefill_statistics_equal_eager_patterns(zoo, name, record_property):
     p = eager_patterns(plain, ids)
     compare_stats(st, reference_stats(p, T), record_property, "prefill_max_diff")
     assert torch.equal(st.received_count.double(), visible_counts(plain.config, range(T), T))
+    assert torch.equal(st.group_count.double(), group_counts(plain.config, range(T), T))
     if name == "gpt_oss":
         assert float(st.sink_mass.mean()) > 0.05  # the sinks take real mass: rows of the real pattern sum below 1
 
@@ -162,6 +171,8 @@ def test_decode_statistics_past_the_window(zoo, name, record_property):
     compare_stats(gen.stats, reference_stats(p, full.shape[1]), record_property, "decode_max_diff")
     want = visible_counts(plain.config, range(T - 1, full.shape[1]), full.shape[1])
     assert torch.equal(gen.stats.received_count.double()[:, :want.shape[1]], want)
+    assert torch.equal(gen.stats.group_count.double(), group_counts(plain.config, range(T - 1, full.shape[1]),
+                                                                    full.shape[1]))
 
 
 def reference_attention(edits: dict):
@@ -539,7 +550,7 @@ def test_fused_kernel_is_never_given_what_it_does_not_implement(zoo, name, monke
     monkeypatch.setattr(pk, "fused_attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = stream_stats(model, ids, groups=GROUPS, verbose=False)
     assert (len(calls) == model.n_layers) if name == "llama" else not calls
-    for key in ("entropy", "max_prob", "group_mass", "received_sum", "received_count", "sink_mass"):
+    for key in ("entropy", "max_prob", "group_mass", "group_count", "received_sum", "received_count", "sink_mass"):
         torch.testing.assert_close(getattr(got, key), getattr(ref, key), atol=1e-4, rtol=1e-4, msg=key)
 
 
