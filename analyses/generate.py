@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from probe.checks import check_generation
 from probe.errors import InputError
 
 
@@ -64,6 +65,7 @@ def _run(args) -> int:
 
 def _greedy(model, args) -> None:
     ids = model.encode(model.chat(args.prompt) if args.chat else args.prompt)
+    check_generation(model, ids.shape[1], args.max_new_tokens)
     with torch.no_grad():
         out = model.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                 do_sample=False, pad_token_id=model.tokenizer.eos_token_id)

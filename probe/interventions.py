@@ -24,16 +24,18 @@ True
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
-from .errors import CorruptFileError, InputError
-from .heads import HeadId, HeadLayout, as_heads
+from . import edit_fields
+from .errors import HeadOutOfRangeError, InputError, SpecError
+from .heads import HeadId, HeadLayout
 
 PHASES = ("all", "prefill", "decode")
+FORMAT = "headwise.interventions"
+VERSIONS = (1,)  # spec format versions this headwise reads
 
 
 def _heads_field():
@@ -48,8 +50,8 @@ class Edit:
     stage: ClassVar[str] = "scores"
 
     def __post_init__(self):
-        object.__setattr__(self, "heads", tuple(as_heads(self.heads)))
-        if self.phase not in PHASES:
+        object.__setattr__(self, "heads", edit_fields.heads(self.heads))
+        if not isinstance(self.phase, str) or self.phase not in PHASES:
             raise InputError(f"phase must be one of {PHASES}, not {self.phase!r}")
         self._validate()
 
@@ -86,10 +88,12 @@ class MeanAblate(Edit):
     stage: ClassVar[str] = "output"
 
     def __post_init__(self):
-        heads = [HeadId.parse(h) if isinstance(h, str) else HeadId(*h) for h in self.heads]
-        vals = tuple(torch.as_tensor(v, dtype=torch.float32) for v in self.values)
+        heads = list(edit_fields.heads(self.heads, keep_order=True))
+        if len(set(heads)) != len(heads):
+            raise InputError(f"heads: {heads} name a head twice; MeanAblate takes one value per head")
+        vals = tuple(edit_fields.values(self.values))
         if len(vals) != len(heads):
-            raise InputError(f"MeanAblate needs one value per head: {len(heads)} heads, {len(vals)} values")
+            raise InputError(f"values: MeanAblate needs one value per head: {len(heads)} heads, {len(vals)} values")
         order = sorted(range(len(heads)), key=lambda i: heads[i])
         object.__setattr__(self, "values", tuple(vals[i] for i in order))
         super().__post_init__()
@@ -116,8 +120,7 @@ class Temperature(Edit):
     kind: ClassVar[str] = "temperature"
 
     def _validate(self):
-        if not self.temperature > 0 or not math.isfinite(self.temperature):
-            raise InputError(f"temperature must be a positive number, not {self.temperature}")
+        edit_fields.number("temperature", self.temperature, above=0)
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,9 @@ class SpanBoost(Edit):
     kind: ClassVar[str] = "span_boost"
 
     def _validate(self):
-        object.__setattr__(self, "spans", _spans(self.spans))
-        if self.rows not in ("all", "last"):
-            raise InputError(f"rows must be 'all' or 'last', not {self.rows!r}")
+        object.__setattr__(self, "spans", edit_fields.spans(self.spans))
+        edit_fields.choice("rows", self.rows, ("all", "last"))
+        edit_fields.number("alpha", self.alpha)
 
 
 @dataclass(frozen=True)
@@ -142,9 +145,8 @@ class SpanKnockout(Edit):
     kind: ClassVar[str] = "span_knockout"
 
     def _validate(self):
-        object.__setattr__(self, "spans", _spans(self.spans))
-        if self.rows not in ("all", "last"):
-            raise InputError(f"rows must be 'all' or 'last', not {self.rows!r}")
+        object.__setattr__(self, "spans", edit_fields.spans(self.spans))
+        edit_fields.choice("rows", self.rows, ("all", "last"))
 
 
 @dataclass(frozen=True)
@@ -168,12 +170,18 @@ class SinkCalibration(Edit):
     stage: ClassVar[str] = "pattern"
 
     def _validate(self):
-        if not 0 < self.beta <= 1:
-            raise InputError(f"beta must be in (0, 1], not {self.beta}: 1 leaves attention unchanged")
-        if self.rule not in ("tau", "alpha"):
-            raise InputError(f"sink rule must be 'tau' or 'alpha', not {self.rule!r}")
+        beta = edit_fields.number("beta", self.beta, above=0)
+        if beta > 1:
+            raise InputError(f"beta must be in (0, 1], not {beta}: 1 leaves attention unchanged")
+        edit_fields.number("tau", self.tau, at_least=0)
+        edit_fields.number("alpha", self.alpha, above=0)
+        edit_fields.choice("rule", self.rule, ("tau", "alpha"))
+        if not isinstance(self.keep_first, bool):
+            raise InputError(f"keep_first must be true or false, not {self.keep_first!r}")
+        edit_fields.integer("min_queries", self.min_queries, at_least=1)
         if self.sinks is not None:
-            object.__setattr__(self, "sinks", tuple(int(s) for s in self.sinks))
+            sinks = edit_fields.as_list("sinks", self.sinks)
+            object.__setattr__(self, "sinks", tuple(edit_fields.integer("sinks", i, at_least=0) for i in sinks))
 
 
 @dataclass(frozen=True)
@@ -186,11 +194,11 @@ class PatternEcho(Edit):
 
     def _validate(self):
         if self.source is None:
-            raise InputError("PatternEcho needs a source head, e.g. source='L3H1'")
-        src = HeadId.parse(self.source) if isinstance(self.source, str) else HeadId(*self.source)
+            raise InputError("source: PatternEcho needs a source head, e.g. source='L3H1'")
+        src = edit_fields.heads([self.source], what="source")[0]
         object.__setattr__(self, "source", src)
         if any(h.layer <= src.layer for h in self.heads):
-            raise InputError(f"PatternEcho source {src} must be in an earlier layer than every target")
+            raise InputError(f"source: PatternEcho source {src} must be in an earlier layer than every target")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -227,56 +235,80 @@ class InterventionSpec:
     def heads(self) -> list[HeadId]:
         return sorted({h for e in self.edits for h in e.heads})
 
-    def validate(self, layout: HeadLayout) -> "InterventionSpec":
-        for e in self.edits:
-            for h in e.heads:
-                layout.check(h)
-            if isinstance(e, PatternEcho):
-                layout.check(e.source)
+    def validate(self, layout: HeadLayout, *, n_ctx: int | None = None) -> "InterventionSpec":
+        """Check every edit against the model it is applied to: heads in range, positions within ``n_ctx``."""
+        for i, e in enumerate(self.edits):
+            where = f"edits[{i}] ({e.kind})"
+            try:
+                for h in e.heads + ((e.source,) if isinstance(e, PatternEcho) else ()):
+                    layout.check(h)
+            except HeadOutOfRangeError as exc:
+                raise HeadOutOfRangeError(f"{where}: {exc}") from None
+            if n_ctx is not None:
+                _check_positions(e, n_ctx, where)
         return self
 
     def to_dict(self) -> dict:
-        return {"format": "headwise.interventions", "version": 1, "edits": [e.to_dict() for e in self.edits]}
+        return {"format": FORMAT, "version": 1, "edits": [e.to_dict() for e in self.edits]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> "InterventionSpec":
-        if not isinstance(d, dict) or d.get("format") != "headwise.interventions":
-            raise CorruptFileError("not a headwise intervention spec (missing format 'headwise.interventions')")
-        return cls(edit_from_dict(e) for e in d.get("edits", []))
+        """Parse the JSON form; any problem is a :class:`SpecError` naming the edit and the field."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise SpecError(f"not a headwise intervention spec (missing format {FORMAT!r})")
+        if d.get("version", 1) not in VERSIONS:
+            raise SpecError(f"intervention spec version {d.get('version')!r} is not one this headwise reads "
+                            f"({', '.join(map(str, VERSIONS))}): write it again with this headwise")
+        unknown = sorted(set(d) - {"format", "version", "edits"})
+        if unknown:
+            raise SpecError(f"intervention spec: unknown field(s) {unknown}; a spec has format, version and edits")
+        edits = d.get("edits", [])
+        if not isinstance(edits, list):
+            raise SpecError(f"intervention spec: edits must be a list, not {type(edits).__name__}")
+        return cls(edit_from_dict(e, where=f"edits[{i}]") for i, e in enumerate(edits))
 
     @classmethod
     def from_json(cls, text: str) -> "InterventionSpec":
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise CorruptFileError(f"intervention spec is not valid JSON: {exc}") from exc
+            d = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SpecError(f"intervention spec is not valid JSON: {exc}") from exc
+        return cls.from_dict(d)
 
 
-def edit_from_dict(d: dict) -> Edit:
-    d = dict(d)
-    kind = d.pop("kind", None)
-    if kind not in EDIT_TYPES:
-        raise CorruptFileError(f"unknown edit kind {kind!r}: expected one of {sorted(EDIT_TYPES)}")
-    if kind == "mean_ablate":
-        d["values"] = tuple(torch.tensor(v["data"], dtype=torch.float32).reshape(v["shape"]) for v in d["values"])
-    if "spans" in d:
-        d["spans"] = tuple(tuple(s) for s in d["spans"])
-    if d.get("sinks") is not None:
-        d["sinks"] = tuple(d["sinks"])
+def edit_from_dict(d: dict, where: str = "edit") -> Edit:
+    """One edit from its JSON form (``where`` names it in errors, e.g. ``edits[2]``)."""
+    if not isinstance(d, dict):
+        raise SpecError(f"{where}: an edit is an object with a 'kind', not {type(d).__name__} {d!r:.80}")
+    kind = d.get("kind")
+    if not isinstance(kind, str) or kind not in EDIT_TYPES:
+        raise SpecError(f"{where}: unknown edit kind {kind!r}: expected one of {sorted(EDIT_TYPES)}")
+    cls, where = EDIT_TYPES[kind], f"{where} ({kind})"
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known - {"kind"})
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) {unknown}; {kind} takes {sorted(known)}")
+    kwargs = {k: v for k, v in d.items() if k != "kind"}
     try:
-        return EDIT_TYPES[kind](**d)
-    except TypeError as exc:
-        raise CorruptFileError(f"bad fields for edit {kind!r}: {exc}") from exc
+        if kind == "mean_ablate":
+            kwargs["values"] = tuple(edit_fields.tensor_from_json(v, f"values[{i}]")
+                                     for i, v in enumerate(edit_fields.as_list("values", kwargs.get("values", []))))
+        return cls(**kwargs)
+    except InputError as exc:
+        raise SpecError(f"{where}: {exc}") from None
 
 
-def _spans(spans) -> tuple[tuple[int, int], ...]:
-    out = []
-    for s in spans:
-        start, stop = (int(x) for x in s)
-        if not 0 <= start < stop:
-            raise InputError(f"span {s} is empty or negative: write spans as (start, stop) with 0 <= start < stop")
-        out.append((start, stop))
-    return tuple(out)
+def _check_positions(e: Edit, n_ctx: int, where: str) -> None:
+    """Positions an edit names (spans, sinks, patched positions) must exist in a context of ``n_ctx``."""
+    for start, stop in getattr(e, "spans", ()):
+        if stop > n_ctx:
+            raise SpecError(f"{where}: spans: ({start}, {stop}) reaches past the model's context of {n_ctx} tokens")
+    for s in getattr(e, "sinks", None) or ():
+        if s >= n_ctx:
+            raise SpecError(f"{where}: sinks: position {s} is past the model's context of {n_ctx} tokens")
+    for i, v in enumerate(getattr(e, "values", ())):
+        if v.dim() == 2 and v.shape[0] > n_ctx:
+            raise SpecError(f"{where}: values[{i}] covers {v.shape[0]} positions, the model's context is {n_ctx}")

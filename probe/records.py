@@ -3,7 +3,9 @@
 ``patterns`` is ``[layer, head, query_pos, key_pos]`` over the chosen ``layers`` and ``heads``.
 For a model with learned attention sinks (gpt-oss ``s_aux``) the rows sum to less than 1 and
 ``sink_mass [layer, head, query_pos]`` records the share the sink took.
-Files are written atomically and validated on load (format tag, shapes, rows plus sink summing to 1).
+Files are written atomically with a sha256 of their contents and validated on load (format tag and
+version, sha256, shapes against the metadata, finite probabilities, causal rows summing to 1 with the
+sink's share, if any).
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from pathlib import Path
 import torch
 
 from .atomic import read_tensors, write_tensors
+from .checks import FileCheck, check_token_ids, meta_list
 from .errors import CorruptFileError, InputError
 from .heads import HeadId
 
 FORMAT = "headwise.attention_record"
+VERSIONS = (1,)  # format versions this headwise reads
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,17 +69,48 @@ class AttentionRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionRecord":
-        tensors, m = read_tensors(path, FORMAT)
+        """Read a record back, refusing a damaged, edited or foreign file (see :func:`_checked_fields`)."""
+        tensors, m = read_tensors(path, FORMAT, versions=VERSIONS)
         try:
-            rec = cls(model_id=m["model_id"], token_ids=tuple(m["token_ids"]), tokens=tuple(m["tokens"]),
-                      layers=tuple(m["layers"]), heads=tuple(m["heads"]), patterns=tensors["patterns"],
-                      meta=m.get("meta", {}), sink_mass=tensors.get("sink_mass"))
-        except (KeyError, InputError) as exc:
+            rec = cls(**_checked_fields(path, tensors, m))
+        except InputError as exc:
             raise CorruptFileError(f"{path}: attention record is inconsistent ({exc}); capture it again") from exc
         if not rec.row_sums_ok():
             raise CorruptFileError(f"{path}: attention rows do not sum to 1 (with the sink's share, if any); the file "
                                    "is damaged, capture it again")
         return rec
+
+
+def _checked_fields(path, tensors: dict, m: dict) -> dict:
+    """The record's fields from a file, each checked: metadata types, layers and heads strictly
+    increasing, one token string per id, patterns ``[layer, head, T, T]`` of finite probabilities
+    with nothing on future keys (causal)."""
+    c = FileCheck(path, "capture it again")
+    if not isinstance(m.get("model_id"), str) or not m["model_id"]:
+        c.fail("the metadata has no model_id")
+    layers, heads = meta_list(c, m, "layers"), meta_list(c, m, "heads")
+    c.increasing("layers", layers)
+    c.increasing("heads", heads)
+    ids = check_token_ids(c, meta_list(c, m, "token_ids"))
+    tokens = meta_list(c, m, "tokens")
+    if len(tokens) != len(ids) or any(not isinstance(t, str) for t in tokens):
+        c.fail(f"{len(tokens)} token strings for {len(ids)} token ids")
+    if set(tensors) not in ({"patterns"}, {"patterns", "sink_mass"}):
+        c.fail(f"tensors {sorted(tensors)}, expected ['patterns'] (and 'sink_mass' for a model with sinks)")
+    pats, sink = tensors["patterns"], tensors.get("sink_mass")
+    c.shape("patterns", pats, (len(layers), len(heads), len(ids), len(ids)))
+    c.probabilities("patterns", pats)
+    if sink is not None:
+        c.shape("sink_mass", sink, (len(layers), len(heads), len(ids)))
+        c.probabilities("sink_mass", sink)
+    future = torch.triu(torch.ones(len(ids), len(ids), dtype=torch.bool), diagonal=1)
+    if bool((pats[..., future].abs() > 1e-6).any()):
+        c.fail("patterns put attention on later positions (a causal model never does)")
+    meta = m.get("meta", {})
+    if not isinstance(meta, dict):
+        c.fail("the metadata's 'meta' is not an object")
+    return dict(model_id=m["model_id"], token_ids=ids, tokens=tuple(tokens), layers=tuple(layers),
+                heads=tuple(heads), patterns=pats, meta=meta, sink_mass=sink)
 
 
 def run_metadata(**extra) -> dict:

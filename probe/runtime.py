@@ -28,6 +28,7 @@ import torch
 
 from . import allocator, eager, native
 from .call import AttentionCall, parse_call
+from .checks import context_length
 from .errors import InputError, UnsupportedModelError
 from .heads import HeadLayout
 from .interventions import InterventionSpec, PatternEcho
@@ -341,7 +342,7 @@ def intervene(model, spec: InterventionSpec) -> Iterator[InterventionSpec]:
     hf = _hf(model)
     previous = hf.config._attn_implementation
     rt = _engine(hf)
-    spec.validate(rt.layout)
+    spec.validate(rt.layout, n_ctx=context_length(hf.config))
     try:
         with _attached(rt, rt.specs, spec):
             yield spec

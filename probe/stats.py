@@ -19,9 +19,13 @@ import torch
 
 from . import eager
 from .atomic import read_tensors, write_tensors
-from .errors import CorruptFileError, InputError
+from .checks import FileCheck, check_token_ids, meta_list
+from .errors import InputError
 
 FORMAT = "headwise.head_stats"
+VERSIONS = (1, 2)  # format versions this headwise reads (1: no sink_mass, one received_count row for all layers)
+TENSORS_V1 = ("query_pos", "entropy", "max_prob", "argmax", "group_mass", "received_sum", "received_count")
+TENSORS = TENSORS_V1 + ("sink_mass",)  # in a version-2 file, with "group_count" when it was collected
 MAX_GROUPS = 16
 
 
@@ -126,8 +130,7 @@ class HeadStats:
         return pd.DataFrame(rows)
 
     def save(self, path: str | Path) -> Path:
-        tensors = {k: getattr(self, k) for k in ("query_pos", "entropy", "max_prob", "argmax", "group_mass",
-                                                  "received_sum", "received_count", "sink_mass")}
+        tensors = {k: getattr(self, k) for k in TENSORS}
         if self.group_count is not None:
             tensors["group_count"] = self.group_count
         meta = {"format": FORMAT, "version": 2, "model_id": self.model_id, "layers": list(self.layers),
@@ -136,16 +139,65 @@ class HeadStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadStats":
-        t, m = read_tensors(path, FORMAT)
-        try:
-            stats = cls(model_id=m["model_id"], layers=tuple(m["layers"]), group_names=tuple(m["group_names"]),
-                        token_ids=tuple(m["token_ids"]), meta=m.get("meta", {}), **t)
-        except (KeyError, TypeError) as exc:
-            raise CorruptFileError(f"{path}: head-stats file is missing {exc}") from exc
-        L, H, Q = stats.entropy.shape
-        if stats.query_pos.shape != (Q,) or stats.group_mass.shape[:3] != (L, H, Q) or len(stats.layers) != L:
-            raise CorruptFileError(f"{path}: head-stats arrays have inconsistent shapes")
+        """Read statistics back, refusing a damaged, edited or foreign file (see :func:`_check_stats`)."""
+        t, m = read_tensors(path, FORMAT, versions=VERSIONS)
+        c = FileCheck(path)
+        if not isinstance(m.get("model_id"), str):
+            c.fail("the metadata has no model_id")
+        layers, names = meta_list(c, m, "layers"), meta_list(c, m, "group_names")
+        c.increasing("layers", layers)
+        c.unique_strings("group_names", names)
+        ids = check_token_ids(c, meta_list(c, m, "token_ids"))
+        want = set(TENSORS_V1) if m.get("version") == 1 else set(TENSORS)
+        if set(t) not in (want, want | {"group_count"}):
+            c.fail(f"tensors {sorted(t)}, expected {sorted(want)}")
+        if not isinstance(m.get("meta", {}), dict):
+            c.fail("the metadata's 'meta' is not an object")
+        stats = cls(model_id=m["model_id"], layers=tuple(layers), group_names=tuple(names), token_ids=ids,
+                    meta=m.get("meta", {}), **t)
+        _check_stats(stats, c)
         return stats
+
+
+def _check_stats(st: HeadStats, c: FileCheck) -> None:
+    """Shapes against each other and the metadata; every number in its range.
+
+    Rows: ``query_pos`` strictly increasing, ``argmax`` a visible key (``<= query_pos``), ``max_prob``,
+    group and sink masses probabilities, entropy in ``[0, log(keys + 1)]``, group counts whole numbers.
+    Keys: ``received_count [layer, key]`` whole numbers of rows, ``received_sum`` in ``[0, received_count]``;
+    no row or key past ``token_ids``.
+    """
+    if st.entropy.dim() != 3:
+        c.fail(f"entropy has shape {tuple(st.entropy.shape)}, expected (layer, head, query)")
+    L, H, Q = st.entropy.shape
+    K = st.received_count.shape[-1] if st.received_count.dim() == 2 else -1
+    if len(st.layers) != L:
+        c.fail(f"the metadata lists {len(st.layers)} layers, the tensors hold {L}")
+    for name, want in (("query_pos", (Q,)), ("max_prob", (L, H, Q)), ("argmax", (L, H, Q)),
+                       ("group_mass", (L, H, Q, len(st.group_names))), ("received_count", (L, None)),
+                       ("received_sum", (L, H, K)), ("sink_mass", (L, H, Q))):
+        c.shape(name, getattr(st, name), want)
+    if st.group_count is not None:
+        c.shape("group_count", st.group_count, (L, Q, len(st.group_names)))
+        c.between("group_count", st.group_count, 0, st.query_pos.double()[None, :, None] + 1, tol=0)
+        if bool((st.group_count != st.group_count.round()).any()):
+            c.fail("group_count holds fractions (it counts keys)")
+    c.integers("query_pos", st.query_pos)
+    c.integers("argmax", st.argmax)
+    c.increasing("query_pos", st.query_pos.tolist())
+    qp = st.query_pos.double()
+    c.between("argmax", st.argmax, 0, qp, tol=0)
+    c.probabilities("max_prob", st.max_prob)
+    c.probabilities("group_mass", st.group_mass)
+    c.probabilities("sink_mass", st.sink_mass)
+    c.between("entropy", st.entropy, 0.0, torch.log(qp + 2))
+    count = st.received_count.double()
+    c.between("received_count", count, 0, Q, tol=0)
+    if bool((count != count.round()).any()):
+        c.fail("received_count holds fractions (it counts query rows)")
+    c.between("received_sum", st.received_sum, 0.0, count[:, None, :] * (1 + 1e-4))
+    if st.token_ids and ((Q and int(qp.max()) >= len(st.token_ids)) or K > len(st.token_ids)):
+        c.fail(f"rows or keys reach past the {len(st.token_ids)} token ids")
 
 
 class StatsCollector:
@@ -192,7 +244,8 @@ class StatsCollector:
             stats["group_count"] = (seen[0, 0].to(probs.dtype) @ groups.T.to(probs.dtype))[None]
         self._add_rows(layer, chunk.q_pos[0][keep], stats)
         if self.request.received:
-            self._add_received(layer, k_pos, probs[0].sum(1).detach().double(), seen[0, 0].sum(0).double())
+            self._add_received(layer, k_pos, probs[0].sum(1).detach().double(), seen[0, 0].sum(0).double(),
+                               int(chunk.q_pos[0].max()))
 
     def on_stats(self, layer: int, call, stats: dict[str, torch.Tensor], received: torch.Tensor | None = None) -> None:
         """Precomputed row statistics (the fused-kernel path; same meaning as :meth:`on_chunk`).
@@ -220,7 +273,7 @@ class StatsCollector:
         if self.request.received and received is not None:
             row0 = int(torch.nonzero(keep)[0])
             self._add_received(layer, call.k_pos[0], received[0].detach().double(),
-                               call.visible_counts(row0)[0].double())
+                               call.visible_counts(row0)[0].double(), int(q_pos.max()))
 
     def _add_rows(self, layer: int, q_pos: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         row = {k: v.detach().cpu() for k, v in stats.items()}
@@ -229,10 +282,15 @@ class StatsCollector:
         row["q_pos"] = q_pos.detach().cpu()
         self._rows[layer].append(row)
 
-    def _add_received(self, layer: int, k_pos: torch.Tensor, col: torch.Tensor, count: torch.Tensor) -> None:
-        """Add column sums ``col [H, K]`` and visible counts ``count [K]`` at the keys' token positions."""
+    def _add_received(self, layer: int, k_pos: torch.Tensor, col: torch.Tensor, count: torch.Tensor,
+                      last: int) -> None:
+        """Add column sums ``col [H, K]`` and visible counts ``count [K]`` at the keys' token positions.
+
+        Keys at negative positions (padding) or after the last query ``last`` (a static cache's free
+        slots) are never visible and are left out.
+        """
         k_pos, col, count = k_pos.cpu(), col.cpu(), count.cpu()
-        real = k_pos >= 0  # padding keys (negative positions) are never visible
+        real = (k_pos >= 0) & (k_pos <= last)
         k_pos, col, count = k_pos[real], col[:, real], count[real]
         n = int(k_pos.max()) + 1 if k_pos.numel() else 0
         recv, cnt = self._recv.get(layer), self._count.get(layer)

@@ -16,6 +16,7 @@ import torch
 
 from .capture import _check_ids
 from .compat import output_cache, with_cache
+from .checks import check_generation
 from .interventions import InterventionSpec
 from .memory import stream_estimate
 from .records import run_metadata
@@ -79,6 +80,7 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
     (3, [2, 3, 4])
     """
     ids = model.encode(text) if isinstance(text, str) else _check_ids(model, text)
+    check_generation(model, ids.shape[1], max_new_tokens)  # before any work
     from_pos = ids.shape[1] - 1 if stats_in_prefill == "last" else 0
     request = StatsRequest(layers=None if layers is None else tuple(layers), groups=tuple(groups), from_pos=from_pos)
     rt = install(model.hf)

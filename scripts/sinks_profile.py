@@ -11,6 +11,7 @@ from pathlib import Path
 from analyses.sinks import load_task, profile_sinks
 from analyses.sinks.tasks import TASKS
 from probe import load_model
+from probe.atomic import write_figure
 
 RULES = {"tau0.1": {"tau": 0.1}, "tau0.1-minq4": {"tau": 0.1, "min_queries": 4},
          "alpha5": {"rule": "alpha", "alpha": 5.0}}
@@ -32,8 +33,8 @@ def main() -> None:
     for tag, rule in RULES.items():
         prof = profile_sinks(m, texts, progress=True, **rule)
         prof.save(out / f"profile-{tag}.json")
-        prof.plot("mass").write_html(out / f"profile-{tag}-mass.html")
-        prof.plot("sinks").write_html(out / f"profile-{tag}-sinks.html")
+        write_figure(prof.plot("mass"), out / f"profile-{tag}-mass.html", include_plotlyjs=True)
+        write_figure(prof.plot("sinks"), out / f"profile-{tag}-sinks.html", include_plotlyjs=True)
         print(json.dumps({"rule": tag, **prof.summary()}), flush=True)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from analyses.sinks.search import SearchConfig, SearchResult, heldout_eval, reselect
 from analyses.sinks.tasks import load_task
 from probe import HeadId, load_model
-from probe.atomic import read_json, write_json
+from probe.atomic import read_json, write_figure, write_json
 
 out = Path("results/sinks")
 m = load_model("smollm2-135m")
@@ -22,7 +22,7 @@ for path in sorted(out.glob("*shot.json")):
     if not target.exists():
         reselect(m, base, "gold_logprob").save(target)
     variants.append(SearchResult.load(target))
-    base.plot().write_html(path.with_suffix(".html"))
+    write_figure(base.plot(), path.with_suffix(".html"), include_plotlyjs=True)
     for res in variants:
         fig = {"metric": res.config["metric"], **res.figures()}
         if res.shots == 0:

@@ -606,3 +606,19 @@ def test_echo_into_a_window_that_lost_the_sources_keys_is_refused(zoo):
         model.hf(ids)  # prefill: both layers see every position
         with pytest.raises(UnsupportedModelError, match="sliding-window"):
             _greedy(model.hf, ids, n=2)
+
+
+def test_version_1_statistics_files_still_load(zoo, tmp_path):
+    """Files written before sinks and per-layer counts: one count row for every layer, no sink mass."""
+    from probe import HeadStats
+    from probe.atomic import read_tensors, write_tensors
+
+    model, _, tok = zoo("llama")
+    st = stream_stats(model, ids_of(tok, "old files"), groups=GROUPS[:1], verbose=False)
+    t, m = read_tensors(st.save(tmp_path / "v2.safetensors"), "headwise.head_stats")
+    t = {k: v for k, v in t.items() if k not in ("sink_mass", "group_count")}
+    t["received_count"] = t["received_count"][0].contiguous()
+    write_tensors(tmp_path / "v1.safetensors", t, {**m, "version": 1})
+    old = HeadStats.load(tmp_path / "v1.safetensors")
+    assert old.received_count.shape == st.received_count.shape and old.group_count is None
+    assert torch.equal(old.received_mean(), st.received_mean()) and float(old.sink_mass.abs().max()) == 0.0

@@ -7,7 +7,7 @@ view shows the detector's P(grounded) on each generated token's own row of lookb
 """
 from __future__ import annotations
 
-from pathlib import Path
+from probe.atomic import write_text
 
 from .data import text_regions
 from .detector import Detector
@@ -25,6 +25,6 @@ def guided_cli(model, det: Detector, args) -> int:
     print(f"chunk scores (P grounded): {[round(s, 3) for s in out.chunk_scores]}")
     if args.html:
         toks = [model.tokenizer.decode([t]) for t in out.new_ids]
-        Path(args.html).write_text(token_view_html(toks, token_scores(det, out.row_lr), args.prompt))
+        write_text(args.html, token_view_html(toks, token_scores(det, out.row_lr), args.prompt))  # atomic
         print(f"token view: {args.html}")
     return 0

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from probe.compat import output_cache, with_cache
+from probe.checks import check_generation
 from probe.errors import InputError
 from probe.heads import HeadId
 from probe.interventions import InterventionSpec, SpanBoost
@@ -75,6 +76,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
     T = ids.shape[1]
     if T < 2:
         raise InputError("the prompt needs a context and at least one more token")
+    check_generation(model, T, max_new_tokens)
     c0, c1 = ctx or (0, T - 1)
     reg = regions(T, c0, c1, reading)
     if detector.n_layers != model.n_layers or detector.n_heads != model.n_heads:

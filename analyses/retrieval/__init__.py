@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probe.atomic import write_json
+from probe.atomic import write_figure, write_json
 
 from .harness import Needle, build_prompt, load_needles, locate_span, rouge1_recall  # noqa: F401
 from .result import RetrievalResult
@@ -89,7 +89,7 @@ def save_all(res: RetrievalResult, out: Path, png: bool = True) -> None:
                  "masking": res.plot("masking")}
     names = []
     for name, fig in figs.items():
-        fig.write_html(str(out / f"{name}.html"), include_plotlyjs="directory")  # plotly.min.js once, beside them: offline
+        write_figure(fig, out / f"{name}.html")  # atomic; plotly.min.js once, beside them: offline
         names.append(f"{name}.html")
         names += _png(fig, out / f"{name}.png") if png else []
     write_json(out / "figures.json", sorted(names))
@@ -102,7 +102,7 @@ def _png(fig, path: Path) -> list[str]:
     except ImportError:
         return []
     try:
-        fig.write_image(str(path))
+        write_figure(fig, path)
         return [path.name]
     except Exception:  # kaleido needs a browser it may not find offline: HTML is the figure of record
         return []

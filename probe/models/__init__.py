@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ContextLengthError, InputError, ModelLoadError, UnknownModelError
 from ..heads import HeadLayout
-from . import embedded, tiny
+from . import embedded, resolve, tiny
 
 DEFAULT_MODEL = embedded.NAME
 
@@ -148,6 +148,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
 
 
 def _resolve(name: str, dtype: torch.dtype):
+    """``(hf, tokenizer, source, model_id, bridge_dir)`` for a named model, a local folder or a hub id.
+
+    A local-looking name never goes to the hub (see :mod:`probe.models.resolve`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = name.lower()
@@ -156,7 +160,7 @@ def _resolve(name: str, dtype: torch.dtype):
         folder = tiny.materialise(key, hf)
         return hf, AutoTokenizer.from_pretrained(folder), key, key, str(folder)
     if key in (embedded.NAME, "smollm2", "default"):
-        folder = embedded.embedded_dir()
+        folder = embedded.cached_dir()
         return (_from_dir(AutoModelForCausalLM, folder, dtype), AutoTokenizer.from_pretrained(folder),
                 str(folder), embedded.NAME, str(folder))
     path = Path(name).expanduser()
@@ -165,8 +169,14 @@ def _resolve(name: str, dtype: torch.dtype):
             raise ModelLoadError(f"{path} is a folder but has no config.json: point at a Hugging Face model folder")
         return (_from_dir(AutoModelForCausalLM, path, dtype), AutoTokenizer.from_pretrained(path),
                 str(path.resolve()), path.name, str(path))
-    if "/" in name and not name.startswith((".", "/", "~")):
-        return _from_hub(name, dtype)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file, not a model folder: give the folder that holds it and config.json")
+    where = resolve.kind(name)
+    if where == "path":
+        raise resolve.missing_path_error(name)
+    if where == "hub":
+        hf, tok, snapshot = resolve.load_hub(name, dtype)
+        return hf, tok, name, name, str(snapshot) if snapshot else name
     known = ", ".join(MODELS)
     raise UnknownModelError(
         f"unknown model {name!r}: use one of {known}, a local Hugging Face folder, or a hub id like org/name")
@@ -177,19 +187,6 @@ def _from_dir(auto, folder, dtype):
         return auto.from_pretrained(folder, dtype=dtype)
     except Exception as exc:  # surface as a typed error with the folder named
         raise ModelLoadError(f"could not load a causal LM from {folder}: {exc}") from exc
-
-
-def _from_hub(repo_id: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(repo_id)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not load hub model {repo_id!r} ({type(exc).__name__}: {exc}). Check the id and your "
-            "network, or download it once and pass the local folder") from exc
-    return hf, tok, repo_id, repo_id, repo_id
 
 
 def _dtype(dtype, device: torch.device) -> torch.dtype:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -142,6 +141,7 @@ def _seeded(cls, cfg, seed: int):
 
 def materialise(name: str, model) -> Path:
     """Write the config and tokenizer (no weights) to a cache folder, for tools that want a path."""
+    from ..atomic import temp_dir
     from .embedded import headwise_home
 
     folder = headwise_home() / "models" / name
@@ -150,7 +150,7 @@ def materialise(name: str, model) -> Path:
     if stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(want)):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    tmp = temp_dir(folder.parent, f".{name}.")  # umask permissions, not mkdtemp's 0700
     model.config.save_pretrained(tmp)
     byte_tokenizer().save_pretrained(tmp)
     (tmp / "headwise-tiny.json").write_text(json.dumps(want))
