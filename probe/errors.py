@@ -37,3 +37,7 @@ class CorruptFileError(HeadwiseError, ValueError):
 
 class ModelMismatchError(HeadwiseError, ValueError):
     """A file made for another model (different id or weights hash)."""
+
+
+class UnsupportedModelError(HeadwiseError, ValueError):
+    """A model headwise cannot handle exactly (an unknown architecture, attention it cannot see): refused."""
