@@ -160,7 +160,7 @@ class SearchResult:
         return int(self.config["shots"])
 
     def random_summary(self, metric: str = "accuracy") -> dict[str, float]:
-        vals = torch.tensor([r[metric] for r in self.heldout["random"]], dtype=torch.float64)
+        vals = torch.tensor([r[metric] for r in self.heldout["random"]], dtype=torch.float64, device="cpu")
         if not len(vals):
             return {"mean": None, "std": None, "n": 0}
         return {"mean": float(vals.mean()), "std": float(vals.std(unbiased=True)) if len(vals) > 1 else 0.0,
