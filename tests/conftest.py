@@ -104,6 +104,22 @@ FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "
                 "granite", "cohere2", "helium", "gpt2", "gpt_neox", "opt")
 WINDOW = 8  # sliding window of the tiny models: smaller than the test prompts
 
+# The engine half of issue 15 (branch families-engine) is not merged yet: checks that go through the engine's
+# observed path fail on these families until it lands. Strict xfails: once the engine computes them exactly,
+# they fail as XPASS and this table is emptied.
+ENGINE_PENDING = {
+    "softcap": ({"gemma2"}, "the engine drops attn_logit_softcapping and idle SDPA refuses softcap"),
+    "sinks": ({"gpt_oss"}, "the engine ignores the learned sinks (s_aux)"),
+    "window": ({"mistral", "gemma2", "gpt_oss"}, "decode rows against a sliding-window cache address wrong positions"),
+}
+
+
+def pending(name: str, *gaps: str):
+    """``name`` as a test parameter, a strict xfail where one of the engine ``gaps`` affects that family."""
+    why = [ENGINE_PENDING[g][1] for g in gaps if name in ENGINE_PENDING[g][0]]
+    return pytest.param(name, marks=pytest.mark.xfail(bool(why), reason="; ".join(why) + " (issue 15 items 1-2)",
+                                                      strict=True))
+
 
 def tiny_family(name: str, seed: int = 0):
     """A seeded random Hugging Face causal LM of family ``name`` (``config.model_type``), eager attention.

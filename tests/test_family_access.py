@@ -8,22 +8,8 @@ import threading
 import pytest
 import torch
 
-from conftest import FAMILY_NAMES, eager_patterns, tiny_family
+from conftest import FAMILY_NAMES, eager_patterns, pending, tiny_family
 from probe import InterventionSpec, UnsupportedModelError, ZeroAblate, capture, families, intervene, tap
-
-# The engine half of issue 15 (families-engine: softcap and learned sinks in the eager engine) is not on this
-# branch yet: checks that go through the engine's observed path fail on these families until it merges.
-# Strict: once the engine computes them exactly these xfails fail, and the table is emptied.
-ENGINE_PENDING = {"softcap": ({"gemma2"}, "engine drops attn_logit_softcapping; idle SDPA refuses softcap"),
-                  "sinks": ({"gpt_oss"}, "engine ignores the learned sinks (s_aux)")}
-
-
-def pending(name: str, *gaps: str):
-    """``name`` as a parameter, xfail (strict) where one of the engine ``gaps`` affects that family."""
-    why = [ENGINE_PENDING[g][1] for g in gaps if name in ENGINE_PENDING[g][0]]
-    return pytest.param(name, marks=pytest.mark.xfail(bool(why), reason="; ".join(why) + " (issue 15 item 2)",
-                                                      strict=True))
-
 
 def _ids(T: int = 20, seed: int = 1, batch: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, T), generator=torch.Generator().manual_seed(seed))

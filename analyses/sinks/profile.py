@@ -64,7 +64,7 @@ def _text_rows(model, t: int, text, rule) -> tuple[list[dict], list[dict]]:
     types = [token_type(p, i) for i, p in enumerate(pieces)]
     K = len(pieces)
     sinks, mean = head_sinks(st, rule), st.received_mean()
-    n_rows = st.received_count[0].clamp(min=1)  # the first key is seen by every row
+    n_rows = max(1, len(st.query_pos))  # mean over the query rows (not a key's count: windows hide keys)
     by_type = {ty: [j for j in range(K) if types[j] == ty] for ty in TOKEN_TYPES}
     sink_rows, mass_rows = [], []
     for li, layer in enumerate(st.layers):
