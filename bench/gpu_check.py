@@ -5,11 +5,16 @@ the reference (CPU, float32) and under test (``--device``, each of ``--dtypes``)
 both and reports the largest difference per quantity against a stated tolerance:
 
   quantity   compared                                         bf16    fp16
-  prob       patterns, group masses, max_prob, lookback ratios 0.03    0.01   (absolute)
-  entropy    row entropy (nats)                                0.08    0.03   (absolute)
-  logit      logits / std of the fp32 logits                   0.10    0.03   (relative)
-  nats       log-probabilities, logit differences, losses      0.15    0.05   (absolute)
-  cos        layer cosine similarity                           0.02    0.01   (absolute)
+  prob       patterns, group masses, max_prob, lookback ratios 0.06    0.01   (absolute)
+  entropy    row entropy (nats)                                0.15    0.03   (absolute)
+  logit      logits / std of the fp32 logits                   0.25    0.04   (relative)
+  nats       log-probabilities, logit differences, losses      0.30    0.05   (absolute)
+  cos        layer cosine similarity                           0.03    0.005  (absolute)
+
+bf16 keeps 8 bits of mantissa (fp16 11): on the tiny test models, whose weights are drawn large so
+windows, softcaps and sinks matter, the model's *own* eager attention in bf16 is off from fp32 by up to
+two thirds of these bounds (reported beside each family as ``hf_eager``: the same comparison without headwise).
+Every statistic an analysis returns must be float32 or float64 whatever the model's dtype (``dtypes``).
 
 Family matrix (every family of tests/conftest.py ``tiny_family``): idle logits, streaming statistics
 (prefill), captured patterns (engine observer), a zero-ablation, and decode-row statistics while the
@@ -19,7 +24,7 @@ On CUDA the fused Triton kernels run where they apply, so this also checks them 
 The accelerate slot (layers split over cuda:0 and cpu) skips until ``load_model`` takes a device map.
 
 Usage: python bench/gpu_check.py [--dtypes bf16 fp16] [--families ...] [--analyses-families ...]
-       python bench/gpu_check.py --smoke    # CPU, bf16, two families: what the test suite runs
+       python bench/gpu_check.py --smoke    # CPU, bf16, one family: what the test suite runs
 Exit status 1 if any check fails. Without CUDA (and without --smoke) it prints {"cuda": false} and exits 0.
 """
 from __future__ import annotations
@@ -39,8 +44,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # the tiny family builder (one function, shared with the tests)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
-TOL = {"bfloat16": {"prob": 0.03, "entropy": 0.08, "logit": 0.10, "nats": 0.15, "cos": 0.02},
-       "float16": {"prob": 0.01, "entropy": 0.03, "logit": 0.03, "nats": 0.05, "cos": 0.01}}
+TOL = {"bfloat16": {"prob": 0.06, "entropy": 0.15, "logit": 0.25, "nats": 0.30, "cos": 0.03},
+       "float16": {"prob": 0.01, "entropy": 0.03, "logit": 0.04, "nats": 0.05, "cos": 0.005}}
+FLOAT32 = ("float32", "float64")
 ANALYSES_FAMILIES = ("llama", "mistral", "gemma2", "gpt2", "gpt_oss")
 
 
@@ -50,7 +56,7 @@ def _args(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=sorted(DTYPES))
     ap.add_argument("--families", nargs="+", default=None, help="family matrix (default: every tiny family)")
     ap.add_argument("--analyses-families", nargs="+", default=list(ANALYSES_FAMILIES))
-    ap.add_argument("--smoke", action="store_true", help="CPU, bf16, llama and gpt2 only (the suite's smoke run)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, bf16, the llama family only (the suite's smoke run)")
     return ap.parse_args(argv)
 
 
@@ -83,15 +89,26 @@ class Zoo:
 
 
 def _diff(a, b) -> float:
-    a, b = (torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x) for x in (a, b))
+    a, b = (x if torch.is_tensor(x) else torch.tensor(np.asarray(x, dtype=np.float64)) for x in (a, b))
     return float((a.detach().double().cpu() - b.detach().double().cpu()).abs().max()) if a.numel() else 0.0
 
 
-def _report(check: str, dtype: str, diffs: dict[str, tuple[str, float]], **extra) -> dict:
-    """One JSON row: per quantity its largest difference, the tolerance of its kind, and pass/fail."""
+def _dtype(x) -> str:
+    if isinstance(x, float):
+        return "float64"  # a Python float
+    return str(x.dtype).replace("torch.", "") if hasattr(x, "dtype") else type(x).__name__
+
+
+def _report(check: str, dtype: str, diffs: dict[str, tuple[str, float]], outputs: dict | None = None, **extra) -> dict:
+    """One JSON row: per quantity its largest difference, the tolerance of its kind, and pass/fail.
+
+    ``outputs``: what the run under test returned, by name; their dtypes must be float32/float64.
+    """
     tol = TOL[dtype]
     rows = {q: {"max_diff": d, "kind": kind, "tol": tol[kind], "ok": bool(d <= tol[kind])} for q, (kind, d) in diffs.items()}
-    return {"check": check, "dtype": dtype, "ok": all(r["ok"] for r in rows.values()), "quantities": rows, **extra}
+    dtypes = {k: _dtype(v) for k, v in (outputs or {}).items()}
+    ok = all(r["ok"] for r in rows.values()) and all(d in FLOAT32 for d in dtypes.values())
+    return {"check": check, "dtype": dtype, "ok": ok, "quantities": rows, "dtypes": dtypes, **extra}
 
 
 def _guarded(check: str, dtype: str, fn) -> dict:
@@ -121,9 +138,23 @@ def _family_run(m, ids):
     return {"logits": logits, "ablated": ablated, "stats": st, "patterns": pats, "gen": gen}
 
 
+def _hf_eager(m, ids) -> torch.Tensor:
+    """The model's own logits with HF eager attention (headwise out of the way), float32."""
+    from probe import install
+
+    m.hf.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return m.hf(ids.to(m.device)).logits.float()
+    finally:
+        install(m.hf)
+
+
 def family_check(zoo: Zoo, name: str, device: str, dtype: str) -> dict:
-    ref, got = _family_run(zoo.get(name), _ids()), _family_run(zoo.get(name, device, dtype), _ids())
+    ref_m, m = zoo.get(name), zoo.get(name, device, dtype)
+    ref, got = _family_run(ref_m, _ids()), _family_run(m, _ids())
     scale = float(ref["logits"].std())
+    hf_own = _diff(_hf_eager(ref_m, _ids()), _hf_eager(m, _ids())) / scale
     same = 0  # decode rows are comparable while the greedy tokens agree
     for a, b in zip(ref["gen"].new_ids[0].tolist(), got["gen"].new_ids[0].tolist()):
         if a != b:
@@ -140,7 +171,8 @@ def family_check(zoo: Zoo, name: str, device: str, dtype: str) -> dict:
         "prefill_mass_first": ("prob", _diff(sr.mass("first"), sg.mass("first"))),
         "patterns": ("prob", _diff(ref["patterns"], got["patterns"])),
         "decode_mass_first": ("prob", _diff(dr.mass("first")[..., rows], dg.mass("first")[..., rows])),
-    }, decode_rows_compared=max(1, same))
+    }, {"entropy": sg.entropy, "group_mass": sg.group_mass, "patterns": got["patterns"], "decode_mass": dg.group_mass},
+        decode_rows_compared=max(1, same), hf_eager={"logits": hf_own})
 
 
 # ----------------------------------------------------------------------------- the analyses' entry points
@@ -162,7 +194,7 @@ def _sinks(m):
 
     task = load_task("sentiment")
     task = dataclasses.replace(task, items={k: list(v)[:4] for k, v in task.items.items()})
-    res = search_act(m, task, SearchConfig(first_layer=1, last_layer=1, n_random=1), progress=False)
+    res = search_act(m, task, SearchConfig(first_layer=1, last_layer=1, n_random=0), progress=False)
     return np.array([res.baseline["gold_logprob"]] + [r["gold_logprob"] for r in res.candidates])
 
 
@@ -190,24 +222,32 @@ def _grounding(m, folder: Path):
 
 def analyses_check(zoo: Zoo, name: str, device: str, dtype: str, work: Path) -> list[dict]:
     ref, m = zoo.get(name), zoo.get(name, device, dtype)
-    out = [_guarded(f"retrieval/{name}", dtype, lambda: _report(
-        f"retrieval/{name}", dtype, {"span_mass": ("prob", _diff(_retrieval(ref), _retrieval(m)))}))]
-    out.append(_guarded(f"sinks/{name}", dtype, lambda: _report(
-        f"sinks/{name}", dtype, {"gold_logprob": ("nats", _diff(_sinks(ref), _sinks(m)))})))
+    def pair(fn):
+        return fn(ref), fn(m)
+
+    def retrieval():
+        a, x = pair(_retrieval)
+        return _report(f"retrieval/{name}", dtype, {"span_mass": ("prob", _diff(a, x))}, {"span_mass": x})
+
+    def sinks():
+        a, x = pair(_sinks)
+        return _report(f"sinks/{name}", dtype, {"gold_logprob": ("nats", _diff(a, x))}, {"gold_logprob": x})
 
     def circuits():
-        (a, b, c), (x, y, z) = _circuits(ref), _circuits(m)
+        (a, b, c), (x, y, z) = pair(_circuits)
         return _report(f"circuits/{name}", dtype, {"ld_clean": ("nats", _diff(a, x)), "exact": ("nats", _diff(b, y)),
-                                                   "eap": ("nats", _diff(c, z))})
+                                                   "eap": ("nats", _diff(c, z))}, {"ld_clean": x, "exact": y, "eap": z})
 
     def similarity():
-        (a, b), (x, y) = _similarity(ref), _similarity(m)
-        return _report(f"similarity/{name}", dtype, {"layer_cos": ("cos", _diff(a, x)), "loss": ("nats", abs(b - y))})
+        (a, b), (x, y) = pair(_similarity)
+        return _report(f"similarity/{name}", dtype, {"layer_cos": ("cos", _diff(a, x)), "loss": ("nats", abs(b - y))},
+                       {"layer_cos": x, "loss": y})
 
-    out += [_guarded(f"circuits/{name}", dtype, circuits), _guarded(f"similarity/{name}", dtype, similarity)]
-    out.append(_guarded(f"grounding/{name}", dtype, lambda: _report(f"grounding/{name}", dtype, {
-        "lookback_ratio": ("prob", _diff(_grounding(ref, work / f"{name}-ref"), _grounding(m, work / f"{name}-{dtype}")))})))
-    return out
+    def grounding():
+        a, x = _grounding(ref, work / f"{name}-ref"), _grounding(m, work / f"{name}-{dtype}")
+        return _report(f"grounding/{name}", dtype, {"lookback_ratio": ("prob", _diff(a, x))}, {"lookback_ratio": x})
+
+    return [_guarded(f"{fn.__name__}/{name}", dtype, fn) for fn in (retrieval, sinks, circuits, similarity, grounding)]
 
 
 # ----------------------------------------------------------------------------- accelerate: layers over cuda:0 and cpu
@@ -257,7 +297,7 @@ def run(args) -> dict:
 
     device = "cpu" if args.smoke else args.device
     dtypes = ["bfloat16"] if args.smoke else [DTYPES[d] for d in args.dtypes]
-    fams = ["llama", "gpt2"] if args.smoke else (args.families or list(FAMILY_NAMES))
+    fams = ["llama"] if args.smoke else (args.families or list(FAMILY_NAMES))
     ana = ["llama"] if args.smoke else args.analyses_families
     checks = []
     with tempfile.TemporaryDirectory() as tmp:

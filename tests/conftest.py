@@ -28,8 +28,8 @@ def smol():
     return load_model("smollm2-135m", device="cpu")
 
 
-def eager_patterns(model, ids):
-    """Reference patterns ``[layer, head, T, T]`` from Hugging Face eager ``output_attentions``."""
+def eager_patterns(model, ids, batch: bool = False):
+    """Reference patterns ``[layer, head, T, T]`` (``batch``: ``[layer, B, head, T, T]``) from HF eager attention."""
     from probe import install
 
     hf = model.hf
@@ -39,7 +39,8 @@ def eager_patterns(model, ids):
             out = hf(ids, output_attentions=True)
     finally:
         install(hf)
-    return torch.stack(out.attentions)[:, 0].float()
+    pats = torch.stack(out.attentions).float()
+    return pats if batch else pats[:, 0]
 
 
 @pytest.fixture

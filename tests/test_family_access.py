@@ -196,3 +196,19 @@ def test_a_family_the_bridge_refuses_is_captured_through_the_observer(family_mod
     rec = capture(m, ids)
     assert rec.meta["source"] == "observer.on_probs" and "HeliumForCausalLM" in rec.meta["bridge_refused"]
     assert torch.allclose(rec.patterns, eager_patterns(m, ids), atol=1e-5, rtol=0)
+
+
+def test_analyses_that_need_the_mapping_refuse_an_unknown_family_before_any_work(monkeypatch):
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from analyses.circuits import run_task
+    from analyses.sinks.search import SearchConfig, scan_candidates
+
+    hf = tf.Starcoder2ForCausalLM(tf.Starcoder2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, num_key_value_heads=1))
+    model = SimpleNamespace(hf=hf)                       # anything past the check would fail on this stub
+    with pytest.raises(UnsupportedModelError, match="starcoder2"):
+        scan_candidates(model, None, SearchConfig())
+    with pytest.raises(UnsupportedModelError, match="starcoder2"):
+        run_task(model, "induction")

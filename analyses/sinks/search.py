@@ -99,6 +99,7 @@ def evaluate_from(model, batches, cache, layer: int, label_ids, spec: Interventi
 def scan_candidates(model, task, cfg: SearchConfig, done: dict | None = None, on_row=None,
                     progress: bool = True) -> tuple[dict, list[dict]]:
     """Calibrate each candidate alone on the calibration split; returns (baseline, rows)."""
+    families.family(model)  # reruns from a layer need the family mapping: refuse an unknown one before any work
     label_ids = label_token_ids(model.tokenizer, task.labels)
     batches = task_batches(model, task, "calib", cfg.shots, cfg.batch_size)
     base = evaluate(model, batches, label_ids)
