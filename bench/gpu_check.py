@@ -21,7 +21,8 @@ Family matrix (every family of tests/conftest.py ``tiny_family``): idle logits, 
 greedy tokens agree. Analyses (llama, mistral, gemma2, gpt2, gpt_oss by default): retrieval decode
 statistics, the ACT search, exact patching and EAP, layer similarity and loss, grounding lookback ratios.
 On CUDA the fused Triton kernels run where they apply, so this also checks them against CPU eager.
-The accelerate slot (layers split over cuda:0 and cpu) skips until ``load_model`` takes a device map.
+The accelerate slot (layers split over cuda:0 and cpu, float32, against the float32 bounds of ``TOL``)
+skips until ``load_model`` takes a device map (issue 17).
 
 Usage: python bench/gpu_check.py [--dtypes bf16 fp16] [--families ...] [--analyses-families ...]
        python bench/gpu_check.py --smoke    # CPU, bf16, one family: what the test suite runs
@@ -45,7 +46,8 @@ sys.path.insert(1, str(ROOT / "tests"))  # the tiny family builder (one function
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
 TOL = {"bfloat16": {"prob": 0.06, "entropy": 0.15, "logit": 0.25, "nats": 0.30, "cos": 0.03},
-       "float16": {"prob": 0.01, "entropy": 0.03, "logit": 0.04, "nats": 0.05, "cos": 0.005}}
+       "float16": {"prob": 0.01, "entropy": 0.03, "logit": 0.04, "nats": 0.05, "cos": 0.005},
+       "float32": {"prob": 1e-4, "entropy": 1e-4, "logit": 1e-4, "nats": 1e-4, "cos": 1e-5}}  # the accelerate split
 FLOAT32 = ("float32", "float64")
 ANALYSES_FAMILIES = ("llama", "mistral", "gemma2", "gpt2", "gpt_oss")
 
@@ -280,13 +282,13 @@ def accelerate_check(zoo: Zoo, name: str = "llama") -> dict:
     if not torch.cuda.is_available():
         return {"check": "accelerate/split", "ok": True, "skipped": "needs CUDA"}
     folder = zoo.folder(name)
-    split = load_model(str(folder), device_map=split_device_map(folder))
+    split = load_model(str(folder), device_map=split_device_map(folder), dtype="float32")
     ref, ids = zoo.get(name), _ids()
     with torch.no_grad():
         a, b = ref.hf(ids).logits, split.hf(ids.to("cuda:0")).logits.float()
     sa = stream_stats(ref, ids, groups=[KeyGroup("first", 0, 1)], verbose=False)
     sb = stream_stats(split, ids.to("cuda:0"), groups=[KeyGroup("first", 0, 1)], verbose=False)
-    return _report("accelerate/split", "float16", {"logits": ("logit", _diff(a, b) / float(a.std())),
+    return _report("accelerate/split", "float32", {"logits": ("logit", _diff(a, b) / float(a.std())),
                                                    "mass_first": ("prob", _diff(sa.mass("first"), sb.mass("first")))})
 
 
@@ -303,10 +305,10 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         zoo = Zoo(Path(tmp))
         for dtype in dtypes:
-            checks += [_guarded(f"family/{f}", dtype, lambda f=f: family_check(zoo, f, device, dtype)) for f in fams]
+            checks += [_guarded(f"family/{f}", dtype, lambda f=f, d=dtype: family_check(zoo, f, device, d)) for f in fams]
             for f in ana:
                 checks += analyses_check(zoo, f, device, dtype, Path(tmp))
-        checks.append(_guarded("accelerate/split", "float16", lambda: accelerate_check(zoo)))
+        checks.append(_guarded("accelerate/split", "float32", lambda: accelerate_check(zoo)))
     return {"device": device, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "dtypes": dtypes,
             "tolerances": TOL, "n_checks": len(checks), "n_failed": sum(not c["ok"] for c in checks),
             "ok": all(c["ok"] for c in checks), "checks": checks}

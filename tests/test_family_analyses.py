@@ -185,7 +185,7 @@ def test_grounding_on_five_families(family_model, name, tmp_path):
 
 # ----------------------------------------------------------------------------- bfloat16 keeps fp32 statistics
 
-def test_bf16_smoke_of_the_gpu_check():
+def test_bf16_smoke_of_the_gpu_check(tmp_path):
     """``bench/gpu_check.py --smoke``: the same seeded model in bf16 and fp32 on the CPU; every entry point runs,
     returns float32/float64 statistics, within the script's bf16 tolerances of fp32; the accelerate slot skips."""
     import importlib.util
@@ -205,3 +205,6 @@ def test_bf16_smoke_of_the_gpu_check():
         if name != "accelerate/split":
             assert c["dtypes"] and set(c["dtypes"].values()) <= {"float32", "float64"}, name
     assert "issue 17" in checks["accelerate/split"]["skipped"]
+    for name in ("llama", "gpt2"):                       # the slot's device map, ready for issue 17
+        dmap = gpu_check.split_device_map(gpu_check.Zoo(tmp_path).folder(name))
+        assert list(dmap.values()).count("cuda:0") == 1 + 3 // 2 and len(dmap) == 3 + 3
