@@ -193,6 +193,12 @@ def _layer(model, layer: int) -> int:
 
 # ----------------------------------------------------------------------------- run from layer l
 
+def _is_cache(value) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
 _RECORDING: ContextVar[object | None] = ContextVar("headwise_recording", default=None)
 
 
@@ -201,8 +207,8 @@ class Resume:
     """What one reference forward passed to blocks ``start..L-1``; :meth:`run` reruns them from any layer.
 
     ``calls[l - start]``: block ``l``'s positional arguments and kwargs (masks, position embeddings, ...;
-    the hidden state in them is replaced on a rerun); ``inputs[l]``: the residual stream entering block ``l`` ``[B, T, D]`` (detached);
-    ``logits``: the reference forward's logits.
+    the hidden state in them is replaced on a rerun); ``inputs[l]``: the residual stream entering block
+    ``l`` ``[B, T, D]`` (detached); ``logits``: the reference forward's logits.
     """
 
     hf: torch.nn.Module = field(repr=False)
@@ -256,6 +262,8 @@ def record(model, input_ids: torch.Tensor | None = None, *, start: int = 0, laye
     keep = set(range(start, len(mods)) if layers is None else (_layer(hf, l) for l in layers))
     if min(keep, default=start) < start:
         raise InputError(f"layers {sorted(keep)} start before start={start}")
+    if any(_is_cache(v) for v in forward.values()):
+        raise InputError("record() runs without a KV cache (a rerun would extend it): drop the cache argument")
     calls: dict[int, tuple] = {}
     inputs: dict[int, torch.Tensor] = {}
     token = object()
@@ -281,6 +289,8 @@ def record(model, input_ids: torch.Tensor | None = None, *, start: int = 0, laye
             h.remove()
         _RECORDING.reset(reset)
     missing = [l for l in range(start, len(mods)) if l not in calls]
+    if any(_is_cache(v) for _, kwargs in calls.values() for v in kwargs.values()):
+        raise InputError("record() runs without a KV cache (a rerun would extend it): drop the cache argument")
     if missing:
         raise UnsupportedModelError(f"{type(hf).__name__}'s forward did not call blocks {missing}: "
                                     "its decoder loop is not the one probe/families.py expects")

@@ -163,12 +163,17 @@ def test_unknown_and_refused_architectures_raise_typed_errors():
         families.record(starcoder, torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_resume_refuses_layers_it_did_not_record(plain):
+def test_resume_refuses_layers_it_did_not_record_and_a_cache(plain):
+    from transformers import DynamicCache
+
     from probe import InputError
 
-    r = families.record(plain("gpt2"), _ids(), start=2)
+    hf = plain("gpt2")
+    r = families.record(hf, _ids(), start=2)
     with pytest.raises(InputError, match="record with start <= 1"):
         r.run(1)
+    with pytest.raises(InputError, match="without a KV cache"):
+        families.record(hf, _ids(), past_key_values=DynamicCache(config=hf.config))
 
 
 # ----------------------------------------------------------------------------- capture: bridge and observer
