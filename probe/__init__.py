@@ -19,3 +19,4 @@ from .runtime import apply, collect_stats, install, intervene, memory_budget, ta
 from .stats import HeadStats, KeyGroup, StatsRequest  # noqa: F401
 from .capture import capture  # noqa: F401
 from .streaming import generate_with_stats, stream_stats  # noqa: F401
+from . import families  # noqa: F401

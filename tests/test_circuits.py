@@ -7,7 +7,7 @@ from analyses.circuits import patching as P
 from analyses.circuits.overlap import (bootstrap_ci, jaccard, overlap_coefficient, random_null, rank_correlation,
                                        select_circuit)
 from analyses.circuits.tasks import TaskBatch, make_pair, make_task, parse_tasks
-from probe import HeadId, InputError
+from probe import HeadId, InputError, families
 
 
 def _toy_task(model, n=3, T=6, seed=0):
@@ -23,7 +23,7 @@ def _toy_task(model, n=3, T=6, seed=0):
 def _reference_patch(model, task, head: HeadId) -> torch.Tensor:
     """Independent reference: Hugging Face eager attention, the head's slice of o_proj's input replaced."""
     hf, D = model.hf, model.d_head
-    o_proj = hf.model.layers[head.layer].self_attn.o_proj
+    o_proj = families.attention_out(hf, head.layer)
     sl = slice(head.head * D, (head.head + 1) * D)
     saved = {}
     previous = hf.config._attn_implementation

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from probe import families
 
 from . import patching as P
 from .overlap import OVERLAP_COLUMNS, overlap_table, select_circuit
@@ -32,6 +33,7 @@ def run_task(model, name: str, n: int = 32, seed: int = 0, ig_steps: int = 5, fr
 
     On the embedded model: ``run_task(load_model("smollm2-135m"), "ioi", n=32)`` (minutes on a CPU).
     """
+    families.family(model)  # EAP-IG feeds input embeddings: refuse an unknown family before any work
     task = make_task(model, name, n, seed)
     t0 = time.perf_counter()
     acc = P.accuracy(model, task)

@@ -39,7 +39,8 @@ class GuidedOutput:
 
 
 def _sample(logits: torch.Tensor, gen: torch.Generator, temperature: float, top_p: float) -> int:
-    probs = torch.softmax(logits.float() / temperature, -1)
+    """Nucleus sampling on the host (float32) with the seeded host generator: the same draw on any device."""
+    probs = torch.softmax(logits.float().cpu() / temperature, -1)
     p, idx = probs.sort(descending=True)
     keep = (p.cumsum(0) - p) < top_p
     p = p * keep
@@ -56,9 +57,10 @@ def _candidate(model, reg: Regions, past, logits, n: int, stop: set[int], sample
             if t in stop:
                 break
             toks.append(t)
-            out = model.hf(torch.tensor([[t]]), **with_cache(model.hf, past), use_cache=True)
+            out = model.hf(torch.tensor([[t]], device=model.device), **with_cache(model.hf, past), use_cache=True)
             past, logits = output_cache(out), out.logits[0, -1]
-    lr = ratios_from_stats(col.result(), reg, "one") if toks else torch.zeros(0, model.n_layers, model.n_heads)
+    lr = (ratios_from_stats(col.result(), reg, "one") if toks
+          else torch.zeros(0, model.n_layers, model.n_heads, device="cpu"))  # statistics live on the host
     return toks, lr, past, logits
 
 
@@ -98,7 +100,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
             feats = torch.cat([carry, lr[:-1]]) if len(toks) else carry
             s = float(detector.score(feats.mean(0).flatten().numpy()[None])[0])
             # a candidate that stops at once is scored on the prompt's row alone: it wins only if all do
-            key = (bool(toks), float(torch.rand(1, generator=gen)) if random_choice else s)
+            key = (bool(toks), float(torch.rand(1, generator=gen, device="cpu")) if random_choice else s)
             if best is None or key > best[0]:
                 best = (key, s, toks, feats, p2, lg2, lr)
         _, s, toks, feats, past, logits, lr = best

@@ -55,7 +55,7 @@ def detect(model, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, needles=Non
     cells = [(by_name[n], int(L), float(d)) for n, L, d in cells] if cells else grid(ns, lengths, depths)
     opts = {"max_new_tokens": max_new_tokens, "lead": lead}
     recs = scan_samples(model, cells, out, progress=progress, row=row, **opts)
-    per = [torch.tensor(r["events"], dtype=torch.float64) for r in recs]
+    per = [torch.tensor(r["events"], dtype=torch.float64, device="cpu") for r in recs]
     scores, _ = head_scores(per, [r["success"] for r in recs])
     top = top_heads(scores, k)
     conds = {"top": top}

@@ -4,11 +4,12 @@ This is the reference's efficient design (nightdessert/Retrieval_Head, ``retriev
 the prompt *minus its last token* is prefilled with SDPA (no attention patterns, only the last
 logits), and the last prompt token is the first decode input. Every scored row, including the one
 that produces the first new token, is then a single decode row whose per-head argmax comes from the
-streaming statistics. Masking is decode-only, so the prefilled KV cache is cropped back and reused
-for every masking condition of a prompt (one prefill per prompt, not one per condition).
+streaming statistics. Masking is decode-only, so every masking condition of a prompt decodes from a
+copy of the one prefilled KV cache (one prefill per prompt, not one per condition).
 """
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack
 
 import torch
@@ -41,12 +42,11 @@ def decode(model, ids: torch.Tensor, past, *, max_new_tokens: int = 50, span=Non
     """Greedy decode from a prefilled cache; returns ``(new_ids, stats)``.
 
     ``span``: record statistics (argmax, mass on the span) on every decode row; ``heads``: make these
-    heads uniform (query := 0) on decode rows. The cache is cropped back first, so it can be reused.
+    heads uniform (query := 0) on decode rows. Decoding extends a copy of ``past``, so the prefilled cache
+    is reused as is by every masking condition (cropping it back is impossible once a sliding-window
+    layer has dropped keys: Mistral, Gemma2/3, gpt-oss).
     """
-    T = ids.shape[1]
-    extra = past.get_seq_length() - (T - 1)
-    if extra > 0:
-        past.crop(-extra)  # transformers >= 5: a negative count removes that many trailing tokens
+    past = copy.deepcopy(past)
     eos, new = stop_ids(model), []
     with ExitStack() as stack, torch.no_grad():
         coll = None
