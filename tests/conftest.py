@@ -108,14 +108,7 @@ WINDOW = 8  # sliding window of the tiny models: smaller than the test prompts
 # The engine half of issue 15 (branch families-engine) is not merged yet: checks that go through the engine's
 # observed path fail on these families until it lands. Strict xfails: once the engine computes them exactly,
 # they fail as XPASS and this table is emptied.
-ENGINE_PENDING: dict[str, tuple[set[str], str]] = {}  # engine gaps per family (none since issue 15 landed)
 
-
-def pending(name: str, *gaps: str):
-    """``name`` as a test parameter, a strict xfail where one of the engine ``gaps`` affects that family."""
-    why = [ENGINE_PENDING[g][1] for g in gaps if name in ENGINE_PENDING[g][0]]
-    return pytest.param(name, marks=pytest.mark.xfail(bool(why), reason="; ".join(why) + " (issue 15 items 1-2)",
-                                                      strict=True))
 
 
 def tiny_family(name: str, seed: int = 0):

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from conftest import FAMILY_NAMES, eager_patterns, pending, tiny_family
+from conftest import FAMILY_NAMES, eager_patterns, tiny_family
 from probe import InterventionSpec, UnsupportedModelError, ZeroAblate, capture, families, intervene, tap
 
 def _ids(T: int = 20, seed: int = 1, batch: int = 1) -> torch.Tensor:
@@ -86,7 +86,7 @@ def test_run_from_every_layer_is_the_full_forward(plain, name):
         assert torch.equal(families.logits(hf, r.hidden(0)), want)
 
 
-@pytest.mark.parametrize("name", [pending(n, "softcap") for n in ("llama", "mistral", "gemma2", "gpt2", "gpt_oss",
+@pytest.mark.parametrize("name", [n for n in ("llama", "mistral", "gemma2", "gpt2", "gpt_oss",
                                                                    "cohere2", "opt")])
 def test_run_from_with_an_intervention_active(family_model, name):
     """Recorded on the plain model, rerun under an edit of layers >= l: the edited full forward, bit for bit."""
@@ -186,7 +186,7 @@ def test_capture_through_the_bridge_equals_eager_patterns(family_model, name):
     assert torch.allclose(rec.patterns, eager_patterns(m, ids), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", [pending(n, "softcap", "sinks") for n in FAMILY_NAMES])
+@pytest.mark.parametrize("name", [n for n in FAMILY_NAMES])
 def test_capture_through_the_observer_equals_eager_patterns(family_model, name):
     m, ids = family_model(name), _ids()
     rec = capture(m, ids, source="observer", layers=[0, 2], heads=[1, 3])
