@@ -43,6 +43,16 @@ def eager_patterns(model, ids, batch: bool = False):
     return pats if batch else pats[:, 0]
 
 
+def layer_windows(cfg) -> list[int | None]:
+    """Sliding window of every layer (None: full attention), from the config alone: an independent rule
+    for which keys a row sees."""
+    L = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return [cfg.sliding_window if t == "sliding_attention" else None for t in types[:L]]
+    return [getattr(cfg, "sliding_window", None)] * L
+
+
 @pytest.fixture
 def reference_patterns():
     return eager_patterns

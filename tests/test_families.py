@@ -15,6 +15,7 @@ import torch
 from probe import (InterventionSpec, KeyGroup, SinkCalibration, SpanBoost, SpanKnockout, StatsRequest, Temperature,
                    Uniform, UnsupportedModelError, ZeroAblate, collect_stats, families, generate_with_stats, install,
                    intervene, stream_stats)
+from conftest import layer_windows as windows
 from probe.models import Model, weights_fingerprint
 from probe.models.tiny import BYPASSING, FAMILIES, WINDOW, tiny_family
 
@@ -56,15 +57,6 @@ def eager_patterns(plain, ids) -> torch.Tensor:
     finally:
         plain.set_attn_implementation(previous)
     return torch.stack(out.attentions)[:, 0].double()
-
-
-def windows(cfg) -> list[int | None]:
-    """Sliding window of every layer, from the config (an independent rule for visible-key counts)."""
-    L = cfg.num_hidden_layers
-    types = getattr(cfg, "layer_types", None)
-    if types is not None:
-        return [cfg.sliding_window if t == "sliding_attention" else None for t in types[:L]]
-    return [getattr(cfg, "sliding_window", None)] * L
 
 
 def visible_counts(cfg, rows: range, n_keys: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import eager_patterns
+from conftest import eager_patterns, layer_windows
 
 FIVE = ("llama", "mistral", "gemma2", "gpt2", "gpt_oss")
 
@@ -180,6 +180,9 @@ def test_grounding_on_five_families(family_model, name, tmp_path):
     want = _lookback(A, range(T - 1, T - 1 + len(new)), reg.ctx_start, reg.ctx_stop, reg.new_start)
     got = np.asarray(row.row_lr).reshape(-1, m.n_layers, m.n_heads)
     assert np.allclose(got, want.numpy(), atol=1e-5)
+    for l, w in enumerate(layer_windows(m.hf.config)):    # docs/methods.md §5: a passage out of a layer's window
+        rows = [i for i, p in enumerate(range(T - 1, T - 1 + len(new))) if w and p - (reg.ctx_stop - 1) >= w]
+        assert bool(rows) == bool(w) and (got[rows, l] == 0).all()   # counts in N_ctx, gets ratio 0 there
     det = _detector(m)
     out = guided_generate(m, ids, det, ctx=(reg.ctx_start, reg.ctx_stop), max_new_tokens=4, chunk=2, n_candidates=2)
     A = eager_patterns(m, torch.cat([ids, torch.tensor([out.new_ids[:-1]], dtype=torch.long)], 1))
