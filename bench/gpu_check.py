@@ -16,7 +16,7 @@ windows, softcaps and sinks matter, the model's *own* eager attention in bf16 is
 two thirds of these bounds (reported beside each family as ``hf_eager``: the same comparison without headwise).
 Every statistic an analysis returns must be float32 or float64 whatever the model's dtype (``dtypes``).
 
-Family matrix (every family of tests/conftest.py ``tiny_family``): idle logits, streaming statistics
+Family matrix (every supported family of ``probe.models.tiny.tiny_family``): idle logits, streaming statistics
 (prefill), captured patterns (engine observer), a zero-ablation, and decode-row statistics while the
 greedy tokens agree. Analyses (llama, mistral, gemma2, gpt2, gpt_oss by default): retrieval decode
 statistics, the ACT search, exact patching and EAP, layer similarity and loss, grounding lookback ratios.
@@ -42,7 +42,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))  # the tiny family builder (one function, shared with the tests)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
 TOL = {"bfloat16": {"prob": 0.06, "entropy": 0.15, "logit": 0.25, "nats": 0.30, "cos": 0.03},
@@ -69,17 +68,12 @@ class Zoo:
         self.root, self.cache = root, {}
 
     def folder(self, name: str) -> Path:
-        from conftest import tiny_family
         from transformers.utils import logging as hf_logging
 
-        from probe.models.tiny import byte_tokenizer
+        from probe.models.tiny import save_family  # the tests' builder: one function
 
-        folder = self.root / name
-        if not folder.exists():
-            hf_logging.disable_progress_bar()
-            tiny_family(name).save_pretrained(folder)
-            byte_tokenizer().save_pretrained(folder)
-        return folder
+        hf_logging.disable_progress_bar()
+        return save_family(name, self.root / name)
 
     def get(self, name: str, device: str = "cpu", dtype: str = "float32"):
         from probe import load_model
@@ -301,11 +295,11 @@ def accelerate_check(zoo: Zoo, name: str = "llama") -> dict:
 # ----------------------------------------------------------------------------- main
 
 def run(args) -> dict:
-    from conftest import FAMILY_NAMES
+    from probe.models.tiny import SUPPORTED
 
     device = "cpu" if args.smoke else args.device
     dtypes = ["bfloat16"] if args.smoke else [DTYPES[d] for d in args.dtypes]
-    fams = ["llama"] if args.smoke else (args.families or list(FAMILY_NAMES))
+    fams = ["llama"] if args.smoke else (args.families or list(SUPPORTED))
     ana = ["llama"] if args.smoke else args.analyses_families
     checks = []
     with tempfile.TemporaryDirectory() as tmp:

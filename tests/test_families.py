@@ -1,6 +1,6 @@
 """The family matrix: headwise is exact on every supported architecture, or refuses it.
 
-Each family is a tiny seeded model (:func:`probe.models.tiny.tiny_family`: hidden 64, 2-3 layers,
+Each family is a tiny seeded model (:func:`probe.models.tiny.tiny_family`: hidden 64, 3 layers,
 weights redrawn so softcaps saturate, sinks and biases take mass and a 6-key sliding window is far
 shorter than the prompt). Every check compares headwise with the family's own code: the plain
 model, Hugging Face eager patterns (``output_attentions``), or a reference built from the modeling

@@ -1,6 +1,6 @@
 """Family-agnostic model access (probe.families), run-from-layer, and capture's bridge / observer paths.
 
-Every family of the mapping is built tiny and seeded (tests/conftest.py ``tiny_family``), with windows
+Every family of the mapping is built tiny and seeded (:func:`probe.models.tiny.tiny_family`), with windows
 smaller than the prompt and softcaps, scales and sinks that matter.
 """
 import threading
@@ -8,8 +8,10 @@ import threading
 import pytest
 import torch
 
-from conftest import FAMILY_NAMES, eager_patterns, tiny_family
+from conftest import eager_patterns
 from probe import InterventionSpec, UnsupportedModelError, ZeroAblate, capture, families, intervene, tap
+from probe.models.tiny import SUPPORTED as FAMILY_NAMES
+from probe.models.tiny import tiny_family
 
 
 def _ids(T: int = 20, seed: int = 1, batch: int = 1) -> torch.Tensor:
@@ -23,13 +25,22 @@ def plain():
 
     def get(name):
         if name not in cache:
-            cache[name] = tiny_family(name)
+            hf, _ = tiny_family(name)
+            hf.set_attn_implementation("eager")
+            cache[name] = hf
         return cache[name]
 
     return get
 
 
 # ----------------------------------------------------------------------------- the mapping
+
+def test_every_mapped_family_has_a_tiny_model():
+    """The test families are exactly the mapping's (and the refused ones its refusals): none goes untested."""
+    from probe.models.tiny import BYPASSING
+
+    assert sorted(FAMILY_NAMES) == sorted(families.FAMILIES) and sorted(BYPASSING) == sorted(families.REFUSED)
+
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_mapping_finds_every_part(family_model, name):
