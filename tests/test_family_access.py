@@ -3,6 +3,7 @@
 Every family of the mapping is built tiny and seeded (:func:`probe.models.tiny.tiny_family`), with windows
 smaller than the prompt and softcaps, scales and sinks that matter.
 """
+import functools
 import threading
 
 import pytest
@@ -21,16 +22,12 @@ def _ids(T: int = 20, seed: int = 1, batch: int = 1) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def plain():
     """Plain Hugging Face models (never installed into headwise), eager attention, one per family."""
-    cache = {}
+    def build(name):
+        hf, _ = tiny_family(name)
+        hf.set_attn_implementation("eager")
+        return hf
 
-    def get(name):
-        if name not in cache:
-            hf, _ = tiny_family(name)
-            hf.set_attn_implementation("eager")
-            cache[name] = hf
-        return cache[name]
-
-    return get
+    return functools.cache(build)
 
 
 # ----------------------------------------------------------------------------- the mapping
