@@ -49,7 +49,11 @@ def serve(model: str, port: int | None = None, timeout: float = 30.0, results: s
         yield url
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:                           # a loaded machine: don't mask the real failure
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
