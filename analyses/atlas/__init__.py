@@ -15,7 +15,7 @@ one layer x head map (the dashboard's first page). :data:`ATLAS` (``headwise sca
 3. **Head cards** (:mod:`.card`): every score and rank, the roles, the transfer cells and a sample
    pattern of one head; ``headwise head L18H6``.
 
-Method: docs/methods.md §6.
+Method: docs/methods.md §7.
 
 >>> from probe import load_model
 >>> from analyses import run

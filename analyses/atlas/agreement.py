@@ -1,4 +1,4 @@
-"""Score agreement: does one per-head score predict another? (docs/methods.md §6)
+"""Score agreement: does one per-head score predict another? (docs/methods.md §7)
 
 For every pair of :class:`~.scores.Score` s, over the heads where both are defined:
 

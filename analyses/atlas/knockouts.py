@@ -17,7 +17,7 @@ the calibration to the kept heads does to every other task (``undo`` is the base
 ablation replaces a head's output with its mean over the reference texts (every position but the
 first, whose output is the sink's), the same vector on every task so that cells compare. The
 control of every role is ``n_random`` sets of as many heads drawn in the same layers, outside the
-role's heads (:func:`layer_matched`). Method: docs/methods.md §6.
+role's heads (:func:`layer_matched`). Method: docs/methods.md §7.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Induction, previous-token and duplicate-token scores from streaming statistics (docs/methods.md §6).
+"""Induction, previous-token and duplicate-token scores from streaming statistics (docs/methods.md §7).
 
 A sequence is ``n`` random tokens (distinct, drawn from ``token_range``) followed by the same ``n``
 tokens again, ``[prefix] x_1 .. x_n x_1 .. x_n``; the prefix is what the tokenizer puts before a

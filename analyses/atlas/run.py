@@ -7,7 +7,7 @@ results folder; without it a missing result is refused before any work, with the
 the table of every pair of scores (:mod:`.agreement`). ``means``: the mean-ablation values.
 ``transfer``: one unit per (role, task, condition): ``top`` (the role's heads knocked out), ``r<seed>``
 (layer-matched random heads) and one ``plain`` run per task; units carry their heads, so a rerun
-resumes and a changed source recomputes only what it changes. Methods: docs/methods.md §6.
+resumes and a changed source recomputes only what it changes. Methods: docs/methods.md §7.
 """
 from __future__ import annotations
 
@@ -325,7 +325,7 @@ ATLAS = Analysis(
                 "overlap, intervals over items, permutation nulls within layers) and the causal transfer matrix "
                 "(knock out a role's heads, measure every task, against random heads).",
     paper="Olsson et al. 2022, In-context Learning and Induction Heads (role scores); the five analyses' papers",
-    url="https://arxiv.org/abs/2209.11895", methods="docs/methods.md §6",
+    url="https://arxiv.org/abs/2209.11895", methods="docs/methods.md §7",
     config=AtlasConfig, result=AtlasResult, min_samples=16,
     stages=(Stage("sources", plan_sources, compute_source, reduce_sources),
             Stage("repeats", plan_repeats, compute_repeat, reduce_repeats),

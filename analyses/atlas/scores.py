@@ -9,7 +9,7 @@ ranks layers) or ``categorical`` (labels, compared by the share of rank variance
 
 Which scores of each analysis enter the study is the table :data:`SELECT` (one small function per
 analysis, reading its result's ``head_scores()``/``item_scores()``); an analysis without an entry
-(a plugin) contributes every head score, head-level only. Method: docs/methods.md §6.
+(a plugin) contributes every head score, head-level only. Method: docs/methods.md §7.
 """
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ Per cell (role, task), with per-item performance ``p`` (higher is better) on the
 * ``excess`` = ``drop_top - drop_random``; ``relative`` = ``excess / |mean p_plain|`` (what the heat map shows);
 * ``beyond_random``: the role's drop has a paired interval above 0 **and** exceeds the upper end of
   the random sets' interval (the rule of :func:`~analyses.inference.call_gain`, on drops), with at
-  least ``min_draws`` random sets (the study's protocol: 5; methods.md §6).
+  least ``min_draws`` random sets (the study's protocol: 5; methods.md §7).
 
-A negative drop is a gain (ACT's calibration may help its own task). Method: docs/methods.md §6.
+A negative drop is a gain (ACT's calibration may help its own task). Method: docs/methods.md §7.
 
 >>> import numpy as np
 >>> base = np.ones(20); top = np.zeros(20); rnd = {f"r{s}": np.ones(20) for s in range(5)}

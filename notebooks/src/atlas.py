@@ -1,7 +1,7 @@
 # %% [md]
 # # The cross-analysis study: which heads do what, and does one role predict another
 # Every analysis in headwise names heads by its own rule (retrieval heads, sink heads, ACT-calibrated
-# heads, circuit heads, Lookback Lens weights). The study (`headwise scan atlas`, methods.md §6) puts
+# heads, circuit heads, Lookback Lens weights). The study (`headwise scan atlas`, methods.md §7) puts
 # them side by side and asks two questions:
 #
 # 1. **Agreement**: do two per-head scores rank heads alike? Spearman's rho with an interval that
