@@ -27,7 +27,7 @@ from analyses.atlas.scores import Score
 from analyses.retrieval import RetrievalResult
 from analyses.retrieval.decode import decode, prefill
 from analyses.retrieval.scoring import sample_events
-from probe import HeadId, InputError
+from probe import HeadId, InputError, families
 from probe.heads import HeadLayout
 from probe.models import Model, weights_fingerprint
 from probe.models.tiny import byte_tokenizer
@@ -39,24 +39,26 @@ H, D, HIDDEN = 32, 32, 128
 
 
 def _plant(hf, ids, bos):
-    theta = hf.model.rotary_emb.inv_freq.clone()
+    theta = families.decoder(hf).rotary_emb.inv_freq.clone()     # a Llama: its RoPE and norms by name below
     g = torch.Generator().manual_seed(1)
     for p in hf.parameters():
         p.zero_()
-    for layer in hf.model.layers:
-        layer.input_layernorm.weight.fill_(1.0)
-        layer.post_attention_layernorm.weight.fill_(1.0)
-        a = layer.self_attn                                   # background heads: random patterns, no output
+    for layer in range(2):
+        block = families.block(hf, layer)
+        block.input_layernorm.weight.fill_(1.0)
+        block.post_attention_layernorm.weight.fill_(1.0)
+        a = families.attention(hf, layer)                     # background heads: random patterns, no output
         a.q_proj.weight.copy_(torch.randn(a.q_proj.weight.shape, generator=g) * 0.3)
         a.k_proj.weight.copy_(torch.randn(a.k_proj.weight.shape, generator=g) * 0.3)
-    hf.model.norm.weight.fill_(1.0)
-    E, U = hf.model.embed_tokens.weight, hf.lm_head.weight
+    families.final_norm(hf).weight.fill_(1.0)
+    E, U = families.embedding(hf).weight, families.unembedding(hf).weight
     E[:, 0], E[:, HIDDEN - 1] = 1.0, 1.0                      # dim 0 constant; the last dim evens the norms
     for k, ch in enumerate(LETTERS):
         E[ids[ch], HIDDEN - 1], E[ids[ch], 1 + k] = 0.0, 1.0  # dims 1..16: identity
         U[ids[ch], 33 + k] = 1.0                              # dims 33..48: read by the unembedding
     E[bos, HIDDEN - 1], E[bos, 49] = 0.0, 1.0                 # dim 49: "this is the BOS"
-    a0, a1 = hf.model.layers[0].self_attn, hf.model.layers[1].self_attn
+    a0, a1 = families.attention(hf, 0), families.attention(hf, 1)
+    o0, o1 = families.attention_out(hf, 0).weight, families.attention_out(hf, 1).weight
     for head, a in ((PREV, a0), (COPY, a1), (SINK, a1), (INDEPENDENT, a1)):
         a.q_proj.weight[head.head * D:(head.head + 1) * D] = 0
         a.k_proj.weight[head.head * D:(head.head + 1) * D] = 0
@@ -67,14 +69,14 @@ def _plant(hf, ids, bos):
         a0.k_proj.weight[h + i + D // 2, 0] = 6.0 * float(torch.sin(theta[i]))
     for k in range(16):
         a0.v_proj.weight[h + k, 1 + k] = 1.0
-        a0.o_proj.weight[17 + k, h + k] = 0.2                 # -> dims 17..32: the previous token
+        o0[17 + k, h + k] = 0.2                               # -> dims 17..32: the previous token
     slow = list(range(8, 16)) + list(range(24, 32))           # RoPE barely turns these over the prompts
     h = COPY.head * D
     for k in range(16):
         a1.q_proj.weight[h + slow[k], 1 + k] = 3.0
         a1.k_proj.weight[h + slow[k], 17 + k] = 3.0 / 0.2
         a1.v_proj.weight[h + k, 1 + k] = 1.0
-        a1.o_proj.weight[33 + k, h + k] = 0.5                 # copies into the logits
+        o1[33 + k, h + k] = 0.5                               # copies into the logits
     h = SINK.head * D
     a1.q_proj.weight[h + 15, 0] = 4.0
     a1.k_proj.weight[h + 15, 49] = 4.0
@@ -83,7 +85,7 @@ def _plant(hf, ids, bos):
         a1.q_proj.weight[h + slow[k], 1 + k] = 3.0
         a1.k_proj.weight[h + slow[k], 1 + k] = 3.0
         a1.v_proj.weight[h + k, 1 + k] = 1.0
-        a1.o_proj.weight[50 + k, h + k] = 0.2                 # read by nothing
+        o1[50 + k, h + k] = 0.2                               # read by nothing
 
 
 def planted_model() -> Model:
