@@ -17,8 +17,8 @@ A negative drop is a gain (ACT's calibration may help its own task). Method: doc
 >>> import numpy as np
 >>> base = np.ones(20); top = np.zeros(20); rnd = {f"r{s}": np.ones(20) for s in range(5)}
 >>> row = cell_row("x", "y", base, top, rnd, min_draws=5, n_boot=200)
->>> row["drop_top"], row["drop_random"], row["beyond_random"]
-(1.0, 0.0, True)
+>>> row["drop_top"], row["drop_random"], row["beyond_random"], row["test"]
+(1.0, 0.0, True, 'mcnemar_exact')
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def cell_row(role: str, task: str, plain, knocked, randoms: dict[str, np.ndarray
         d = inf.paired_ci(plain, knocked, n_boot=n_boot, seed=seed)
         return row | {"drop_top": d.estimate, "drop_lo": d.lo, "drop_hi": d.hi, "beyond_random": False,
                       "reason": "no random head sets"}
-    v = inf.call_gain(-plain, -knocked, -controls, min_draws=min_draws, n_boot=n_boot, seed=seed)
+    # a drop is a gain of 1 - p: the same paired differences, and 0/1 outcomes stay 0/1 (exact McNemar)
+    v = inf.call_gain(1 - plain, 1 - knocked, 1 - controls, min_draws=min_draws, n_boot=n_boot, seed=seed)
     excess = v.gain.estimate - v.control.estimate
     scale = abs(row["plain"])
     return row | {"drop_top": v.gain.estimate, "drop_lo": v.gain.lo, "drop_hi": v.gain.hi, "p_value": v.p_value,
