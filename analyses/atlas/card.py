@@ -10,8 +10,8 @@ texts work; exact when the text is shorter). ``to_frame()`` and ``plot(kind)`` l
 >>> from probe import HeadId
 >>> from analyses.atlas.scores import Score
 >>> c = card_of([Score("x: s", "x", np.arange(8.0).reshape(2, 4))], {}, HeadId(1, 3), "m")
->>> c.scores[["rank", "n", "percentile"]].values.tolist()
-[[1.0, 8.0, 100.0]]
+>>> c.scores[["rank", "n", "percentile"]].values.tolist()      # mid-rank percentile: (7 below + 1/2 tie) / 8
+[[1.0, 8.0, 93.75]]
 """
 from __future__ import annotations
 

@@ -74,8 +74,8 @@ def repeated_sequence(model, n: int, *, seed: int, index: int, token_range=None,
         raise InputError(f"only {high - low} token ids in [{low}, {high}) for {n} distinct tokens per copy: "
                          "use a shorter seq_len or a wider token_range")
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    first = torch.randperm(high - low, generator=g)[:n] + low
-    return torch.cat([torch.tensor(prefix_ids(model, bos), dtype=torch.long), first, first])[None].to(model.device)
+    first = torch.randperm(high - low, generator=g, device="cpu")[:n] + low
+    return torch.cat([torch.tensor(prefix_ids(model, bos), dtype=torch.long, device="cpu"), first, first])[None].to(model.device)
 
 
 def sequence_scores(model, ids: torch.Tensor, n: int) -> dict[str, np.ndarray]:
@@ -85,8 +85,8 @@ def sequence_scores(model, ids: torch.Tensor, n: int) -> dict[str, np.ndarray]:
     if n < 2 or o < 0 or not torch.equal(ids[0, o:o + n], ids[0, o + n:]):
         raise InputError(f"a repeated sequence ends in two equal copies of n >= 2 tokens; got {T} tokens, n={n}")
     cols = _columns(model, ids)                                           # [L, H, T (rows), T-1 (keys 0..T-2)]
-    rows = torch.arange(1, T)
-    second = torch.arange(o + n, T)
+    rows = torch.arange(1, T, device="cpu")
+    second = torch.arange(o + n, T, device="cpu")
     return {"previous_token": cols[:, :, rows, rows - 1].mean(-1).numpy(),
             "duplicate_token": cols[:, :, second, second - n].mean(-1).numpy(),
             "induction": cols[:, :, second, second - n + 1].mean(-1).numpy(),
@@ -103,5 +103,5 @@ def _columns(model, ids: torch.Tensor) -> torch.Tensor:
         st = stream_stats(model, ids, groups=groups, received=False, verbose=False)
         if st.query_pos.tolist() != list(range(T)):
             raise RuntimeError("the streaming statistics did not return one row per position")
-        parts.append(st.group_mass.double())                             # [L, H, T, G]
+        parts.append(st.group_mass.double().cpu())                             # [L, H, T, G]
     return torch.cat(parts, dim=-1)

@@ -238,11 +238,11 @@ def compute_means(model, cfg: AtlasConfig, unit: Unit, _) -> dict:
     from ..similarity.run import tokenize
 
     texts = tokenize(model, load_texts("prompts")[:unit.spec["texts"]], unit.spec["max_tokens"], "reference text")
-    return {"means": mean_outputs(model, texts).numpy()}
+    return {"means": mean_outputs(model, texts).cpu().numpy()}
 
 
 def reduce_means(model, cfg: AtlasConfig, payloads: dict, state: dict) -> dict:
-    means = torch.as_tensor(payloads["means"]["means"]) if payloads else None
+    means = torch.as_tensor(payloads["means"]["means"], device=model.device) if payloads else None
     return state | {"means": means}
 
 

@@ -113,7 +113,7 @@ def _ioi_eval(model, task, s: TaskSettings, decode_only: bool) -> np.ndarray:
 
     parts = [logit_diff(last_logits(model, task.clean[i:i + 16], decode_only=decode_only), task.good[i:i + 16],
                         task.bad[i:i + 16]) for i in range(0, task.n, 16)]
-    return torch.cat(parts).double().numpy()
+    return torch.cat(parts).double().cpu().numpy()
 
 
 def _induction(model, s: TaskSettings):
@@ -123,8 +123,8 @@ def _induction(model, s: TaskSettings):
         raise InputError(f"only {high - low} token ids in [{low}, {high}) for {n} distinct random tokens: use a "
                          "smaller induction_len or a wider token_range")
     g = torch.Generator().manual_seed(2000 + s.seed)
-    seqs = [torch.randperm(high - low, generator=g)[:n] + low for _ in range(s.n_items)]
-    prefix = torch.tensor(prefix_ids(model, s.bos), dtype=torch.long)
+    seqs = [torch.randperm(high - low, generator=g, device="cpu")[:n] + low for _ in range(s.n_items)]
+    prefix = torch.tensor(prefix_ids(model, s.bos), dtype=torch.long, device="cpu")
     ids = torch.stack([torch.cat([prefix, q, q[:k]]) for q in seqs]).to(model.device)
     return ids, torch.stack([q[k] for q in seqs]).to(model.device)
 
