@@ -4,7 +4,7 @@
 config (typed, with the default in ``--help``) and the shared model group (``--model --device
 --dtype --threads``) and ``--out``; the run resumes when repeated with the same ``--out``.
 ``headwise models``, ``prepare``, ``capture``, ``stats``, ``generate`` and ``dashboard`` are the
-commands around them.
+commands around them; an analysis may add its own (``Analysis.commands``, e.g. ``headwise head L3H1``).
 """
 from __future__ import annotations
 
@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         scan_parser(names, analysis.name, analysis, help=f"{analysis.title} ({analysis.paper.split(',')[0]})")
     scan_parser(sub, "calibrate", registry.get("sinks"), help="alias of `headwise scan sinks` (ACT: writes calib.json)")
     _generate_parser(sub)
+    for analysis in registry.analyses():                  # commands the analyses add (e.g. `headwise head`)
+        for command in analysis.commands:
+            c = sub.add_parser(command.name, help=command.help, description=command.help)
+            command.arguments(c)
+            if command.loads_model:
+                model_args(c)
+            c.set_defaults(run=lambda args, command=command: command.run(args, load))
     return p
 
 

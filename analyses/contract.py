@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import pandas as pd
 
 from probe.atomic import read_json, write_json
@@ -139,6 +140,14 @@ class Result:
         """Named per-head score matrices ``[layer, head]`` (the atlas and cross-analysis studies read these)."""
         return {}
 
+    def item_scores(self) -> dict[str, np.ndarray]:
+        """Per-item versions ``[item, layer, head]`` of some :meth:`head_scores` (same names).
+
+        The mean over items is that head score (or ranks heads as it does), so a cross-analysis
+        study can bootstrap over the items (prompts, samples) behind it. Default: none.
+        """
+        return {}
+
     def roles(self) -> dict[HeadId, list[str]]:
         """Head -> short role labels, by this analysis' own rule."""
         return {}
@@ -178,6 +187,21 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Command:
+    """A top-level command an analysis adds to the CLI (``headwise <name> ...``), e.g. ``headwise head L3H1``.
+
+    ``arguments(parser)`` declares its flags; ``run(args, load)`` does the work and returns the exit
+    status (``load(args)`` is the CLI's one model loader, for the shared ``--model`` group).
+    """
+
+    name: str
+    help: str
+    arguments: Callable[[Any], None]
+    run: Callable[[Any, Callable], int]
+    loads_model: bool = True             # add the shared --model --device --dtype --threads group
+
+
+@dataclass(frozen=True)
 class Analysis:
     """A registry entry (see the module docstring)."""
 
@@ -193,6 +217,7 @@ class Analysis:
     min_samples: int = 1
     order: int = 100
     icon: str = ""                   # a dashboard page icon (e.g. ":material/search:")
+    commands: tuple[Command, ...] = ()   # extra top-level CLI commands (see Command)
 
     def __post_init__(self):
         if not re.match(r"^[a-z][a-z0-9_]*$", self.name):

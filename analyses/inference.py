@@ -12,6 +12,8 @@ The helpers here are small, seeded and checked against hand-computed values:
 * :func:`auroc`, :func:`auroc_ci`, :func:`direction_free_auroc`: AUROC and its bootstrap interval.
 * :func:`jaccard`, :func:`overlap_coefficient`, :func:`overlap_ci`: set overlap of two circuits
   and its bootstrap over the prompts of each task.
+* :func:`permutation_p`, :func:`within_group_permutations`, :func:`bh_qvalues`: permutation nulls
+  (optionally within layers) and the Benjamini-Hochberg adjustment of a family of p-values.
 * :func:`call_gain`: a before/after change is called a *gain* only when its paired interval
   excludes zero **and** its point estimate beats the upper end of the random-head control's interval.
 
@@ -256,6 +258,59 @@ def overlap_ci(per_a, per_b, k: int, metric: str = "jaccard", *, n_boot: int = 5
             for _ in range(n_boot)]
     lo, hi = _quantiles(vals, level)
     return Interval(f(top_set(A.mean(0), k), top_set(B.mean(0), k)), lo, hi, int(len(A) + len(B)))
+
+
+# ----------------------------------------------------------------------------- permutation nulls
+
+def permutation_p(observed: float, null, alternative: str = "two-sided") -> float:
+    """``(1 + #hits) / (1 + n)`` over ``n`` null draws; hits: ``|null| >= |observed|`` (two-sided) or
+    ``null >= observed`` (``"greater"``). NaN draws are skipped; NaN when nothing is left.
+
+    >>> permutation_p(0.9, [0.1, -0.95, 0.3]), permutation_p(0.9, [0.1, -0.95, 0.3], "greater")
+    (0.5, 0.25)
+    """
+    null = np.asarray(null, np.float64).ravel()
+    null = null[~np.isnan(null)]
+    if np.isnan(observed) or not null.size:
+        return math.nan
+    if alternative not in ("two-sided", "greater"):
+        raise InputError(f"alternative must be 'two-sided' or 'greater', not {alternative!r}")
+    tol = 1e-12 * max(1.0, abs(observed))
+    hits = (np.abs(null) >= abs(observed) - tol) if alternative == "two-sided" else (null >= observed - tol)
+    return float((1 + hits.sum()) / (1 + null.size))
+
+
+def within_group_permutations(groups, n_perm: int, seed: int = 0) -> np.ndarray:
+    """``[n_perm, n]`` index permutations that move items only within their group (e.g. heads within a layer).
+
+    >>> p = within_group_permutations([0, 0, 1, 1, 1], 50)
+    >>> bool((np.sort(p[:, :2], 1) == [0, 1]).all() and (np.sort(p[:, 2:], 1) == [2, 3, 4]).all())
+    True
+    """
+    g = np.asarray(groups)
+    base = np.lexsort((np.arange(g.size), g))
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_perm, g.size), dtype=np.int64)
+    for b in range(n_perm):
+        out[b, base] = np.lexsort((rng.random(g.size), g))
+    return out
+
+
+def bh_qvalues(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of a family of tests (NaN entries stay NaN).
+
+    >>> bh_qvalues([0.01, 0.04, 0.03, float("nan")]).round(3).tolist()[:3]
+    [0.03, 0.04, 0.04]
+    """
+    p = np.asarray(p, np.float64)
+    q = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    if not ok.size:
+        return q
+    order = ok[np.argsort(p[ok], kind="stable")]
+    ranked = p[order] * ok.size / np.arange(1, ok.size + 1)
+    q[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    return q
 
 
 # ----------------------------------------------------------------------------- gain vs random control

@@ -7,7 +7,7 @@ is registered when the registry is first read; :func:`register` adds one more (t
 analysis that owns that format (:func:`load_result`): no guessing from file contents.
 
 >>> names()
-['retrieval', 'sinks', 'circuits', 'similarity', 'grounding']
+['retrieval', 'sinks', 'circuits', 'similarity', 'grounding', 'atlas']
 >>> get("retrieval").result.FORMAT
 'headwise.retrieval'
 """

@@ -109,6 +109,7 @@ def results(tmp_path_factory, tiny_llama):
     scan(root, "circuits", tiny_llama, n=2, n_boot=5)
     scan(root, "similarity", tiny_llama, n_prompts=2, n_heldout=1, max_tokens=24, variants=("same",), max_trials=1)
     _grounding(root, tiny_llama.n_layers, tiny_llama.n_heads)
+    scan(root, "atlas", tiny_llama, results=(str(root),), shipped=False, run_missing=False)   # the study of the five
     return root
 
 

@@ -67,7 +67,7 @@ def test_saved_results_are_found_by_kind(results):
     counts = {}
     for saved in found:
         counts[saved.analysis.name] = counts.get(saved.analysis.name, 0) + 1
-    assert counts == {"retrieval": 1, "sinks": 1, "circuits": 1, "similarity": 1, "grounding": 1}
+    assert counts == {"retrieval": 1, "sinks": 1, "circuits": 1, "similarity": 1, "grounding": 1, "atlas": 1}
     assert next(s for s in found if s.analysis.name == "sinks").load().search.task == "sentiment"
 
 

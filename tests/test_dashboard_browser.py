@@ -11,13 +11,14 @@ from browser import CHROMIUM, ROOT, chromium, serve, wait_for_page
 
 SHOTS = ROOT / "out" / "screenshots"
 # url path, title, plotly charts drawn, text that must appear
-PAGES = [("", "Head atlas", 2, "Saved scores from 5 result(s)"),
+PAGES = [("", "Head atlas", 2, "Saved scores from 6 result(s)"),
          ("pattern_explorer", "Pattern explorer", 2, "tokens per cell"),
          ("retrieval", "Retrieval heads", 6, "NIAH success over context length"),
          ("sinks", "Sinks and calibration", 3, "Download the calibration file"),
          ("circuits", "Circuits", 2, "Per-task head maps"),
          ("similarity", "Layer similarity", 1, "plan: layers shared"),
-         ("grounding", "Grounding", 1, "held-out AUROC")]
+         ("grounding", "Grounding", 1, "held-out AUROC"),
+         ("atlas", "Cross-analysis study", 4, "Causal transfer")]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (scripts/setup.sh --browser)")]

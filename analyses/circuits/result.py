@@ -179,6 +179,11 @@ class CircuitsResult(Result):
             out |= {f"{t.task}: score_{m}": t.scores(m) for m in t.effects} | {f"{t.task}: in circuit": t.membership()}
         return out | {f"roles: {r}": np.asarray(a, dtype=float) for r, a in self.roles_scores.items()}
 
+    def item_scores(self) -> dict[str, np.ndarray]:
+        """``<task>: score_<method>`` per prompt: each prompt's effect over the task's mean LD_corr - LD_clean."""
+        return {f"{t.task}: score_{m}": t.effects[m] / (t.ld_corr.mean() - t.ld_clean.mean())
+                for t in self.tasks for m in t.effects}
+
     def to_frame(self) -> pd.DataFrame:
         """Per-head scores of every task and method, plus role scores (task = "roles")."""
         parts = [t.to_frame() for t in self.tasks]

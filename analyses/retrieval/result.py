@@ -6,13 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from probe import HeadId
-from probe.atomic import atomic_path
+from probe.atomic import atomic_path, read_tensors, write_tensors
 from probe.shapes import HeadScores
 
 from ..contract import Result, Stat, head_frame
 from ..layout import Figure, Note, Section, Table
+
+EVENTS = "headwise.retrieval.events"
 
 
 @dataclass(frozen=True, eq=False)
@@ -21,8 +24,9 @@ class RetrievalResult(Result):
 
     ``samples``: one row per NIAH sample (needle, length, depth, response, recall, success);
     ``masking``: one row per masked run (condition ``top`` or ``random<seed>``); ``top`` and
-    ``random_sets``: the masked head sets. Frame: ``retrieval_score`` and ``is_retrieval`` per head,
-    with the ``kv_head`` column.
+    ``random_sets``: the masked head sets; ``events``: per sample (rows of ``samples``) the events/|span|
+    ``[sample, layer, head]`` (``None`` in results saved before it was kept). Frame: ``retrieval_score``
+    and ``is_retrieval`` per head, with the ``kv_head`` column.
     """
 
     FORMAT = "headwise.retrieval"
@@ -36,6 +40,7 @@ class RetrievalResult(Result):
     top: tuple[HeadId, ...] = ()
     random_sets: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    events: np.ndarray | None = None
 
     @property
     def n_success(self) -> int:
@@ -53,6 +58,12 @@ class RetrievalResult(Result):
     # ------------------------------------------------------------------ the contract
     def head_scores(self) -> dict[str, HeadScores]:
         return {"retrieval_score": self.scores, "is_retrieval": (self.scores > self.threshold).astype(float)}
+
+    def item_scores(self) -> dict[str, np.ndarray]:
+        """``retrieval_score`` per answered sample (the samples the head score averages)."""
+        if self.events is None or not self.n_success:
+            return {}
+        return {"retrieval_score": self.events[self.samples["success"].to_numpy(bool)]}
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy: ``retrieval_score`` and ``is_retrieval`` per layer and head, with ``kv_head``."""
@@ -154,16 +165,22 @@ class RetrievalResult(Result):
             "niah_success": self.masking_rates(), "top_set": [str(h) for h in self.top],
             "random_sets": {c: [str(h) for h in hs] for c, hs in self.random_sets.items()},
             "scores": self.scores.tolist(), "n_kv_heads": self.n_kv_heads, "meta": self.meta})
+        if self.events is not None:
+            write_tensors(path / "events.safetensors", {"events": torch.from_numpy(np.ascontiguousarray(self.events))},
+                          {"format": EVENTS, "version": 1})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "RetrievalResult":
         path = Path(path)
         s = cls.read_summary(path)
+        events = read_tensors(path / "events.safetensors", EVENTS)[0]["events"].numpy() \
+            if (path / "events.safetensors").exists() else None
         return cls(s["model_id"], np.asarray(s["scores"], dtype=float), s["n_kv_heads"], s["threshold"],
                    pd.read_parquet(path / "samples.parquet"), pd.read_parquet(path / "masking.parquet"),
                    tuple(HeadId.parse(h) for h in s["top_set"]),
-                   {c: tuple(HeadId.parse(h) for h in hs) for c, hs in s["random_sets"].items()}, s.get("meta", {}))
+                   {c: tuple(HeadId.parse(h) for h in hs) for c, hs in s["random_sets"].items()}, s.get("meta", {}),
+                   events)
 
 
 def _best(scores: np.ndarray, k: int) -> list[HeadId]:

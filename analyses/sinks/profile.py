@@ -131,6 +131,16 @@ class SinkProfile:
             out[metric] = m
         return out
 
+    def item_maps(self, n_layers: int, n_heads: int) -> dict[str, np.ndarray]:
+        """``mass:<type>`` per profiled text ``[text, layer, head]`` (their mean over texts is :meth:`score_maps`')."""
+        out = {}
+        texts = sorted(self.mass["text"].unique())
+        for ty, g in self.mass.groupby("type", sort=False):
+            m = np.zeros((len(texts), n_layers, n_heads))
+            m[g["text"].map(texts.index).to_numpy(int), g["layer"].to_numpy(int), g["head"].to_numpy(int)] = g["mass"]
+            out[f"mass:{ty}"] = m
+        return out
+
     def plot(self, metric: str = "mass"):
         """One layer x head map per token type of ``mass`` or calibratable ``sinks`` per text."""
         from .plots import profile_map

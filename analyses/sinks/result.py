@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from probe.heads import HeadId
@@ -51,6 +52,10 @@ class SinksResult(Result):
         task = self.search.task
         return self.profile.score_maps(L, H) | {f"{task} search: {k}": v
                                                   for k, v in self.search.score_maps(L, H).items()}
+
+    def item_scores(self) -> dict[str, np.ndarray]:
+        """The profile's ``mass:<type>`` per profiled prompt."""
+        return self.profile.item_maps(*self.shape)
 
     def to_frame(self) -> pd.DataFrame:
         return pd.concat([self.profile.to_frame().assign(task="profile"), self.search.to_frame().drop(columns="shots")],

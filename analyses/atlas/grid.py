@@ -30,8 +30,8 @@ from probe.heads import HeadId, HeadLayout
 from probe.stats import KeyGroup
 from probe.streaming import stream_stats
 
-from .contract import Result, head_frame
-from .plots import head_map
+from ..contract import Result, head_frame
+from ..plots import head_map
 
 LABELS = {"entropy": "mean entropy (nats)", "max_prob": "mean max attention",
           "mass:first": "mean attention on the first token"}
