@@ -28,6 +28,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,8 +65,12 @@ def check_output_folder(folder: str | Path, flag: str = "--out") -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise InputError(f"{flag} {str(folder)!r}: {probe} is a file, so the folder cannot be created")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {str(folder)!r}: {probe} is not writable by you: choose a folder you can write")
+    try:                                          # a real write: os.access is always yes for root
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise InputError(f"{flag} {str(folder)!r}: cannot write in {probe} ({exc.strerror or exc}): choose a "
+                         "folder you can write") from None
     return path
 
 

@@ -35,7 +35,7 @@ class CircuitsConfig(Config):
     tasks: tuple[Literal["ioi", "colored_objects", "induction", "greater_than"], ...] = opt(
         ("ioi", "colored_objects", "induction"), "tasks (clean/corrupted prompt pairs of analyses.circuits.tasks)")
     n: int = opt(32, "prompt pairs per task", min=1)
-    seed: int = opt(0, "seed of the prompts and the controls")
+    seed: int = opt(0, "seed of the prompts and the controls", min=0)
     ig_steps: int = opt(5, "EAP-IG interpolation steps", min=1)
     frac: float = opt(0.05, "circuit = this top fraction of heads by |score| (the paper: 0.02)", min=1e-9, max=1)
     n_boot: int = opt(200, "bootstrap resamples over prompts", min=1)

@@ -41,7 +41,7 @@ class GroundingConfig(Config):
     center: Literal["none", "template"] = opt("none", "fit on template-centred features (confound control) or "
                                                       "plain (the paper)")
     n_perm: int = opt(50, "permutation-null refits", min=1)
-    seed: int = opt(0, "seed of the nulls, the random heads and the sampling")
+    seed: int = opt(0, "seed of the nulls, the random heads and the sampling", min=0)
     n_mitigate: int = opt(60, "held-out items of the mitigation experiment (0: skip it)", min=0)
     k: int = opt(20, "heads boosted in the top-k / random-k conditions", min=1)
     alpha: float = opt(0.3, "PAINT-style boost z + alpha|z| on the context keys", min=0)

@@ -44,7 +44,7 @@ class RetrievalConfig(Config):
     cells: tuple[Cell, ...] | None = opt(None, "explicit needle:length:depth cells instead of the grid")
     threshold: float = opt(0.1, "a retrieval head scores above this", min=0, max=1)
     k: int = opt(10, "heads masked (top-K and each random-K set)", min=1)
-    seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the random-K head sets")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the random-K head sets", min=0)
     exclude_top: int | None = opt(None, "random heads are drawn outside the best N (default 2K)", min=0)
     mask: bool = opt(True, "run the masking experiment")
     mask_lengths: tuple[int, ...] | None = opt(None, "lengths of the masking grid (default: lengths)", min=1)
