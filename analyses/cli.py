@@ -289,7 +289,8 @@ def _dashboard(args) -> int:
 
     app = Path(importlib.util.find_spec("dashboards").origin).parent / "app.py"   # located, not imported
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
-           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.showErrorDetails", "none"]
     env = dict(os.environ)
     if args.model:
         env["HEADWISE_DASHBOARD_MODEL"] = args.model

@@ -153,3 +153,34 @@ def _digest(meta: dict) -> str:
     """sha256 of a JSON unit's canonical text (everything but the digest itself)."""
     core = {k: v for k, v in meta.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- payload checks (Stage.check)
+
+def out_of_range(name: str, values, lo: float | None = None, hi: float | None = None, tol: float = 1e-6) -> str | None:
+    """What is wrong with ``values`` (numbers, nested lists or an array): non-finite or outside
+    ``[lo - tol, hi + tol]``; None when they are fine.
+
+    >>> out_of_range("cos", [0.5, 333334.0], -1, 1)
+    'cos holds 333334, above 1'
+    >>> out_of_range("loss", float("nan")) is None
+    False
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(a).all():
+        return f"{name} holds {int((~np.isfinite(a)).sum())} non-finite value(s)"
+    if a.size and lo is not None and a.min() < lo - tol:
+        return f"{name} holds {a.min():g}, below {lo:g}"
+    if a.size and hi is not None and a.max() > hi + tol:
+        return f"{name} holds {a.max():g}, above {hi:g}"
+    return None
+
+
+def wrong_shape(name: str, values, want: tuple[int, ...]) -> str | None:
+    """``values`` not of shape ``want`` (the model's layout): what was found; else None."""
+    got = np.shape(values)
+    return None if tuple(got) == tuple(want) else f"{name} has shape {tuple(got)}, expected {tuple(want)}"
+
+
+def first_problem(*found: str | None) -> str | None:
+    return next((f for f in found if f), None)

@@ -4,8 +4,9 @@ Each case id starts with its verdict: ``typed-error`` (refused before any work w
 error whose message names the problem and the fix), ``recomputed`` (a stale or missing thing
 rebuilt, never used), or ``handled`` (the fault no longer does harm, e.g. a cached hub model
 loads offline, a failed figure write keeps the old file). Count them with
-``python -m pytest tests/test_bad_inputs.py --collect-only -q | grep -o '\[[a-z-]*:' | sort | uniq -c``
-(the untagged tests beside them check that good files and specs still pass the checks).
+``python -m pytest tests/test_bad_inputs.py tests/test_bad_inputs_runs.py --collect-only -q | grep -o '\[[a-z-]*:' | sort | uniq -c``
+(the untagged tests beside them check that good files and specs still pass the checks; the CLI,
+results-folder, unit, dashboard and SIGKILL cases are in test_bad_inputs_runs.py).
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import pytest
 import torch
@@ -29,31 +29,7 @@ from probe.atomic import read_tensors, temp_dir, write_figure, write_json, write
 from probe.errors import SpecError
 from probe.models import embedded, resolve
 
-
-class Case(NamedTuple):
-    verdict: str
-    name: str
-    arg: object
-    error: type | None = None
-    match: str = ""
-
-
-def cases(*items: Case):
-    return pytest.mark.parametrize("case", items, ids=[f"{c.verdict}:{c.name}" for c in items])
-
-
-def tag(verdict: str, name: str):
-    """A catalogue entry of one case (the test gets ``case`` and does its own set-up)."""
-    return cases(Case(verdict, name, None))
-
-
-@contextmanager
-def umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
+from catalogue import Case, cases, tag, umask
 
 
 # ============================================================================= 2. files probe loads

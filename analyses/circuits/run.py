@@ -22,6 +22,7 @@ from probe.heads import HeadId
 from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit
 from . import patching as P
+from .checks import check_task
 from .overlap import OVERLAP_COLUMNS, overlap_table, select_circuit
 from .result import CircuitsResult, Repair, TaskResult
 from .roles import attention_to, inhibition_heads, intervention, random_heads_like, repeated_token_roles
@@ -163,6 +164,7 @@ CIRCUITS = Analysis(
     paper="Merullo, Eickhoff, Pavlick, ICLR 2024, Circuit Component Reuse Across Tasks",
     url="https://arxiv.org/abs/2310.08744", methods="docs/methods.md §3",
     config=CircuitsConfig, result=CircuitsResult, min_samples=32,
-    stages=(Stage("tasks", plan_tasks, compute_task, reduce_tasks, depends=("n", "seed", "ig_steps", "frac")),
+    stages=(Stage("tasks", plan_tasks, compute_task, reduce_tasks, depends=("n", "seed", "ig_steps", "frac"),
+                  check=check_task),
             Stage("roles", plan_roles, compute_role, reduce_roles, depends=("seed",)),
             Stage("repair", plan_repair, compute_repair, reduce_repair, depends=("seed",))))

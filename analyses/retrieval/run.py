@@ -21,6 +21,7 @@ from probe.errors import InputError
 
 from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit
+from .checks import check_masking, check_sample
 from .decode import decode, prefill
 from .harness import Needle, build_prompt, load_needles, rouge1_recall, select_needles
 from .result import RetrievalResult
@@ -182,5 +183,7 @@ RETRIEVAL = Analysis(
     paper="Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality",
     url="https://arxiv.org/abs/2404.15574", methods="docs/methods.md §1",
     config=RetrievalConfig, result=RetrievalResult, min_samples=75,
-    stages=(Stage("samples", plan_samples, compute_sample, reduce_samples, depends=("max_new_tokens", "row", "lead")),
-            Stage("masking", plan_masking, compute_masking, reduce_masking, depends=("max_new_tokens", "lead"))))
+    stages=(Stage("samples", plan_samples, compute_sample, reduce_samples, depends=("max_new_tokens", "row", "lead"),
+                  check=check_sample),
+            Stage("masking", plan_masking, compute_masking, reduce_masking, depends=("max_new_tokens", "lead"),
+                  check=check_masking)))
