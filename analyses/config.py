@@ -261,7 +261,12 @@ def build(cls, values: dict, base=None):
     for path, changes in sorted(nested.items(), key=lambda kv: -len(kv[0])):
         if path:
             inner = _get(config, path)
-            config = _replace(config, path, dataclasses.replace(inner, **changes))
+            try:                                         # the inner type's own checks (e.g. the ACT edit's)
+                replaced = dataclasses.replace(inner, **changes)
+            except InputError as exc:
+                flags = ", ".join(opts[k].flag for k in changes)
+                raise InputError(f"{exc} (flag {flags})") from None
+            config = _replace(config, path, replaced)
         else:
             config = dataclasses.replace(config, **changes)
     return config

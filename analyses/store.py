@@ -2,7 +2,8 @@
 
 :func:`writer` holds an exclusive lock on ``<folder>/.headwise.lock`` for a whole scan (``flock``:
 the kernel drops it when the holder dies, even by SIGKILL). A second writer is refused with the
-holder's pid and command; a lock file left by a dead process is taken over with a notice.
+holder's pid and command; a lock file left by a dead process is taken over with a notice, and
+the temporary files of its interrupted writes are removed.
 
 ``<folder>/run.json`` stamps what the folder's result (``summary.json`` and its files) was made
 from: the analysis, the model's weights hash and every setting. A scan into a folder stamped
@@ -78,6 +79,7 @@ def check_output_folder(folder: str | Path, flag: str = "--out") -> Path:
 def writer(folder: str | Path, command: str | None = None) -> Iterator[Path]:
     """Hold ``folder``'s writer lock for the body (see the module docstring)."""
     folder = Path(folder)
+    _check_ours(folder)                                 # before the lock file: never leave one in a foreign folder
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -94,12 +96,24 @@ def writer(folder: str | Path, command: str | None = None) -> Iterator[Path]:
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
+        _sweep(folder)
         try:
             yield folder
         finally:
             os.ftruncate(fd, 0)                         # released cleanly: no holder to report
     finally:
         os.close(fd)                                    # closing drops the flock
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the temporary files of interrupted atomic writes (only a dead writer can have left them:
+    we hold the lock)."""
+    left = [p for p in [*folder.glob(".*.tmp"), *(folder / "units").rglob(".*.tmp"), *(folder / "figures").glob(".*.tmp")]
+            if p.is_file()]
+    for p in left:
+        p.unlink(missing_ok=True)
+    if left:
+        print(f"headwise: {folder}: removed {len(left)} temporary file(s) of an interrupted write", file=sys.stderr)
 
 
 def _holder(fd: int) -> dict:
@@ -127,12 +141,14 @@ def run_stamp(analysis, model, config) -> dict:
 def claim(folder: str | Path, stamp: dict, force: bool = False) -> None:
     """Make ``folder`` this run's (call under :func:`writer`): refuse another run's folder unless ``force``."""
     folder, stamp = Path(folder), {"format": FORMAT, "version": VERSION, **stamp}
-    old = read_stamp(folder)
+    try:
+        old = read_stamp(folder)
+    except FolderInUseError:
+        if not force:
+            raise
+        old = {}
     if old is None:
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in OURS) if folder.is_dir() else []
-        if foreign and not any((folder / n).exists() for n in OURS - {LOCK}):
-            raise FolderInUseError(f"{folder} is not a headwise results folder (it holds {foreign[:3]}"
-                                   f"{' ...' if len(foreign) > 3 else ''}): choose an empty or new folder for --out")
+        _check_ours(folder)
     elif not force:
         differ = _differences(old, stamp)
         if differ:
@@ -140,6 +156,16 @@ def claim(folder: str | Path, stamp: dict, force: bool = False) -> None:
                                    "use another --out, or --force to replace that result (units whose settings "
                                    "still match are reused)")
     write_json(folder / RUN, stamp)
+
+
+def _check_ours(folder: Path) -> None:
+    """Refuse a folder that holds files but nothing of headwise's (``--out ~`` must not fill a home folder)."""
+    if not folder.is_dir() or any((folder / n).exists() for n in OURS):
+        return
+    foreign = sorted(p.name for p in folder.iterdir())
+    if foreign:
+        raise FolderInUseError(f"{folder} is not a headwise results folder (it holds {foreign[:3]}"
+                               f"{' ...' if len(foreign) > 3 else ''}): choose an empty or new folder for --out")
 
 
 def read_stamp(folder: str | Path) -> dict | None:
