@@ -59,26 +59,25 @@ def describe(exc: BaseException) -> str:
             "traceback and report it)")
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number >= 1 (``200.9``, ``0`` and ``-1`` are refused, never rounded)."""
+def whole(text: str, lo: int) -> int:
+    """``text`` as a whole number >= ``lo`` (``200.9`` is refused, never rounded)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {text!r}") from None
+    if value < lo:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {value}")
     return value
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    return whole(text, 1)
 
 
 def natural(text: str) -> int:
     """An argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
+    return whole(text, 0)
 
 
 def gigabytes(text: str) -> float:

@@ -18,12 +18,11 @@ from probe.errors import HeadwiseError
 
 
 def message(exc: BaseException) -> str:
-    """The one line shown for ``exc``."""
-    if isinstance(exc, HeadwiseError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror or type(exc).__name__}{where}: check the path and its permissions, then rerun."
+    """The one line shown for ``exc`` (typed and OS errors as the CLI words them)."""
+    from analyses.cli import describe
+
+    if isinstance(exc, (HeadwiseError, OSError)):
+        return describe(exc)
     return (f"Unexpected {type(exc).__name__} on this page. The details are in the terminal that runs "
             "`headwise dashboard`; please report them. Other pages still work.")
 

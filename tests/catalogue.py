@@ -7,11 +7,17 @@ harm). Count the catalogue with
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
-from typing import NamedTuple
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from probe.atomic import read_tensors, write_tensors
 
 
 class Case(NamedTuple):
@@ -38,3 +44,21 @@ def umask(mask: int):
         yield
     finally:
         os.umask(old)
+
+
+def resave(path: Path, fmt: str, tensors: Callable | None = None, meta: Callable | None = None,
+            sign: bool = True) -> None:
+    """Rewrite a saved file with edited tensors/metadata: re-signed (only the edit is wrong) or not
+    (the stored sha256 kept, as a hand edit or bit rot would leave it)."""
+    t, m = read_tensors(path, fmt)
+    t = dict(t)
+    if tensors:
+        tensors(t)
+    if meta:
+        meta(m)
+    if sign:
+        write_tensors(path, t, m)
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            old = json.loads(f.metadata()["headwise"])["sha256"]
+        save_file(t, str(path), metadata={"headwise": json.dumps({**m, "sha256": old})})

@@ -15,42 +15,22 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from probe import (AttentionRecord, ContextLengthError, CorruptFileError, HeadOutOfRangeError, HeadStats,
                    InputError, InterventionSpec, KeyGroup, ModelLoadError, SinkCalibration, SpanBoost, Temperature,
                    capture, generate_with_stats, intervene, load_model, stream_stats)
-from probe.atomic import read_tensors, temp_dir, write_figure, write_json, write_tensors
+from probe.atomic import temp_dir, write_figure, write_json
 from probe.errors import SpecError
 from probe.models import embedded, resolve
 
-from catalogue import Case, cases, tag, umask
+from catalogue import Case, cases, resave as _resave, tag, umask
 
 
 # ============================================================================= 2. files probe loads
-
-def _resave(path: Path, fmt: str, tensors: Callable | None = None, meta: Callable | None = None,
-            sign: bool = True) -> None:
-    """Rewrite a saved file with edited tensors/metadata: re-signed (only the edit is wrong) or not
-    (the stored sha256 kept, as a hand edit or bit rot would leave it)."""
-    t, m = read_tensors(path, fmt)
-    t = dict(t)
-    if tensors:
-        tensors(t)
-    if meta:
-        meta(m)
-    if sign:
-        write_tensors(path, t, m)
-    else:
-        with safe_open(str(path), framework="pt") as f:
-            old = json.loads(f.metadata()["headwise"])["sha256"]
-        save_file(t, str(path), metadata={"headwise": json.dumps({**m, "sha256": old})})
-
 
 def _set(key, value):
     return lambda d: d.__setitem__(key, value)

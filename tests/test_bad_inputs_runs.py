@@ -24,10 +24,10 @@ from analyses.cli import main
 from analyses.retrieval import RETRIEVAL, RetrievalConfig
 from analyses.store import LOCK, FolderInUseError, FolderLockedError, writer
 from analyses.units import UnitStore
-from probe.atomic import read_tensors, write_tensors
+from probe.atomic import read_tensors
 from probe.errors import InputError, ModelMismatchError
 
-from catalogue import Case, cases, tag, umask
+from catalogue import Case, cases, resave, tag, umask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -301,55 +301,30 @@ def _unit(folder: Path, stage: str = "samples") -> Path:
     return sorted((folder / "units" / stage).iterdir())[0]
 
 
-def _edit_tensors(path: Path, edit, sign: bool) -> None:
-    t, m = read_tensors(path, "headwise.unit")
-    t = {k: v.clone() for k, v in t.items()}
-    edit(t, m)
-    if sign:
-        write_tensors(path, t, m)
-    else:
-        from safetensors import safe_open
-        from safetensors.torch import save_file
+def _events(index, value):
+    def edit(t):
+        t["events"] = t["events"].clone()
+        t["events"][index] = value
+    return edit
 
-        with safe_open(str(path), framework="pt") as f:
-            old = json.loads(f.metadata()["headwise"])["sha256"]
-        save_file(t, str(path), metadata={"headwise": json.dumps({**m, "sha256": old})})
+
+def _unit_edit(sign: bool = True, **edits):
+    """Rewrite a unit file: re-signed (only the edit is wrong) or not (its stored sha256 kept)."""
+    return lambda p: resave(p, "headwise.unit", sign=sign, **edits)
 
 
 def _truncate(p):
     p.write_bytes(p.read_bytes()[:-40])
 
 
-def _bitflip(p):
-    _edit_tensors(p, lambda t, m: t["events"].__setitem__((0, 0), 0.75), sign=False)
-
-
-def _response(p):
-    _edit_tensors(p, lambda t, m: m["payload"].__setitem__("response", "4817"), sign=False)
-
-
-def _events_big(p):
-    _edit_tensors(p, lambda t, m: t["events"].__setitem__((1, 2), 333334.0), sign=True)
-
-
-def _events_nan(p):
-    _edit_tensors(p, lambda t, m: t["events"].__setitem__((0, 1), math.nan), sign=True)
-
-
-def _events_shape(p):
-    _edit_tensors(p, lambda t, m: t.__setitem__("events", t["events"][:1].clone()), sign=True)
-
-
-def _recall(p):
-    _edit_tensors(p, lambda t, m: m["payload"].__setitem__("recall", 7.0), sign=True)
-
-
-def _version(p):
-    _edit_tensors(p, lambda t, m: m.__setitem__("version", 1), sign=True)
-
-
-def _not_unit(p):
-    _edit_tensors(p, lambda t, m: m.__setitem__("format", "headwise.other"), sign=True)
+_bitflip = _unit_edit(sign=False, tensors=_events((0, 0), 0.75))
+_response = _unit_edit(sign=False, meta=lambda m: m["payload"].__setitem__("response", "4817"))
+_events_big = _unit_edit(tensors=_events((1, 2), 333334.0))
+_events_nan = _unit_edit(tensors=_events((0, 1), math.nan))
+_events_shape = _unit_edit(tensors=lambda t: t.__setitem__("events", t["events"][:1].clone()))
+_recall = _unit_edit(meta=lambda m: m["payload"].__setitem__("recall", 7.0))
+_version = _unit_edit(meta=lambda m: m.__setitem__("version", 1))
+_not_unit = _unit_edit(meta=lambda m: m.__setitem__("format", "headwise.other"))
 
 
 UNIT_CASES = cases(
@@ -541,36 +516,30 @@ def test_dashboard_hides_error_details(case, monkeypatch):
     assert seen["cmd"][i + 1] == "none"
 
 
-def _page_app():
-    from dashboards.errors import run_page
-
-    class Page:
-        def run(self):
-            raise RuntimeError("boom in /work/internal/secret.py")
-
-    run_page(Page())
+PAGE_APP = """
+from dashboards.errors import run_page
+from probe.errors import CorruptFileError
 
 
-def _headwise_page_app():
-    from dashboards.errors import run_page
-    from probe.errors import CorruptFileError
+class Page:
+    def run(self):
+        raise {error}
 
-    class Page:
-        def run(self):
-            raise CorruptFileError("results/x/summary.json is corrupt; delete it and run again to regenerate it")
 
-    run_page(Page())
+run_page(Page())
+"""
 
 
 @tag("handled", "dashboard-page-error-is-a-short-message")
 def test_a_failing_page_shows_a_message_not_a_traceback(case, capsys):
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_function(_page_app).run()
+    at = AppTest.from_string(PAGE_APP.format(error='RuntimeError("boom in /work/internal/secret.py")')).run()
     assert not at.exception and len(at.error) == 1
     assert "Unexpected RuntimeError" in at.error[0].value and "/work/internal" not in at.error[0].value
     assert "secret.py" in capsys.readouterr().err                     # the details go to the server's console
-    at = AppTest.from_function(_headwise_page_app).run()
+    at = AppTest.from_string(PAGE_APP.format(
+        error='CorruptFileError("results/x/summary.json is corrupt; delete it and run again to regenerate it")')).run()
     assert not at.exception and at.error[0].value.startswith("results/x/summary.json is corrupt; delete it")
 
 
@@ -657,7 +626,7 @@ KILLED = {   # analysis: (flags of a small scan on tiny-llama, the stage whose f
                    "--max-new-tokens", "2", "--no-mask"], "samples"),
     "sinks": (["--limit", "10", "--first-layer", "0", "--last-layer", "1", "--n-random", "1", "--n-profile", "4"],
               "profile"),
-    "circuits": (["--tasks", "induction,ioi,greater_than", "--n", "4", "--ig-steps", "2", "--frac", "0.25",
+    "circuits": (["--tasks", "induction,greater_than", "--n", "4", "--ig-steps", "2", "--frac", "0.25",
                   "--n-boot", "10"], "tasks"),
     "similarity": (["--n-prompts", "4", "--n-heldout", "1", "--max-tokens", "24", "--variants", "same",
                     "--max-trials", "1"], "prompts"),
