@@ -90,18 +90,6 @@ def gigabytes(text: str) -> float:
     return value
 
 
-def read_text_file(path: str, flag: str = "--file") -> str:
-    """A UTF-8 text file; the error names the file and where its encoding breaks."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"{flag} {path!r}: {'is a folder, not a file' if p.is_dir() else 'no such file'}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{flag} {path!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                         f"{exc.start}: {exc.reason}): convert it, e.g. iconv -f latin1 -t utf-8") from None
-
-
 def check_output_file(path: str | None, flag: str = "--out", suffix: str | None = None) -> None:
     """An output file we can write, checked before any work (its folder is created if missing)."""
     if path is None:
@@ -275,7 +263,9 @@ def _capture(args) -> int:
 def _stats(args) -> int:
     from probe import stream_stats
 
-    text = args.text if args.text is not None else read_text_file(args.file)
+    from .data import read_utf8
+
+    text = args.text if args.text is not None else read_utf8(args.file, "--file")
     check_output_file(args.out, suffix=".safetensors")
     st = stream_stats(load(args), text)
     st.save(args.out)

@@ -715,3 +715,20 @@ def test_temp_files_of_a_killed_write_are_removed_under_the_lock(case, tmp_path,
     with writer(tmp_path):
         assert not left.exists()
     assert "removed 1 temporary file(s) of an interrupted write" in _err(capsys)
+
+
+@tag("typed-error", "cli-similarity-prompts-file-not-utf8")
+def test_a_prompt_file_that_is_not_utf8_is_named(case, tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes("Un caf\xe9 noir.\n\nEncore un.".encode("latin-1"))
+    assert main(["scan", "similarity", *S, "--out", str(tmp_path / "o"), "--prompts", str(bad)]) == 2
+    assert f"text file '{bad}' is not UTF-8 text (byte 0xe9 at offset 6" in _err(capsys)
+
+
+@tag("recomputed", "units-of-another-model-with-force")
+def test_units_of_another_model_are_recomputed_never_reused(case, first_run, tmp_path, tiny_gpt2, capsys):
+    folder = _copy(first_run[0], tmp_path)
+    run(RETRIEVAL, tiny_gpt2, CFG, store=folder, progress=False, force=True)
+    err = _err(capsys)
+    assert "samples: recomputing 2 unit(s) made with other weights or settings" in err and "stale: model" in err
+    assert "resumed" not in err and json.loads((folder / "run.json").read_text())["model_id"] == "tiny-gpt2"

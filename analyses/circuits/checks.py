@@ -1,5 +1,5 @@
 """Checks on the circuits analysis' saved task units (``Stage.check``): logit differences and head
-effects finite, effects one per head of the model, accuracy in ``[0, 1]``."""
+effects finite, effects one per head of the model, accuracies in ``[0, 1]``."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +9,9 @@ from ..units import first_problem, out_of_range
 
 def check_task(model, cfg, payload: dict) -> str | None:
     heads = model.n_layers * model.n_heads
-    found = [out_of_range("accuracy", payload["accuracy"], 0, 1),
-             out_of_range("ld_clean", payload["ld_clean"]), out_of_range("ld_corr", payload["ld_corr"])]
+    acc = payload["accuracy"]
+    found = [out_of_range(f"accuracy[{k!r}]", acc[k], 0, 1) for k in acc if k.endswith("_accuracy")]
+    found += [out_of_range("ld_clean", payload["ld_clean"]), out_of_range("ld_corr", payload["ld_corr"])]
     for k, v in payload.items():
         if k.startswith("effect_"):
             size = np.asarray(v).size
