@@ -604,8 +604,8 @@ def test_headwise_dashboard_forwards_signals_to_its_server(signum, tmp_path):
         servers = _children(launcher.pid)
         assert servers, "the launcher has no server child"
         launcher.send_signal(signum)
-        code = launcher.wait(timeout=30)
-        assert code in (0, 128 + signum, -signum)
+        code = launcher.wait(timeout=60)        # it exits with its server (whose own status it returns)
+        assert code in (0, 1, 128 + signum, -signum)
         deadline = time.time() + 10
         while any(_alive(s) for s in servers) and time.time() < deadline:
             time.sleep(0.1)
