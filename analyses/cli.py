@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:                 # a bad flag (usage printed) or --help: its status, not an exit
+        return int(exc.code or 0)
     if args.run is None:
         parser.print_help()
         return 2
