@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:                 # a bad flag (usage printed) or --help: its status, not an exit
-        return int(exc.code or 0)
+    except SystemExit as exc:                 # a bad flag (usage printed): its status; --help still exits
+        if not exc.code:
+            raise
+        return int(exc.code)
     if args.run is None:
         parser.print_help()
         return 2
