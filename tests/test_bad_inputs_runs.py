@@ -589,7 +589,7 @@ def test_headwise_dashboard_forwards_signals_to_its_server(signum, tmp_path):
                                  "--results", str(tmp_path)], env=env, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300              # a busy 2-core machine starts streamlit slowly
         while time.time() < deadline:
             try:
                 socket.create_connection(("localhost", port), timeout=1).close()
