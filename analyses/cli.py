@@ -5,35 +5,108 @@ config (typed, with the default in ``--help``) and the shared model group (``--m
 --dtype --threads``) and ``--out``; the run resumes when repeated with the same ``--out``.
 ``headwise models``, ``prepare``, ``capture``, ``stats``, ``generate`` and ``dashboard`` are the
 commands around them; an analysis may add its own (``Analysis.commands``, e.g. ``headwise head L3H1``).
+
+Every number and path is checked before any model loads (the config fields' own checks, positive
+counts, writable outputs, UTF-8 inputs). One handler turns what remains (a typed
+:class:`~probe.errors.HeadwiseError`, an ``OSError``, any other failure) into a one-line error;
+``--debug`` (anywhere on the line) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from probe.errors import HeadwiseError
+from probe.errors import HeadwiseError, InputError
 
 from . import registry
 from .config import add_arguments, from_args
+from .store import check_output_folder
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:                 # a bad flag (usage printed): its status; --help still exits
+        if not exc.code:
+            raise
+        return int(exc.code)
     if args.run is None:
         parser.print_help()
         return 2
     try:
         return int(args.run(args) or 0)
-    except (HeadwiseError, FileNotFoundError) as exc:
-        print(f"headwise: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("headwise: interrupted; finished work is saved, rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # the one top-level handler: a line, not a traceback (--debug: the traceback)
+        if debug:
+            raise
+        print(f"headwise: error: {describe(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, (HeadwiseError, OSError, UnicodeError)) else 1
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error: typed errors as they are, OS errors with the file, anything else named."""
+    if isinstance(exc, HeadwiseError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}: check the path and its permissions"
+    return (f"unexpected {type(exc).__name__}: {exc} (a bug in headwise: rerun with --debug for the "
+            "traceback and report it)")
+
+
+def whole(text: str, lo: int) -> int:
+    """``text`` as a whole number >= ``lo`` (``200.9`` is refused, never rounded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {text!r}") from None
+    if value < lo:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    return whole(text, 1)
+
+
+def natural(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    return whole(text, 0)
+
+
+def gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB > 0, got {text!r}")
+    return value
+
+
+def check_output_file(path: str | None, flag: str = "--out", suffix: str | None = None) -> None:
+    """An output file we can write, checked before any work (its folder is created if missing)."""
+    if path is None:
+        return
+    if not str(path).strip():
+        raise InputError(f"{flag} is empty: name the file to write")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(f"{flag} {str(path)!r} is a folder: name a file{f' ending in {suffix}' if suffix else ''}")
+    if suffix and p.suffix != suffix:
+        raise InputError(f"{flag} {str(path)!r} must end in {suffix}")
+    check_output_folder(p.parent, flag)
 
 
 def model_args(parser: argparse.ArgumentParser, out: str | None = None, out_required: bool = True) -> None:
@@ -43,7 +116,7 @@ def model_args(parser: argparse.ArgumentParser, out: str | None = None, out_requ
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
+    g.add_argument("--threads", type=positive, default=None, help="torch CPU threads (1 is faster on a busy machine)")
     if out is not None:
         g.add_argument("--out", required=out_required, default=None, help=out)
 
@@ -55,8 +128,6 @@ def load(args):
     from probe import DEFAULT_MODEL, load_model
 
     if args.threads:
-        if args.threads < 1:
-            raise HeadwiseError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
 
@@ -76,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", required=True)
     s.add_argument("--layers", type=_ints, default=None, help="comma-separated layers (default all)")
     s.add_argument("--heads", type=_ints, default=None, help="comma-separated heads (default all)")
+    s.add_argument("--budget-gb", type=gigabytes, default=None,
+                   help="memory allowed for the T x T patterns (default: 2 GiB)")
     model_args(s, "the record file to write (.safetensors)")
     s.set_defaults(run=_capture)
 
@@ -87,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_stats)
 
     s = sub.add_parser("dashboard", help="serve the dashboard on localhost")
-    s.add_argument("--port", type=int, default=8501)
+    s.add_argument("--port", type=_port, default=8501)
     s.add_argument("--address", default="localhost")
     s.add_argument("--model", default=None, help="model selected at start (default: the embedded one)")
     s.add_argument("--results", default=None, help="results folder the pages open (default: ./results)")
@@ -116,6 +189,9 @@ def scan_parser(sub, command: str, analysis, help: str) -> argparse.ArgumentPars
     model_args(s, "results folder (rerun with the same folder to resume)")
     s.add_argument("--png", action=argparse.BooleanOptionalAction, default=False,
                    help="also write PNG figures (needs kaleido and a Chromium; slow)")
+    s.add_argument("--force", action="store_true",
+                   help="replace the result of another run (other model or settings) in --out; its units whose "
+                        "settings still match are reused (default: such a folder is refused)")
     s.set_defaults(run=lambda args: _scan(args, analysis))
     return s
 
@@ -128,11 +204,11 @@ def _generate_parser(sub) -> None:
     g.add_argument("prompt")
     g.add_argument("--calibration", default=None, help="calib.json from `headwise scan sinks` (ACT)")
     g.add_argument("--guided", default=None, help="detector.json from `headwise scan grounding`")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=positive, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (greedy only)")
-    g.add_argument("--candidates", type=int, default=8, help="sampled chunks per step (guided)")
-    g.add_argument("--chunk", type=int, default=8, help="tokens per chunk (guided)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (guided)")
+    g.add_argument("--candidates", type=positive, default=8, help="sampled chunks per step (guided)")
+    g.add_argument("--chunk", type=positive, default=8, help="tokens per chunk (guided)")
+    g.add_argument("--seed", type=natural, default=0, help="sampling seed (guided)")
     g.add_argument("--html", default=None, help="write the token view coloured by grounding here (needs --guided)")
     model_args(g, "also write the generated text to this file", out_required=False)
     g.set_defaults(run=lambda args: command(args, load))
@@ -141,9 +217,10 @@ def _generate_parser(sub) -> None:
 def _scan(args, analysis) -> int:
     from .runner import run
 
-    config = from_args(analysis.config, args)        # bad flags fail before the model loads
-    result = run(analysis, load(args), config, store=args.out, png=args.png)
-    print(f"wrote {args.out}")
+    config = from_args(analysis.config, args)        # bad flags and an unusable --out fail before the model loads
+    out = check_output_folder(args.out)
+    result = run(analysis, load(args), config, store=out, png=args.png, force=args.force)
+    print(f"wrote {out}")
     for stat in result.summary().values():
         note = stat.help()
         print(f"  {stat.label}: {stat.text()}" + (f" ({note})" if note else ""))
@@ -152,9 +229,19 @@ def _scan(args, analysis) -> int:
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
+
+
+def _port(text: str) -> int:
+    value = positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
 
 
 def _models(args) -> int:
@@ -175,8 +262,11 @@ def _prepare(args) -> int:
 
 def _capture(args) -> int:
     from probe import capture
+    from probe.memory import DEFAULT_CAPTURE_BUDGET
 
-    rec = capture(load(args), args.text, layers=args.layers, heads=args.heads)
+    check_output_file(args.out, suffix=".safetensors")
+    budget = int(args.budget_gb * 2**30) if args.budget_gb else DEFAULT_CAPTURE_BUDGET
+    rec = capture(load(args), args.text, layers=args.layers, heads=args.heads, budget=budget)
     rec.save(args.out)
     print(f"wrote {args.out}: patterns {list(rec.patterns.shape)} for {len(rec.token_ids)} tokens")
     return 0
@@ -185,7 +275,10 @@ def _capture(args) -> int:
 def _stats(args) -> int:
     from probe import stream_stats
 
-    text = args.text if args.text is not None else Path(args.file).read_text()
+    from .data import read_utf8
+
+    text = args.text if args.text is not None else read_utf8(args.file, "--file")
+    check_output_file(args.out, suffix=".safetensors")
     st = stream_stats(load(args), text)
     st.save(args.out)
     print(f"wrote {args.out}: {len(st.layers)} layers x {st.entropy.shape[1]} heads x {st.entropy.shape[2]} rows")
@@ -197,13 +290,40 @@ def _dashboard(args) -> int:
 
     app = Path(importlib.util.find_spec("dashboards").origin).parent / "app.py"   # located, not imported
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
-           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.showErrorDetails", "none"]
     env = dict(os.environ)
     if args.model:
         env["HEADWISE_DASHBOARD_MODEL"] = args.model
     if args.results:
-        env["HEADWISE_RESULTS"] = str(Path(args.results).resolve())
-    return subprocess.call(cmd, env=env)
+        results = Path(args.results).expanduser()
+        if results.exists() and not results.is_dir():
+            raise InputError(f"--results {args.results!r} is a file: name the folder your scans write into")
+        env["HEADWISE_RESULTS"] = str(results.resolve())
+    return serve(cmd, env)
+
+
+def serve(cmd: list[str], env: dict) -> int:
+    """Run the server as a child; SIGINT/SIGTERM/SIGHUP to us go to it, and we exit with it."""
+    child = subprocess.Popen(cmd, env=env)
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:              # a handler raised in the wait: keep waiting for the child
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 128 - code if code < 0 else code         # killed by signal N: the shell's 128 + N
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ options=(...))`` names.
 >>> Demo(k=0)
 Traceback (most recent call last):
 ...
-probe.errors.InputError: k must be >= 1, got 0
+probe.errors.InputError: k must be >= 1, got 0 (flag --k): use 1 or more
+
+Every message names the field, its flag, the value and the fix; the CLI, the dashboard's forms and
+the Python API share these checks, and bad flags fail before any model loads.
 """
 from __future__ import annotations
 
@@ -167,7 +170,11 @@ def _scalar(kind: str, text: str, choices=()):
             raise ValueError("not a yes/no value")
         return text.lower() in ("true", "1", "yes")
     if kind == "int":
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            float(text)                                   # a number, but not a whole one: say so
+            raise ValueError("not a whole number; integers are never rounded") from None
     if kind == "float":
         return float(text)
     if kind == "choice" and text not in {str(c) for c in choices}:
@@ -200,20 +207,24 @@ def check(o: Option, value):
     if o.kind != "list":
         value = _typed(o, value, {"bool": bool, "int": int, "float": float, "str": str}.get(o.kind))
         if o.kind == "choice" and value not in o.choices:
-            raise InputError(f"{o.name} must be one of {list(o.choices)}, not {value!r}")
+            _fail(o, f"must be one of {list(o.choices)}, not {value!r}", "pick one of them")
         return value
     if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or not value:
-        raise InputError(f"{o.name} must be a non-empty list, got {value!r}")
+        _fail(o, f"must be a non-empty list, got {value!r}", f"give at least one value ({_expected(o)})")
     if len(o.item) == 1:
         value = tuple(_typed(o, v, o.item[0]) for v in value)
         bad = [v for v in value if o.choices and v not in o.choices]
         if bad:
-            raise InputError(f"unknown {o.name.replace('_', ' ')} {bad}: choose from {list(o.choices)}")
+            raise InputError(f"unknown {o.name.replace('_', ' ')} {bad} (flag {o.flag}): choose from {list(o.choices)}")
         return value
     bad = [v for v in value if not isinstance(v, (tuple, list)) or len(v) != len(o.item)]
     if bad:
-        raise InputError(f"{o.name}: every item must have {len(o.item)} parts, got {bad[0]!r}")
+        _fail(o, f"every item must have {len(o.item)} parts, got {bad[0]!r}", _expected(o))
     return tuple(tuple(_typed(o, p, t, ranged=False) for p, t in zip(v, o.item)) for v in value)
+
+
+def _fail(o: Option, what: str, fix: str):
+    raise InputError(f"{o.name} {what} (flag {o.flag}): {fix}")
 
 
 def _typed(o: Option, v, want, ranged: bool = True):
@@ -223,14 +234,15 @@ def _typed(o: Option, v, want, ranged: bool = True):
     if want is float and number:
         v = float(v)
     elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
-        raise InputError(f"{o.name} must be {'an' if want is int else 'a'} {want.__name__}, got {v!r}")
+        _fail(o, f"must be {'an' if want is int else 'a'} {want.__name__}, got {v!r}",
+              "write a whole number (never rounded)" if want is int else f"give a {want.__name__}")
     if want in (int, float) and ranged:
         if not math.isfinite(v):
-            raise InputError(f"{o.name} must be a finite number, got {v!r}")
+            _fail(o, f"must be a finite number, got {v!r}", "give a finite number")
         if o.min is not None and v < o.min:
-            raise InputError(f"{o.name} must be >= {o.min}, got {v!r}")
+            _fail(o, f"must be >= {o.min}, got {v!r}", f"use {o.min} or more")
         if o.max is not None and v > o.max:
-            raise InputError(f"{o.name} must be <= {o.max}, got {v!r}")
+            _fail(o, f"must be <= {o.max}, got {v!r}", f"use at most {o.max}")
     return v
 
 
@@ -249,7 +261,12 @@ def build(cls, values: dict, base=None):
     for path, changes in sorted(nested.items(), key=lambda kv: -len(kv[0])):
         if path:
             inner = _get(config, path)
-            config = _replace(config, path, dataclasses.replace(inner, **changes))
+            try:                                         # the inner type's own checks (e.g. the ACT edit's)
+                replaced = dataclasses.replace(inner, **changes)
+            except InputError as exc:
+                flags = ", ".join(opts[k].flag for k in changes)
+                raise InputError(f"{exc} (flag {flags})") from None
+            config = _replace(config, path, replaced)
         else:
             config = dataclasses.replace(config, **changes)
     return config

@@ -55,6 +55,7 @@ class Unit:
 Plan = Callable[[Any, Config, Any], list[Unit]]
 Compute = Callable[[Any, Config, Unit, Any], dict]
 Reduce = Callable[[Any, Config, dict, Any], Any]
+Check = Callable[[Any, Config, dict], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Stage:
     ``depends``: the config fields that determine this stage's units; they go into every unit's
     stamp, so changing one recomputes the stage while the others are reused. ``repeat``: plan
     again after each reduce until the plan is empty (a sequential search, one unit a step).
+    ``check(model, config, payload)``: what is wrong with a saved payload (values out of range,
+    shapes against the model), or None; a unit it faults is recomputed with a warning, never used.
     """
 
     name: str
@@ -72,6 +75,7 @@ class Stage:
     reduce: Reduce
     depends: tuple[str, ...] = ()
     repeat: bool = False
+    check: Check | None = None
 
 
 def no_units(model, config, previous) -> list[Unit]:

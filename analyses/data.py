@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from probe.errors import HeadwiseError
+from probe.errors import HeadwiseError, InputError
 
 PACKAGE = "headwise_data"
 
@@ -32,3 +32,16 @@ def data_dir() -> Path:
 def data_path(*parts: str) -> Path:
     """A file or folder of the shipped data, e.g. ``data_path("retrieval", "needles.jsonl")``."""
     return data_dir().joinpath(*parts)
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    """A user's UTF-8 text file; ``what`` names it in errors (a flag, or "text file"), which say what
+    is wrong: no such file, a folder, or where the encoding breaks and how to convert it."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"{what} {str(path)!r}: {'is a folder, not a file' if p.is_dir() else 'no such file'}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}: {exc.reason}): convert it, e.g. iconv -f latin1 -t utf-8") from None

@@ -33,9 +33,15 @@ def generate_text(model, prompt: str, *, max_new_tokens: int = 32, chat: bool = 
 
 
 def check(args) -> None:
-    """Option combinations that cannot work, refused before the model loads."""
+    """Option combinations and outputs that cannot work, refused before the model loads."""
+    from .cli import check_output_file
+
     if args.max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
+    if not args.prompt.strip():
+        raise InputError("the prompt is empty: give the text to continue")
+    check_output_file(args.out)
+    check_output_file(args.html, "--html", suffix=".html")
     if args.html and not args.guided:
         raise InputError("--html colours tokens by a detector: give --guided detector.json too")
     if args.chat and args.guided:
@@ -51,6 +57,8 @@ def command(args, model_loader) -> int:
     det = Detector.load(args.guided) if args.guided else None  # bad files fail before the model loads
     calib = load_calibration(args.calibration) if args.calibration else None
     model = model_loader(args)
+    if det is not None:
+        det.check_model(model, required=True)       # a detector of other weights: refused, naming both models
     handle = apply_calibration(model, calib) if calib is not None else None
     try:
         if det is None:

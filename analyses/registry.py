@@ -110,13 +110,24 @@ class Saved:
         return self.analysis.result.load(self.path)
 
 
-def find_results(*roots: str | Path) -> list[Saved]:
-    """Result folders under ``roots`` (any depth), newest first within each root."""
+def find_results(*roots: str | Path, skipped: list[tuple[Path, str]] | None = None) -> list[Saved]:
+    """Result folders under ``roots`` (any depth), newest first within each root.
+
+    A ``summary.json`` that cannot be read or names no known format is left out; ``skipped``
+    (a list) is told each such folder and why, so a caller can say which were skipped.
+    """
     out: list[Saved] = []
     for root in map(Path, roots):
         if not root.is_dir():
             continue
-        found = [s for p in root.rglob("summary.json") if _visible(p, root) and (s := _saved(p)) is not None]
+        found = []
+        for p in root.rglob("summary.json"):
+            if _visible(p, root):
+                try:
+                    found.append(_saved(p, strict=True))
+                except (CorruptFileError, OSError) as exc:
+                    if skipped is not None:
+                        skipped.append((p.parent, str(exc)))
         found.sort(key=lambda s: s.mtime, reverse=True)
         out += [s for s in found if s.path not in {o.path for o in out}]
     return out
@@ -126,13 +137,19 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(p.startswith(".") or p in SKIP_DIRS for p in path.relative_to(root).parts[:-1])
 
 
-def _saved(path: Path) -> Saved | None:
+def _saved(path: Path, strict: bool = False) -> Saved | None:
+    """The saved result of a ``summary.json``; None (``strict``: a :class:`CorruptFileError`) when it is not one."""
     try:
-        fmt = read_json(path).get("format")
-    except (CorruptFileError, OSError, AttributeError):
+        d = read_json(path, "result summary")
+        fmt = d.get("format") if isinstance(d, dict) else None
+        analysis = by_format(fmt) if isinstance(fmt, str) else None
+        if analysis is None:
+            raise CorruptFileError(f"{path} names no known result format ({fmt!r})")
+        return Saved(analysis, path.parent, path.stat().st_mtime)
+    except (CorruptFileError, OSError):
+        if strict:
+            raise
         return None
-    analysis = by_format(fmt) if isinstance(fmt, str) else None
-    return Saved(analysis, path.parent, path.stat().st_mtime) if analysis else None
 
 
 def load_result(folder: str | Path) -> Result:

@@ -3,8 +3,11 @@
 ``run(analysis, model, config, store=DIR)``: for each stage, the units whose stamped file is in the
 store are read back, the others are computed by the executor and written as each one finishes;
 then the stage reduces. A rerun of the same command resumes; a unit made with other weights or
-settings is recomputed (one line says which and why). The result is saved in the store's folder
-with its figures (HTML, plotly.js beside them: offline).
+settings is recomputed (one line says which and why); a damaged unit (unreadable, edited, of
+another format version, or faulted by the stage's ``check``) is recomputed with a warning naming
+its file. The result is saved in the store's folder with its figures (HTML, plotly.js beside
+them: offline). The whole scan holds the folder's writer lock, and the folder is stamped with the
+run (:mod:`analyses.store`): another run's folder is refused unless ``force=True``.
 
 Executors map :func:`compute` over units: :class:`SerialExecutor` in this process (the default);
 a distributed executor only has to call :func:`compute` where its model lives.
@@ -30,6 +33,7 @@ from probe.errors import InputError
 
 from .contract import Analysis, Result, Stage, Unit
 from .layout import figures
+from .store import claim, run_stamp, writer
 from .units import UnitStore, normalise
 
 
@@ -77,12 +81,15 @@ def stamp(analysis: Analysis, stage: Stage, model, config, unit: Unit) -> dict:
 
 
 def run(analysis: Analysis | str, model, config=None, *, store: UnitStore | str | Path | None = None,
-        progress: bool | Callable[[Progress], None] = True, executor=None, png: bool = False) -> Result:
+        progress: bool | Callable[[Progress], None] = True, executor=None, png: bool = False,
+        force: bool = False) -> Result:
     """Run ``analysis`` on ``model`` (see the module docstring); returns its result.
 
     ``config``: the analysis' config (default: its defaults, the full run). ``store``: a folder (or
     :class:`UnitStore`) for the units, the result and its figures; ``None`` keeps everything in memory.
     ``progress``: a tqdm line per stage (``True``), nothing, or a callback of :class:`Progress`.
+    ``force``: replace the result of another run (other analysis, model or settings) in ``store``;
+    its units whose stamps still match are reused.
     """
     from . import registry
 
@@ -90,16 +97,26 @@ def run(analysis: Analysis | str, model, config=None, *, store: UnitStore | str 
     config = analysis.config() if config is None else config
     if not isinstance(config, analysis.config):
         raise InputError(f"{analysis.name} takes a {analysis.config.__name__}, not a {type(config).__name__}")
-    store = UnitStore(store) if isinstance(store, (str, Path)) else store
+    if store is None:
+        return _run(analysis, model, config, None, executor, progress)
+    from .store import check_output_folder
+
+    store = UnitStore(check_output_folder(store)) if isinstance(store, (str, Path)) else store
+    with writer(store.root, f"headwise scan {analysis.name}"):
+        claim(store.root, run_stamp(analysis, model, config), force=force)
+        result = _run(analysis, model, config, store, executor, progress)
+        result.save(store.root)
+        write_figures(result, store.root, png=png)
+    return result
+
+
+def _run(analysis, model, config, store, executor, progress) -> Result:
     executor = executor or SerialExecutor()
     state = None
     for stage in analysis.stages:
         state = run_stage(analysis, stage, model, config, state, store, executor, progress)
     if not isinstance(state, analysis.result):
         raise TypeError(f"{analysis.name}: the last stage returned {type(state).__name__}, not {analysis.result.__name__}")
-    if store is not None:
-        state.save(store.root)
-        write_figures(state, store.root, png=png)
     return state
 
 
@@ -122,15 +139,7 @@ def _payloads(analysis, stage, model, config, state, units, store, executor, pro
     if not units:
         return {}
     stamps = {u.id: stamp(analysis, stage, model, config, u) for u in units}
-    done: dict[str, dict] = {}
-    stale: list[str] = []
-    if store is not None:
-        for u in units:
-            status = store.status(stage.name, u.id, stamps[u.id])
-            if status == "ok":
-                done[u.id] = store.get(stage.name, u.id)
-            elif status != "missing":
-                stale.append(f"{u.id} ({status})")
+    done, stale = _saved(stage, model, config, units, stamps, store)
     _notice(analysis, stage, store, len(done), len(units), stale)
     todo = [u for u in units if u.id not in done]
     report = _reporter(analysis, stage, len(units), len(done), progress)
@@ -144,6 +153,36 @@ def _payloads(analysis, stage, model, config, state, units, store, executor, pro
     finally:
         report(None)
     return {u.id: done[u.id] for u in units}
+
+
+def _saved(stage, model, config, units, stamps, store) -> tuple[dict[str, dict], list[str]]:
+    """The units already in ``store`` and usable; the others' ids with why (stale, damaged)."""
+    done: dict[str, dict] = {}
+    stale: list[str] = []
+    if store is None:
+        return done, stale
+    for u in units:
+        status, payload = store.lookup(stage.name, u.id, stamps[u.id])
+        if status == "ok" and stage.check is not None:
+            problem = _checked(stage, model, config, payload)
+            if problem:
+                status = f"damaged: {store.path(stage.name, u.id)}: {problem}"
+        if status == "ok":
+            done[u.id] = payload
+        elif status.startswith("damaged"):
+            print(f"headwise: warning: the unit {stage.name}/{u.id} is unreadable or damaged, recomputing it: "
+                  f"{status[9:]}", file=sys.stderr)
+        elif status != "missing":
+            stale.append(f"{u.id} ({status})")
+    return done, stale
+
+
+def _checked(stage, model, config, payload) -> str | None:
+    """The stage's verdict on a saved payload; a check that trips on a malformed payload faults it too."""
+    try:
+        return stage.check(model, config, payload)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        return f"malformed payload ({type(exc).__name__}: {exc})"
 
 
 def _notice(analysis, stage, store, n_done, n_units, stale) -> None:

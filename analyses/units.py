@@ -11,6 +11,11 @@ with them safetensors (``<id>.safetensors``, the JSON part in its metadata). Arr
 numpy arrays of the same dtype; :func:`normalise` gives a fresh payload exactly that form, so a
 resumed run reduces the same values as an uninterrupted one.
 
+Every file carries a sha256 of its stamp and payload and the store's format version; a file that
+is unreadable, edited after it was written or of another version reads as ``"damaged: <why>"``
+(:meth:`UnitStore.lookup`), and the runner recomputes it with a warning naming the file.
+The folder-level parts (the writer's lock, the run's own stamp) live in :mod:`analyses.store`.
+
 >>> import tempfile, numpy as np
 >>> store = UnitStore(tempfile.mkdtemp())
 >>> stamp = {"model": "abc", "settings": {"k": 2}}
@@ -19,9 +24,14 @@ resumed run reduces the same values as an uninterrupted one.
 ('ok', 'stale: model')
 >>> store.get("scores", "cell-1")["events"].tolist()
 [[1.0, 0.0], [0.0, 1.0]]
+>>> _ = store.put("scores", "cell-2", stamp, {"answer": "4817"})
+>>> _ = store.path("scores", "cell-2").write_text(store.path("scores", "cell-2").read_text().replace("4817", "4818"))
+>>> store.status("scores", "cell-2", stamp)  # doctest: +ELLIPSIS
+'damaged: ...cell-2.json was changed after it was written...'
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -32,7 +42,8 @@ from probe.atomic import read_json, read_tensors, write_json, write_tensors
 from probe.errors import CorruptFileError
 
 FORMAT = "headwise.unit"
-VERSION = 1
+VERSION = 2                  # 2: JSON units carry a sha256 of their stamp and payload
+READS = (2,)                 # a unit of another version is recomputed, never read
 
 
 def _split(payload: dict) -> tuple[dict, dict[str, np.ndarray]]:
@@ -77,20 +88,26 @@ class UnitStore:
         return None
 
     def status(self, stage: str, unit_id: str, stamp: dict) -> str:
-        """``"ok"``, ``"missing"``, ``"stale: <what differs>"`` or ``"unreadable: <why>"``."""
+        """``"ok"``, ``"missing"``, ``"stale: <what differs>"`` or ``"damaged: <why>"``."""
+        return self.lookup(stage, unit_id, stamp)[0]
+
+    def lookup(self, stage: str, unit_id: str, stamp: dict) -> tuple[str, dict | None]:
+        """``(status, payload)``: the payload (read once, checked) when the status is ``"ok"``, else None."""
         path = self.path(stage, unit_id)
         if path is None:
-            return "missing"
+            return "missing", None
         try:
-            saved, _ = self._read(path)
-        except CorruptFileError as exc:
-            return f"unreadable: {exc}"
+            saved, arrays = self._read(path)
+        except (CorruptFileError, OSError) as exc:
+            return f"damaged: {exc}", None
         want = json.loads(json.dumps(stamp))
         differ = sorted(k for k in set(want) | set(saved["stamp"]) if want.get(k) != saved["stamp"].get(k))
-        return "ok" if not differ else "stale: " + ", ".join(differ)
+        if differ:
+            return "stale: " + ", ".join(differ), None
+        return "ok", {**saved["payload"], **arrays}
 
     def get(self, stage: str, unit_id: str) -> dict:
-        """The saved payload (check :meth:`status` first)."""
+        """The saved payload (check :meth:`status` first); a damaged file raises :class:`CorruptFileError`."""
         path = self.path(stage, unit_id)
         if path is None:
             raise FileNotFoundError(f"no unit {stage}/{unit_id} under {self.root}")
@@ -107,17 +124,63 @@ class UnitStore:
                                  {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, meta)
             other = folder / f"{unit_id}.json"
         else:
-            path = write_json(folder / f"{unit_id}.json", meta)
+            path = write_json(folder / f"{unit_id}.json", {**meta, "sha256": _digest(meta)})
             other = folder / f"{unit_id}.safetensors"
         other.unlink(missing_ok=True)
         return path
 
     def _read(self, path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+        """The unit file checked: its format tag, a version this store reads, its sha256 (safetensors
+        files: checked by :func:`probe.atomic.read_tensors`)."""
         if path.suffix == ".json":
             meta, arrays = read_json(path, "unit"), {}
+            if isinstance(meta, dict) and meta.get("version") in READS and meta.pop("sha256", None) != _digest(meta):
+                raise CorruptFileError(f"{path} was changed after it was written (its contents do not match "
+                                       "the sha256 stored in it)")
         else:
             tensors, meta = read_tensors(path, FORMAT)
             arrays = {k: v.numpy() for k, v in tensors.items()}
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "stamp" not in meta:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("stamp"), dict) \
+                or not isinstance(meta.get("payload"), dict):
             raise CorruptFileError(f"{path} is not a headwise unit file")
+        if meta.get("version") not in READS:
+            raise CorruptFileError(f"{path} is a unit of format version {meta.get('version')!r}; this headwise "
+                                   f"reads version {', '.join(map(str, READS))}")
         return meta, arrays
+
+
+def _digest(meta: dict) -> str:
+    """sha256 of a JSON unit's canonical text (everything but the digest itself)."""
+    core = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- payload checks (Stage.check)
+
+def out_of_range(name: str, values, lo: float | None = None, hi: float | None = None, tol: float = 1e-6) -> str | None:
+    """What is wrong with ``values`` (numbers, nested lists or an array): non-finite or outside
+    ``[lo - tol, hi + tol]``; None when they are fine.
+
+    >>> out_of_range("cos", [0.5, 333334.0], -1, 1)
+    'cos holds 333334, above 1'
+    >>> out_of_range("loss", float("nan")) is None
+    False
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(a).all():
+        return f"{name} holds {int((~np.isfinite(a)).sum())} non-finite value(s)"
+    if a.size and lo is not None and a.min() < lo - tol:
+        return f"{name} holds {a.min():g}, below {lo:g}"
+    if a.size and hi is not None and a.max() > hi + tol:
+        return f"{name} holds {a.max():g}, above {hi:g}"
+    return None
+
+
+def wrong_shape(name: str, values, want: tuple[int, ...]) -> str | None:
+    """``values`` not of shape ``want`` (the model's layout): what was found; else None."""
+    got = np.shape(values)
+    return None if tuple(got) == tuple(want) else f"{name} has shape {tuple(got)}, expected {tuple(want)}"
+
+
+def first_problem(*found: str | None) -> str | None:
+    return next((f for f in found if f), None)

@@ -16,6 +16,7 @@ import streamlit as st  # noqa: E402
 
 from analyses import registry  # noqa: E402
 from dashboards.common import default_model, default_results, get_model  # noqa: E402
+from dashboards.errors import message, run_page  # noqa: E402
 from dashboards.page import analysis_page  # noqa: E402
 from probe import HeadwiseError, HeadId, list_models  # noqa: E402
 
@@ -38,8 +39,8 @@ def pick_model() -> str:
 name = pick_model()
 try:
     model = get_model(name)
-except HeadwiseError as exc:
-    st.sidebar.error(str(exc))
+except (HeadwiseError, OSError) as exc:
+    st.sidebar.error(message(exc))
     name = default_model()
     model = get_model(name)
 st.session_state["model_name"] = name
@@ -63,4 +64,4 @@ page = st.navigation({
               st.Page(VIEWS / "pattern_explorer.py", title="Pattern explorer", icon=":material/zoom_in:")],
     "Analyses": analyses,
 })
-page.run()
+run_page(page)

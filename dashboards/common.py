@@ -46,6 +46,27 @@ def result_dir(analysis: str, model_id: str) -> Path:
     return results_root() / f"{analysis}-{model_id.replace('/', '_')}"
 
 
+def run_folder(analysis, model, config) -> Path:
+    """The folder a page's run of ``config`` writes: :func:`result_dir`, or, when that folder holds a run
+    of other settings, ``<result_dir>-<settings hash>`` (a run never replaces another's result)."""
+    import hashlib
+    import json
+
+    from analyses.store import read_stamp, run_stamp
+    from probe.errors import HeadwiseError
+
+    base = result_dir(analysis.name, model.model_id)
+    want = run_stamp(analysis, model, config)
+    try:
+        old = read_stamp(base)
+    except HeadwiseError:
+        old = {}
+    if old is None or all(old.get(k) == v for k, v in want.items()):
+        return base
+    digest = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:8]
+    return base.with_name(f"{base.name}-{digest}")
+
+
 @st.cache_resource(show_spinner="Loading model (once per server)…")
 def get_model(name: str):
     return load_model(name)
@@ -74,8 +95,18 @@ def cached_window(name: str, text: str, layer: int, queries: tuple[int, int], ke
 # ----------------------------------------------------------------------------- saved results
 
 def saved_results() -> list[registry.Saved]:
-    """Result folders under the results root, then the runs shipped in ``data/`` (newest first each)."""
-    return registry.find_results(results_root(), data_dir())
+    """Result folders under the results root, then the runs shipped in ``data/`` (newest first each).
+
+    Folders whose summary is damaged are left out, and a warning names them and what to do.
+    """
+    skipped: list = []
+    found = registry.find_results(results_root(), data_dir(), skipped=skipped)
+    if skipped:
+        shown = "; ".join(f"{path.name}: {why.split(': ', 1)[-1]}" for path, why in skipped[:3])
+        st.warning(f"Skipped {len(skipped)} damaged result folder(s) under the results folder ({shown}"
+                   f"{' …' if len(skipped) > 3 else ''}). Rerun `headwise scan … --out` into them or delete them; "
+                   "the other results open as usual.")
+    return found
 
 
 @st.cache_resource(show_spinner="Opening saved results…", max_entries=64)

@@ -15,7 +15,7 @@ import streamlit as st
 from analyses import registry, run
 from analyses.layout import Download, Figure, Note, Section, Table, Tool
 from dashboards.common import (get_model, label_of, model_name, open_result, reproduce, result_dir, results_root,
-                               saved_results, selected_head, show_figure, show_table, source_caption)
+                               run_folder, saved_results, selected_head, show_figure, show_table, source_caption)
 from dashboards.forms import config_form
 from probe import HeadwiseError
 
@@ -61,7 +61,7 @@ def run_form(analysis, model) -> None:
         def report(p):
             bar.progress(p.done / p.total if p.total else 1.0, text=f"{p.stage}: {p.done}/{p.total} units")
 
-        folder = result_dir(analysis.name, model.model_id)
+        folder = run_folder(analysis, model, config)
         try:
             run(analysis, model, config, store=folder, progress=report)
         except HeadwiseError as exc:

@@ -37,8 +37,9 @@ def capture(model, text: str | torch.Tensor, *, layers=None, heads=None, budget:
     layers = sorted({model.layout.check_layer(l) for l in (range(model.n_layers) if layers is None else layers)})
     heads = sorted({model.layout.check((0, h)).head for h in (range(model.n_heads) if heads is None else heads)})
     est = capture_estimate(len(layers), model.n_heads, ids.shape[1])
-    check_budget(est, budget, "Use probe.stream_stats (per-head statistics without T x T memory), "
-                              "fewer layers, a shorter text, or raise the budget.")
+    check_budget(est, budget, "Use `headwise stats` (probe.stream_stats: per-head statistics without T x T "
+                              "memory), fewer layers (--layers), a shorter text, or raise the budget "
+                              "(`headwise capture --budget-gb`, budget= in Python).")
     meta = {}
     bridge = None
     if source != "observer":

@@ -4,8 +4,9 @@ Each case id starts with its verdict: ``typed-error`` (refused before any work w
 error whose message names the problem and the fix), ``recomputed`` (a stale or missing thing
 rebuilt, never used), or ``handled`` (the fault no longer does harm, e.g. a cached hub model
 loads offline, a failed figure write keeps the old file). Count them with
-``python -m pytest tests/test_bad_inputs.py --collect-only -q | grep -o '\[[a-z-]*:' | sort | uniq -c``
-(the untagged tests beside them check that good files and specs still pass the checks).
+``python -m pytest tests/test_bad_inputs.py tests/test_bad_inputs_runs.py --collect-only -q | grep -o '\[[a-z-]*:' | sort | uniq -c``
+(the untagged tests beside them check that good files and specs still pass the checks; the CLI,
+results-folder, unit, dashboard and SIGKILL cases are in test_bad_inputs_runs.py).
 """
 from __future__ import annotations
 
@@ -13,68 +14,23 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from probe import (AttentionRecord, ContextLengthError, CorruptFileError, HeadOutOfRangeError, HeadStats,
                    InputError, InterventionSpec, KeyGroup, ModelLoadError, SinkCalibration, SpanBoost, Temperature,
                    capture, generate_with_stats, intervene, load_model, stream_stats)
-from probe.atomic import read_tensors, temp_dir, write_figure, write_json, write_tensors
+from probe.atomic import temp_dir, write_figure, write_json
 from probe.errors import SpecError
 from probe.models import embedded, resolve
 
-
-class Case(NamedTuple):
-    verdict: str
-    name: str
-    arg: object
-    error: type | None = None
-    match: str = ""
-
-
-def cases(*items: Case):
-    return pytest.mark.parametrize("case", items, ids=[f"{c.verdict}:{c.name}" for c in items])
-
-
-def tag(verdict: str, name: str):
-    """A catalogue entry of one case (the test gets ``case`` and does its own set-up)."""
-    return cases(Case(verdict, name, None))
-
-
-@contextmanager
-def umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
+from catalogue import Case, cases, resave as _resave, tag, umask
 
 
 # ============================================================================= 2. files probe loads
-
-def _resave(path: Path, fmt: str, tensors: Callable | None = None, meta: Callable | None = None,
-            sign: bool = True) -> None:
-    """Rewrite a saved file with edited tensors/metadata: re-signed (only the edit is wrong) or not
-    (the stored sha256 kept, as a hand edit or bit rot would leave it)."""
-    t, m = read_tensors(path, fmt)
-    t = dict(t)
-    if tensors:
-        tensors(t)
-    if meta:
-        meta(m)
-    if sign:
-        write_tensors(path, t, m)
-    else:
-        with safe_open(str(path), framework="pt") as f:
-            old = json.loads(f.metadata()["headwise"])["sha256"]
-        save_file(t, str(path), metadata={"headwise": json.dumps({**m, "sha256": old})})
-
 
 def _set(key, value):
     return lambda d: d.__setitem__(key, value)

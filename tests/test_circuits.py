@@ -155,7 +155,7 @@ def test_scan_resumes(tiny_llama, tmp_path):
     unit = tmp_path / "units" / "tasks" / "induction.safetensors"
     first = unit.stat().st_mtime_ns
     again = run(CIRCUITS, tiny_llama, CircuitsConfig(tasks=("induction",), n=4, ig_steps=2, frac=0.25, n_boot=20),
-                store=tmp_path, progress=False)
+                store=tmp_path, progress=False, force=True)
     assert unit.stat().st_mtime_ns == first  # finished task skipped (the bootstrap size does not determine it)
     back = CircuitsResult.load(tmp_path)
     assert np.allclose(back.tasks[0].scores(), r.tasks[0].scores()) and back.tasks[0].circuit == again.tasks[0].circuit
@@ -164,7 +164,7 @@ def test_scan_resumes(tiny_llama, tmp_path):
     assert len(back.tasks[0].circuit) == 2
     back.plot()
     run(CIRCUITS, tiny_llama, CircuitsConfig(tasks=("induction",), n=3, ig_steps=2, frac=0.25, n_boot=10),
-        store=tmp_path, progress=False)
+        store=tmp_path, progress=False, force=True)
     assert unit.stat().st_mtime_ns != first  # another n: the task is recomputed, never reused
 
 

@@ -133,11 +133,12 @@ def test_runner_resumes_reports_progress_and_recomputes_stale_units(tiny_llama, 
     first = run(TOY, tiny_llama, ToyConfig(), store=tmp_path, progress=seen.append)
     assert seen[0] == Progress("toy", "texts", 0, 2) and seen[-1] == Progress("toy", "texts", 2, 2)
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "units" / "texts").iterdir()}
-    again = run(TOY, tiny_llama, ToyConfig(scale=3.0), store=tmp_path, progress=False)
+    again = run(TOY, tiny_llama, ToyConfig(scale=3.0), store=tmp_path, progress=False, force=True)
     assert {p: p.stat().st_mtime_ns for p in files} == files              # scale does not determine the units
     np.testing.assert_allclose(again.scores, 3 * first.scores)
     assert "resumed 2 of 2" in capsys.readouterr().err
-    run(TOY, tiny_llama, ToyConfig(texts=("the cat sat", "something else")), store=tmp_path, progress=False)
+    run(TOY, tiny_llama, ToyConfig(texts=("the cat sat", "something else")), store=tmp_path, progress=False,
+        force=True)
     err = capsys.readouterr().err
     assert "recomputing 1 unit" in err and "text-1 (stale: spec)" in err and "resumed 1 of 2" in err
     (tmp_path / "units" / "texts" / "text-0.safetensors").write_bytes(b"damaged")

@@ -196,7 +196,8 @@ def test_cli_generate_writes_token_view(tiny_llama, tmp_path, capsys):
     from analyses.cli import main
 
     L, H = tiny_llama.n_layers, tiny_llama.n_heads
-    Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H).save(tmp_path / "d.json")
+    made = {"model_id": tiny_llama.model_id, "weights_hash": tiny_llama.weights_hash}   # as `scan grounding` records
+    Detector(np.ones(L * H), 0.0, np.zeros(L * H), np.ones(L * H), L, H, made).save(tmp_path / "d.json")
     rc = main(["generate", "--model", "tiny-llama", "--guided", str(tmp_path / "d.json"),
                "--max-new-tokens", "4", "--html", str(tmp_path / "v.html"), "context.\nq:"])
     assert rc == 0 and "P(grounded)" in (tmp_path / "v.html").read_text()

@@ -135,12 +135,12 @@ def test_changed_settings_recompute_only_what_they_determine(tiny_llama, tmp_pat
     sample = next((tmp_path / "units" / "samples").iterdir())
     stamp = sample.stat().st_mtime_ns
     run(RETRIEVAL, tiny_llama, RetrievalConfig(cells=cfg.cells, k=2, seeds=(1,), max_new_tokens=3),
-        store=tmp_path, progress=False)
+        store=tmp_path, progress=False, force=True)
     assert sample.stat().st_mtime_ns == stamp       # another random-head seed: the samples are reused
     err = capsys.readouterr().err
     assert "resumed 1 of 1" in err and "masking: recomputing 1 unit" in err and "spec" in err
     run(RETRIEVAL, tiny_llama, RetrievalConfig(cells=cfg.cells, k=2, seeds=(1,), max_new_tokens=2),
-        store=tmp_path, progress=False)
+        store=tmp_path, progress=False, force=True)
     assert sample.stat().st_mtime_ns != stamp and "settings" in capsys.readouterr().err
 
 

@@ -226,7 +226,8 @@ def test_search_resumes_from_its_units_and_reselects_by_gold_logprob(tiny_llama,
     assert [r for r in resumed.candidates if r["layer"] == 0] == [r for r in first.search.candidates if r["layer"] == 0]
     # the gold-label log-probability rule: the same candidate units, another selection, a new held-out run
     stamps = {p: p.stat().st_mtime_ns for p in (out / "units" / "search").iterdir()}
-    by_lp = run(SINKS, tiny_llama, replace(cfg, selection="gold_logprob"), store=out, progress=False).search
+    by_lp = run(SINKS, tiny_llama, replace(cfg, selection="gold_logprob"), store=out, progress=False,
+                force=True).search
     assert {p: p.stat().st_mtime_ns for p in (out / "units" / "search").iterdir()} == stamps
     gains = {r["head"]: r["gold_logprob"] - by_lp.baseline["gold_logprob"] for r in by_lp.candidates}
     assert {str(h) for h in by_lp.selected} == {h for h, g in gains.items() if g > 1e-4}

@@ -22,6 +22,7 @@ from probe.heads import HeadId
 from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit
 from . import patching as P
+from .checks import check_task
 from .overlap import OVERLAP_COLUMNS, overlap_table, select_circuit
 from .result import CircuitsResult, Repair, TaskResult
 from .roles import attention_to, inhibition_heads, intervention, random_heads_like, repeated_token_roles
@@ -35,7 +36,7 @@ class CircuitsConfig(Config):
     tasks: tuple[Literal["ioi", "colored_objects", "induction", "greater_than"], ...] = opt(
         ("ioi", "colored_objects", "induction"), "tasks (clean/corrupted prompt pairs of analyses.circuits.tasks)")
     n: int = opt(32, "prompt pairs per task", min=1)
-    seed: int = opt(0, "seed of the prompts and the controls")
+    seed: int = opt(0, "seed of the prompts and the controls", min=0)
     ig_steps: int = opt(5, "EAP-IG interpolation steps", min=1)
     frac: float = opt(0.05, "circuit = this top fraction of heads by |score| (the paper: 0.02)", min=1e-9, max=1)
     n_boot: int = opt(200, "bootstrap resamples over prompts", min=1)
@@ -163,6 +164,7 @@ CIRCUITS = Analysis(
     paper="Merullo, Eickhoff, Pavlick, ICLR 2024, Circuit Component Reuse Across Tasks",
     url="https://arxiv.org/abs/2310.08744", methods="docs/methods.md §3",
     config=CircuitsConfig, result=CircuitsResult, min_samples=32,
-    stages=(Stage("tasks", plan_tasks, compute_task, reduce_tasks, depends=("n", "seed", "ig_steps", "frac")),
+    stages=(Stage("tasks", plan_tasks, compute_task, reduce_tasks, depends=("n", "seed", "ig_steps", "frac"),
+                  check=check_task),
             Stage("roles", plan_roles, compute_role, reduce_roles, depends=("seed",)),
             Stage("repair", plan_repair, compute_repair, reduce_repair, depends=("seed",))))

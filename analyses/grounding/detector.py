@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from probe.atomic import read_json, write_json
-from probe.errors import CorruptFileError, InputError
+from probe.errors import CorruptFileError, InputError, ModelMismatchError
 
 FORMAT = "headwise.lookback_detector"
 
@@ -73,11 +73,33 @@ class Detector:
             raise CorruptFileError(f"{where}: detector file is missing or has a bad field ({exc})") from exc
         if not det.coef.shape == det.mean.shape == det.scale.shape == (det.n_layers * det.n_heads,):
             raise CorruptFileError(f"{where}: detector arrays do not match {det.n_layers} x {det.n_heads} heads")
+        arrays = {"coef": det.coef, "scaler_mean": det.mean, "scaler_scale": det.scale}
+        bad = [k for k, a in arrays.items() if not np.isfinite(a).all()] + \
+            (["intercept"] if not np.isfinite(det.intercept) else []) + \
+            (["scaler_scale (<= 0)"] if (det.scale <= 0).any() else [])
+        if bad or not isinstance(det.meta, dict):
+            raise CorruptFileError(f"{where}: the detector's {', '.join(bad) or 'meta'} holds invalid values: "
+                                   "the file is damaged; make it again with `headwise scan grounding`")
         return det
 
     @classmethod
     def load(cls, path: str | Path) -> "Detector":
         return cls.from_dict(read_json(path), str(path))
+
+    def check_model(self, model, required: bool = False) -> None:
+        """Refuse a detector fitted on other weights (its ``meta`` records the weights hash when
+        ``headwise scan grounding`` makes it); ``required``: a detector without that record is refused too."""
+        made = self.meta.get("weights_hash")
+        if made is None:
+            if required:
+                raise ModelMismatchError("this detector does not record the model it was fitted on: make it with "
+                                         f"`headwise scan grounding --model {model.model_id}`")
+            return
+        if made != model.weights_hash:
+            raise ModelMismatchError(
+                f"this detector was fitted on {self.meta.get('model_id', 'another model')} (weights {made}) but the "
+                f"model is {model.model_id} (weights {model.weights_hash}): run `headwise scan grounding --model "
+                f"{model.model_id}` and use its detector.json")
 
 
 def fit(X, y, n_layers: int, n_heads: int, C: float = 1.0, meta: dict | None = None) -> Detector:

@@ -88,6 +88,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
     if detector.n_layers != model.n_layers or detector.n_heads != model.n_heads:
         raise InputError(f"detector is for {detector.n_layers}x{detector.n_heads} heads, model has "
                          f"{model.n_layers}x{model.n_heads}: train a detector on this model")
+    detector.check_model(model)
     gen, stop = torch.Generator().manual_seed(seed), stop_ids(model, newline=stop_at_newline)
     request = StatsRequest(groups=tuple(reg.groups()), received=False, from_pos=T - 1)
     with collect_stats(model, request) as col, torch.no_grad():

@@ -23,6 +23,7 @@ from probe.heads import HeadId
 from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit
 from .baselines import detector_baselines
+from .checks import check_items
 from .data import Item, answer_item, build_items
 from .detector import Detector, confound_checks, fit_detectors, heldout_roc
 from .mitigate import answer, conditions, rates
@@ -41,7 +42,7 @@ class GroundingConfig(Config):
     center: Literal["none", "template"] = opt("none", "fit on template-centred features (confound control) or "
                                                       "plain (the paper)")
     n_perm: int = opt(50, "permutation-null refits", min=1)
-    seed: int = opt(0, "seed of the nulls, the random heads and the sampling")
+    seed: int = opt(0, "seed of the nulls, the random heads and the sampling", min=0)
     n_mitigate: int = opt(60, "held-out items of the mitigation experiment (0: skip it)", min=0)
     k: int = opt(20, "heads boosted in the top-k / random-k conditions", min=1)
     alpha: float = opt(0.3, "PAINT-style boost z + alpha|z| on the context keys", min=0)
@@ -159,7 +160,8 @@ GROUNDING = Analysis(
                 "boost on context keys.",
     paper="Chuang et al., EMNLP 2024, Lookback Lens; PAINT (arXiv 2501.12206)", url="https://arxiv.org/abs/2407.07071",
     methods="docs/methods.md §5", config=GroundingConfig, result=GroundingResult, min_samples=100,
-    stages=(Stage("items", plan_items, compute_items, reduce_items, depends=("max_new_tokens", "reading")),
+    stages=(Stage("items", plan_items, compute_items, reduce_items, depends=("max_new_tokens", "reading"),
+                  check=check_items),
             Stage("detector", plan_detector, compute_detector, reduce_detector, depends=("center", "n_perm", "seed",
                                                                                         "reading")),
             Stage("mitigation", plan_mitigation, compute_mitigation, reduce_mitigation,

@@ -22,6 +22,7 @@ from probe.errors import InputError
 
 from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit
+from .checks import check_masking, check_sample
 from .decode import decode, prefill
 from .harness import Needle, build_prompt, load_needles, rouge1_recall, select_needles
 from .result import RetrievalResult
@@ -45,7 +46,7 @@ class RetrievalConfig(Config):
     cells: tuple[Cell, ...] | None = opt(None, "explicit needle:length:depth cells instead of the grid")
     threshold: float = opt(0.1, "a retrieval head scores above this", min=0, max=1)
     k: int = opt(10, "heads masked (top-K and each random-K set)", min=1)
-    seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the random-K head sets")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the random-K head sets", min=0)
     exclude_top: int | None = opt(None, "random heads are drawn outside the best N (default 2K)", min=0)
     mask: bool = opt(True, "run the masking experiment")
     mask_lengths: tuple[int, ...] | None = opt(None, "lengths of the masking grid (default: lengths)", min=1)
@@ -185,5 +186,7 @@ RETRIEVAL = Analysis(
     paper="Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality",
     url="https://arxiv.org/abs/2404.15574", methods="docs/methods.md §1",
     config=RetrievalConfig, result=RetrievalResult, min_samples=75,
-    stages=(Stage("samples", plan_samples, compute_sample, reduce_samples, depends=("max_new_tokens", "row", "lead")),
-            Stage("masking", plan_masking, compute_masking, reduce_masking, depends=("max_new_tokens", "lead"))))
+    stages=(Stage("samples", plan_samples, compute_sample, reduce_samples, depends=("max_new_tokens", "row", "lead"),
+                  check=check_sample),
+            Stage("masking", plan_masking, compute_masking, reduce_masking, depends=("max_new_tokens", "lead"),
+                  check=check_masking)))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from probe.errors import InputError
 
-from ..data import data_path
+from ..data import data_path, read_utf8
 
 
 
@@ -17,7 +17,7 @@ def load_texts(name_or_path: str) -> list[str]:
     if not path.exists():
         raise InputError(f"no text set {name_or_path!r}: give a file path or one of "
                          f"{sorted(p.stem for p in data_path('similarity').glob('*.txt'))}")
-    texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    texts = [p.strip() for p in read_utf8(path, "text file").split("\n\n") if p.strip()]
     if not texts:
         raise InputError(f"{path} holds no text: write paragraphs separated by blank lines")
     return texts

@@ -21,6 +21,7 @@ from probe.errors import InputError
 
 from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit, no_units
+from .checks import check_loss, check_prompt
 from .data import load_texts
 from .echo import PlanSearch, echo_edits, mean_loss, next_trial, pair_perm, plan_spec, record_trial
 from .measure import Accumulator, accumulate_prompt, head_families, match_heads
@@ -180,7 +181,9 @@ SIMILARITY = Analysis(
                 "shares layers under a loss budget.",
     paper="Rajabzadeh et al. 2024, EchoAtt: Attend, Copy, then Adjust", url="https://arxiv.org/abs/2409.14595",
     methods="docs/methods.md §4", config=SimilarityConfig, result=SimilarityResult, min_samples=20,
-    stages=(Stage("prompts", plan_prompts, compute_prompt, reduce_prompts, depends=("max_tokens", "head_js")),
-            Stage("echo", plan_echo, compute_loss, reduce_echo, depends=("max_tokens",)),
-            Stage("plan", plan_trial, compute_loss, reduce_trial, depends=("max_tokens",), repeat=True),
+    stages=(Stage("prompts", plan_prompts, compute_prompt, reduce_prompts, depends=("max_tokens", "head_js"),
+                  check=check_prompt),
+            Stage("echo", plan_echo, compute_loss, reduce_echo, depends=("max_tokens",), check=check_loss),
+            Stage("plan", plan_trial, compute_loss, reduce_trial, depends=("max_tokens",), repeat=True,
+                  check=check_loss),
             Stage("report", no_units, None, report)))

@@ -98,7 +98,7 @@ class Model:
         if ids.shape[1] > limit:
             raise ContextLengthError(
                 f"the text is {ids.shape[1]} tokens but {self.model_id} takes at most {limit}: "
-                "shorten it (or, for statistics only, use probe.stream_stats on a shorter window)")
+                f"shorten it to at most {limit} tokens (a longer document: run `headwise stats` on it in pieces)")
         return ids.to(self.device)
 
     def str_tokens(self, ids: torch.Tensor | list[int]) -> list[str]:
