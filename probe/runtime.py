@@ -29,7 +29,7 @@ from typing import Iterator, Protocol
 import torch
 
 from . import active as active_state
-from . import allocator, eager, native
+from . import allocator, eager, fast, native
 from .call import AttentionCall, parse_call
 from .checks import context_length
 from .errors import InputError, UnsupportedModelError
@@ -117,27 +117,32 @@ class Engine:
         else:
             call = parse_call(module, query, key, mask, kwargs)
             plan = self._plan(layer, call.decoding)
-            path = self.choose_path(layer, call, plan, query)
+            path = self.choose_path(layer, call, plan, query, key, value)
             out = self._run(path, module, query, key, value, mask, kwargs, call, plan)
         for t in self.taps:
             if hasattr(t, "on_call"):
                 t.on_call(module, query, key, value, mask, kwargs, out)
         return out
 
-    def choose_path(self, layer: int, call: AttentionCall, plan: eager.LayerPlan, query: torch.Tensor) -> str:
+    def choose_path(self, layer: int, call: AttentionCall, plan: eager.LayerPlan, query: torch.Tensor,
+                    key: torch.Tensor, value: torch.Tensor) -> str:
         """How this layer's attention runs (the one place that decides):
 
         ``"native"``  the model's own function: nothing edits or watches the layer   out [B, Tq, H, D]
         ``"subset"``  native for every head, edited heads recomputed alone           out[:, :, edited]
         ``"fused"``   the Triton kernel: CUDA, plan and call it implements           out, stats [B, H, Tq]
+        ``"stats"``   CPU flash + one causal pass (probe.fast): a plain prefill     out, stats [B, H, Tq]
         ``"eager"``   the chunked engine (defines every edit and statistic)          probs [B, H, c, K]
         """
         watchers = [c for c in self.collectors if c.wants(layer)]
         if self._unobserved(layer, call.decoding, plan):
             return "subset" if plan else "native"
-        if not (self._echo_sources(layer, call.decoding) or plan.echo or self._probe_taps(layer)) and \
-                _fused_ok(query, plan, call, watchers):
+        if self._echo_sources(layer, call.decoding) or plan.echo or self._probe_taps(layer):
+            return "eager"
+        if _fused_ok(query, plan, call, watchers):
             return "fused"
+        if watchers and _one_request(watchers) and fast.supported(query, key, value, call, plan):
+            return "stats"
         return "eager"
 
     def _run(self, path, module, query, key, value, mask, kwargs, call, plan) -> torch.Tensor:
@@ -150,6 +155,8 @@ class Engine:
         watchers = [c for c in self.collectors if c.wants(layer)]
         if path == "fused":
             out = _attend_fused(query, key, value, call, plan, watchers)
+        elif path == "stats":
+            out = self._fast_stats(query, key, value, call, plan, watchers)
         if out is None:
             out = self._eager(query, key, value, call, plan, watchers)
         for t in self.taps:
@@ -157,6 +164,16 @@ class Engine:
                 edited = t.on_output(layer, call.q_pos[0], out)
                 out = out if edited is None else edited
         return out
+
+    def _fast_stats(self, query, key, value, call: AttentionCall, plan, watchers) -> torch.Tensor:
+        req = watchers[0].request
+        out, stats, col = fast.stats_attend(query, key, value, call, plan, [(g.start, g.stop) for g in req.groups],
+                                            received=req.received, received_from=req.from_pos,
+                                            chunk=self.chunk_rows(1, query.shape[1], call.n_keys, call.n_queries),
+                                            scratch=self.scratch)
+        for c in watchers:
+            c.on_stats(call.layer, call, stats, col)
+        return out.to(query.dtype)
 
     def _native(self, module, query, key, value, mask, kwargs) -> torch.Tensor:
         fn = native.native_function(module, self.rt.native)
@@ -245,6 +262,11 @@ def _fused_ok(query, plan: eager.LayerPlan, call: AttentionCall, watchers: list[
         return False
     if watchers and query.shape[0] != 1:
         return False
+    return _one_request(watchers)
+
+
+def _one_request(watchers: list[StatsCollector]) -> bool:
+    """Every watcher asks for the same groups, rows and columns (one pass serves them all)."""
     return len({(w.request.groups, w.request.from_pos, w.request.received) for w in watchers}) <= 1
 
 
