@@ -99,3 +99,94 @@ def _index_ranges(groups, k_pos: torch.Tensor) -> list[tuple[int, int]]:
         b = k_pos.numel() if stop is None else int(torch.searchsorted(k_pos, torch.tensor(stop, dtype=k_pos.dtype)))
         out.append((a, b))
     return out
+
+
+# ----------------------------------------------------------------------------- ACT at inference
+
+def act_supported(query, key, value, call: AttentionCall, plan: LayerPlan) -> bool:
+    """Whether :func:`act_attend` computes this layer's calibrated output exactly (ACT and output edits only)."""
+    only_act = not (plan.edits_scores or plan.echo) and bool(plan.act)
+    return only_act and supported(query, key, value, call, LayerPlan(zero=plan.zero, mean=plan.mean))
+
+
+def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: int = 256,
+               scratch: Scratch | None = None) -> torch.Tensor:
+    """The ACT heads of one layer (methods.md §2): ``out [B, T, H, D]`` for the heads of ``query``.
+
+    Sinks come from the column sums of each head's pattern (one causal pass over ``exp(s - L)``
+    with ``L`` from a flash call; skipped when the sinks are given). The calibrated output never
+    touches the whole pattern: ``O' = beta P_S + (1 - beta m) O_N`` where ``P_S = A[:, S] v_S`` and
+    the sink mass ``m`` come from the |S| sink columns and ``O_N`` is attention over the non-sink
+    keys alone (a second flash call with the sinks masked through one extra q/k dimension). That
+    equals :func:`probe.eager.act_output` (``s P_N = (r + (1 - beta) m) O_N`` with ``r = 1 - m``)
+    without subtracting nearly equal numbers when the sinks take almost all the mass. A row that
+    sees only sinks keeps its output.
+    """
+    from .eager import detect_sinks
+
+    scratch = scratch or Scratch()
+    H = query.shape[1]
+    rep = H // key.shape[1]
+    k = key if rep == 1 else key.repeat_interleave(rep, dim=1)
+    v = value if rep == 1 else value.repeat_interleave(rep, dim=1)
+    heads = sorted(plan.act)
+    col = None
+    if any(plan.act[h].sinks is None for h in heads):
+        _, lse = flash(query[:, heads], k[:, heads], v[:, heads], call.scaling)
+        col = _column_sums(query[:, heads], k[:, heads], lse, call, chunk, scratch)
+    count = call.visible_counts()[0]
+    sinks = {h: torch.nonzero(detect_sinks(None if col is None else col[i], count, plan.act[h], call.k_pos[0])
+                              ).flatten() for i, h in enumerate(heads)}
+    out = torch.empty(1, H, call.n_queries, v.shape[-1])
+    plain = [h for h in range(H) if h not in heads or sinks[h].numel() == 0]
+    if plain:
+        out[:, plain] = flash(query[:, plain], k[:, plain], v[:, plain], call.scaling)[0]
+    act = [h for h in heads if sinks[h].numel()]
+    if act:
+        out[:, act] = _calibrated(query[:, act], k[:, act], v[:, act], [sinks[h] for h in act],
+                                  [plan.act[h].beta for h in act], call.scaling)
+    if plan.zero or plan.mean:
+        _edit_outputs(out, plan, call.q_pos)
+    return out.transpose(1, 2)
+
+
+def _column_sums(q, k, lse, call: AttentionCall, chunk: int, scratch: Scratch) -> torch.Tensor:
+    """``[h, K]`` column sums of the heads' causal pattern ``exp(scale q.k - L)``."""
+    n_h = q.shape[1]
+    col = torch.zeros(n_h, call.n_keys)
+    T = call.n_queries
+    for r0 in range(0, T, chunk):
+        r1 = min(r0 + chunk, T)
+        c = r1 - r0
+        x = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2),
+                         out=scratch.get("scores", (1, n_h, c, r1), torch.float32, q.device))
+        x.mul_(call.scaling).sub_(lse[:, :, r0:r1, None])
+        x[..., r0:r1].masked_fill_(torch.ones(c, c, dtype=torch.bool).triu_(1), masked_value(x.dtype))
+        col[:, :r1] += x.exp_().sum(2)[0]
+    return col
+
+
+MASKED = -1e30  # added to a sink key's score (through the extra dimension): exp underflows to exactly 0
+
+
+def _calibrated(q, k, v, sinks: list[torch.Tensor], betas: list[float], scale: float) -> torch.Tensor:
+    """ACT outputs ``[1, h, T, D]`` of heads ``q, k, v [1, h, T, D]`` with sink key indices ``sinks[i]``."""
+    n_h, T, D = q.shape[1], q.shape[2], q.shape[3]
+    drop = torch.zeros(1, n_h, T, 1)
+    for i, idx in enumerate(sinks):
+        drop[0, i, idx] = MASKED / scale
+    ones = torch.ones(1, n_h, T, 1)
+    o_n, lse_n = flash(torch.cat([q, ones], -1), torch.cat([k, drop], -1),
+                       torch.cat([v, torch.zeros(1, n_h, T, 1)], -1), scale)
+    rows = torch.arange(T)
+    out = torch.empty(1, n_h, T, D)
+    for i, idx in enumerate(sinks):
+        seen = idx[None, :] <= rows[:, None]                                # sink j visible from row j on
+        s_s = ((q[0, i] @ k[0, i, idx].T) * scale).masked_fill(~seen, float("-inf"))  # [T, |S|]
+        lse = torch.logaddexp(lse_n[0, i], torch.logsumexp(s_s, -1))        # the full row's log-sum-exp
+        p_s = torch.exp(s_s - lse[:, None])
+        m = p_s.sum(-1, keepdim=True)
+        p_out = p_s @ v[0, i, idx]
+        has_rest = (rows + 1 - seen.sum(-1))[:, None] > 0                 # the row sees a non-sink key
+        out[0, i] = torch.where(has_rest, betas[i] * p_out + (1.0 - betas[i] * m) * o_n[0, i, :, :D], p_out)
+    return out

@@ -220,6 +220,9 @@ class Engine:
         q, k, v = query[:, idx], key[:, kv], value[:, kv]
         sub_call, sub_plan = call.for_heads(heads), plan.reindexed(heads)
         sub = _attend_fused(q, k, v, sub_call, sub_plan, []) if _fused_ok(q, sub_plan, sub_call, []) else None
+        if sub is None and fast.act_supported(q, k, v, sub_call, sub_plan):
+            sub = fast.act_attend(q, k, v, sub_call, sub_plan, scratch=self.scratch,
+                                  chunk=self.chunk_rows(1, len(heads), call.n_keys, call.n_queries))
         if sub is None:
             sub = eager.attend(q, k, v, call=sub_call, plan=sub_plan,
                                chunk=self.chunk_rows(query.shape[0], len(heads), call.n_keys, call.n_queries))
