@@ -11,7 +11,7 @@ received sums, two key groups), plus the previous engine path (all-eager chunks)
 medians of ``--repeats``. Prints one JSON object.
 
     python bench/stats_memory.py            # T = 1024, 2048 for both; 4096, 8192 streaming only; ratios at 2048, 8192
-    python bench/stats_memory.py --quick    # T = 256 and 512 (a smoke run; ratio at 256, one round)
+    python bench/stats_memory.py --quick    # T = 256 (a smoke run; ratio at 256, one round)
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def main() -> None:
     if args.ratio_worker:
         ratio_worker([int(x) for x in args.ratio_worker[0].split(",")], int(args.ratio_worker[1]))
         return
-    both, stream_only = ([256, 512], []) if args.quick else ([1024, 2048], [4096, 8192])
+    both, stream_only = ([256], []) if args.quick else ([1024, 2048], [4096, 8192])
     result = {"model": MODEL, "runs": {}}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
