@@ -43,12 +43,12 @@ def _best(fn, repeats: int) -> float:
 
 @contextmanager
 def _all_layers_eager():
-    orig = runtime.Runtime._unobserved
-    runtime.Runtime._unobserved = lambda self, layer, decoding, plan: False
+    orig = runtime.Engine._unobserved
+    runtime.Engine._unobserved = lambda self, layer, decoding, plan: False
     try:
         yield
     finally:
-        runtime.Runtime._unobserved = orig
+        runtime.Engine._unobserved = orig
 
 
 def _ids(model, n: int) -> torch.Tensor:

@@ -3,15 +3,21 @@
 (a) TransformerLens-style: ``run_with_cache`` on every ``hook_pattern`` (``[layers, heads, T, T]``),
     then the same statistics computed from the patterns;
 (b) headwise streaming statistics (chunked inside attention; never ``T x T`` per head).
-Each measurement runs in a fresh subprocess so its peak RSS is its own. Prints one JSON object.
+Each measurement runs in a fresh subprocess so its peak RSS is its own; the streaming run also
+reports the planner's memory estimate (what ``stream_stats`` prints before a long run) next to
+the measured growth of the process. Then, in one more subprocess, the time ratio to the floor:
+a plain forward (the model's SDPA) and streaming statistics (every layer, all statistics,
+received sums, two key groups), plus the previous engine path (all-eager chunks), interleaved,
+medians of ``--repeats``. Prints one JSON object.
 
-    python bench/stats_memory.py            # T = 1024, 2048 for both; 4096, 8192 streaming only
-    python bench/stats_memory.py --quick    # T = 256 and 512 (a smoke run)
+    python bench/stats_memory.py            # T = 1024, 2048 for both; 4096, 8192 streaming only; ratios at 2048, 8192
+    python bench/stats_memory.py --quick    # T = 256 (a smoke run; ratio at 256, one round)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -41,14 +47,25 @@ def stats_from_patterns(pats):
             "received_sum": pats.sum(2)}
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def worker(mode: str, n_tokens: int, out: str) -> None:
     import torch
 
     from probe import load_model, stream_stats
+    from probe.active import DEFAULT_BUDGET
+    from probe.memory import stream_estimate
+    from probe.runtime import chunk_rows
 
     torch.set_grad_enabled(False)
     model = load_model(MODEL, device="cpu")
     ids = text_of(n_tokens, model)
+    chunk = chunk_rows(DEFAULT_BUDGET, 1, model.n_heads, n_tokens, n_tokens)
+    predicted = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, 0).bytes
+    before = _rss()
     if mode == "cache":
         _ = model.bridge  # build before timing, like stream mode's install
     t0 = time.perf_counter()
@@ -65,7 +82,50 @@ def worker(mode: str, n_tokens: int, out: str) -> None:
 
     save_file({k: v.contiguous() for k, v in stats.items()}, out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"wall_s": round(wall, 3), "peak_rss_bytes": peak}))
+    res = {"wall_s": round(wall, 3), "peak_rss_bytes": peak}
+    if mode == "stream":
+        res["planner"] = {"predicted_mib": round(predicted / 2**20, 1),
+                          "measured_growth_mib": round((peak - before) / 2**20, 1)}
+    print(json.dumps(res))
+
+
+def ratio_worker(lengths: list[int], repeats: int) -> None:
+    """Plain forward vs streaming statistics (and the previous all-eager path), interleaved, medians."""
+    import statistics
+
+    import torch
+
+    from probe import KeyGroup, fast, load_model, stream_stats
+
+    torch.set_grad_enabled(False)
+    model = load_model(MODEL, device="cpu")
+    orig, out = fast.supported, {}
+    for n in lengths:
+        ids = text_of(n, model)
+        groups = [KeyGroup("first", 0, 1), KeyGroup("needle", n // 2, n // 2 + 32)]
+
+        def plain(ids=ids):
+            model.hf(ids, use_cache=False, logits_to_keep=1)
+
+        def stream(previous=False, ids=ids, groups=groups):
+            fast.supported = (lambda *a: False) if previous else orig
+            try:
+                stream_stats(model, ids, groups=groups, verbose=False)
+            finally:
+                fast.supported = orig
+
+        plain()
+        times = {"plain": [], "stream": [], "stream_previous_path": []}
+        for _ in range(repeats):
+            for name, fn in (("plain", plain), ("stream", stream), ("stream_previous_path", lambda: stream(True))):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[n] = {"median_s": {k: round(v, 3) for k, v in med.items()},
+                  "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items() if k != "plain"},
+                  "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+    print(json.dumps(out))
 
 
 def measure(mode: str, n_tokens: int, tmp: Path) -> dict:
@@ -93,11 +153,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker", nargs=3)
+    ap.add_argument("--ratio-worker", nargs=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ratio-lengths", default="2048,8192")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.worker[2])
         return
-    both, stream_only = ([256, 512], []) if args.quick else ([1024, 2048], [4096, 8192])
+    if args.ratio_worker:
+        ratio_worker([int(x) for x in args.ratio_worker[0].split(",")], int(args.ratio_worker[1]))
+        return
+    both, stream_only = ([256], []) if args.quick else ([1024, 2048], [4096, 8192])
     result = {"model": MODEL, "runs": {}}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -113,6 +179,12 @@ def main() -> None:
             result[f"max_abs_diff_at_{first}"] = max_diff(r["cache"]["file"], r["stream"]["file"])
         for n in stream_only:
             result["runs"][n] = {"stream": measure("stream", n, tmp)}
+        lengths, repeats = ("256", 1) if args.quick else (args.ratio_lengths, args.repeats)
+        proc = subprocess.run([sys.executable, __file__, "--ratio-worker", lengths, str(repeats)],
+                              capture_output=True, text=True)
+        result["time_vs_plain_forward"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                                           else {"error": (proc.stderr or "failed").strip().splitlines()[-1:]})
+        result["load_average"] = [round(x, 2) for x in os.getloadavg()]
         for runs in result["runs"].values():
             for v in runs.values():
                 if isinstance(v, dict):

@@ -147,11 +147,12 @@ def detect_sinks(col_sum: torch.Tensor, col_count: torch.Tensor | None, edit: Si
                  k_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Sink mask ``[K]`` from column sums and counts (methods.md §2), first detected sink removed.
 
-    Given ``edit.sinks`` are token positions, matched against ``k_pos [K]`` (default: index = position).
+    Given ``edit.sinks`` are token positions, matched against ``k_pos [K]`` (default: index = position);
+    ``col_sum`` is then not read (may be None).
     """
-    K = col_sum.shape[-1]
     if edit.sinks is not None:
-        pos = torch.arange(K, device=col_sum.device) if k_pos is None else k_pos
+        ref = col_sum if col_sum is not None else col_count
+        pos = torch.arange(ref.shape[-1], device=ref.device) if k_pos is None else k_pos
         return torch.isin(pos, torch.tensor(edit.sinks, dtype=pos.dtype, device=pos.device))
     mean = col_sum / col_count.clamp(min=1)
     thresh = edit.tau if edit.rule == "tau" else edit.alpha / max(int((col_count > 0).sum()), 1)

@@ -115,23 +115,20 @@ class _Check:
                             "arguments do not describe, so statistics and edits on it are refused")
 
 
-def verify(hf, rt) -> None:
-    """Run :data:`CHECK_TOKENS` tokens through ``hf`` (installed): raise if a layer bypasses headwise, and set
-    ``rt.refusal`` when the eager engine cannot reproduce the model (see the module docstring)."""
+def verify(hf, rt, watch: Callable) -> str | None:
+    """Run :data:`CHECK_TOKENS` tokens through ``hf`` (installed) with the check active (``watch(check)``, a
+    context manager): raise if a layer bypasses headwise; return why the eager engine cannot reproduce the
+    model, or None (see the module docstring)."""
     half = next(hf.parameters()).dtype in (torch.float16, torch.bfloat16)
     check = _Check(rt, 5e-2 if half else 1e-4)
     vocab = int(getattr(hf.config, "vocab_size", 0) or 0) or 2
     ids = ((torch.arange(1, CHECK_TOKENS + 1) * 31) % vocab)[None].to(next(hf.parameters()).device)
     was = hf.training
-    rt.taps.append(check)
-    rt.changed()
     try:
         hf.eval()
-        with torch.no_grad():
+        with torch.no_grad(), watch(check):
             hf(input_ids=ids, use_cache=False)
     finally:
-        rt.taps.remove(check)
-        rt.changed()
         hf.train(was)
     model, L = type(hf).__name__, rt.layout.n_layers
     missing = [l for l in range(L) if check.calls[l] == 0]
@@ -145,4 +142,4 @@ def verify(hf, rt) -> None:
         why = "; ".join(check.problems) or "layers called twice or unknown: " + ", ".join(odd)
         raise UnsupportedModelError(f"{model}'s attention calls do not map one to one onto its {L} layers ({why}): "
                                     "headwise addresses heads as (layer, head) and cannot address this model")
-    rt.refusal = check.refusal
+    return check.refusal

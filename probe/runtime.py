@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
 import torch
 
-from . import allocator, eager, native
+from . import active as active_state
+from . import allocator, eager, fast, native
 from .call import AttentionCall, parse_call
 from .checks import context_length
 from .errors import InputError, UnsupportedModelError
@@ -34,8 +37,8 @@ from .heads import HeadLayout
 from .interventions import InterventionSpec, PatternEcho
 from .stats import StatsCollector, StatsRequest
 
-DEFAULT_BUDGET = 96 * 2**20  # bytes of scores per attention call (chunked over rows)
-_kernel_failed = False  # set when the fused kernel raised once: the eager engine is used from then on
+DEFAULT_BUDGET = active_state.DEFAULT_BUDGET
+_KERNEL_WARNED: ContextVar[bool] = ContextVar("headwise_kernel_warned", default=False)
 
 
 class Tap(Protocol):
@@ -52,41 +55,59 @@ class Tap(Protocol):
     def on_output(self, layer: int, q_pos: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None: ...
 
 
+@dataclass(frozen=True, eq=False)
 class Runtime:
-    """Per-model state read by the attention function: active spec, collectors, taps, budget.
+    """A model's immutable headwise configuration, fixed at install (see :mod:`probe.active` for the rest).
 
-    ``native`` (the implementation the model had) and ``refusal`` (why the eager engine cannot run
-    this model, or None) are fixed at install.
+    ``native``: the implementation the model had; ``refusal``: why the eager engine cannot run this
+    model, or None. What is active (specs, collectors, taps, budget) is per calling context, never here.
     """
 
-    def __init__(self, layout: HeadLayout, native_impl: str):
-        self.layout = layout
-        self.native = native_impl
-        self.name = native.name_for(native_impl)
-        self.refusal: str | None = None
-        self.specs: list[InterventionSpec] = []
-        self.collectors: list[StatsCollector] = []
-        self.taps: list[Tap] = []
-        self.budget = DEFAULT_BUDGET
-        self._plans: dict[tuple[int, bool], eager.LayerPlan] = {}
-        self._echo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.scratch = eager.Scratch()
+    layout: HeadLayout
+    native: str
+    refusal: str | None = None
+
+    @property
+    def name(self) -> str:
+        return native.name_for(self.native)
+
+    def active(self) -> active_state.Active:
+        """What the calling thread or task has active on this model (an empty snapshot when nothing)."""
+        return active_state.current(self) or active_state.Active()
 
     @property
     def idle(self) -> bool:
-        return not (self.specs or self.collectors or self.taps)
+        """Nothing active on this model in the calling context."""
+        return self.active().idle
+
+
+def chunk_rows(budget: int, batch: int, n_heads: int, n_keys: int, n_rows: int) -> int:
+    """Query rows per chunk so that scores, probabilities and one temporary (fp32) fit ``budget`` bytes."""
+    per_row = batch * n_heads * n_keys * 4 * 3
+    return int(max(1, min(n_rows, budget // max(per_row, 1))))
+
+
+class Engine:
+    """One attention call under what the calling context has active (built per call, never stored)."""
+
+    def __init__(self, rt: Runtime, act: active_state.Active):
+        self.rt, self.act = rt, act
+        self.specs, self.collectors, self.taps = act.specs, act.collectors, act.taps
 
     @property
     def spec(self) -> InterventionSpec:
         return sum(self.specs, InterventionSpec())
 
-    def changed(self) -> None:
-        self._plans.clear()
-        self._echo.clear()
+    @property
+    def scratch(self) -> eager.Scratch:
+        return self.act.work.local("scratch", eager.Scratch)
+
+    @property
+    def _echo(self) -> dict:
+        return self.act.work.local("echo", dict)
 
     def chunk_rows(self, batch: int, n_heads: int, n_keys: int, n_rows: int) -> int:
-        per_row = batch * n_heads * n_keys * 4 * 3  # scores, probs and one temporary in fp32
-        return int(max(1, min(n_rows, self.budget // max(per_row, 1))))
+        return chunk_rows(self.act.budget, batch, n_heads, n_keys, n_rows)
 
     def attend(self, module, query, key, value, mask, kwargs: dict) -> torch.Tensor:
         """One layer's attention while something is active: ``out [B, Tq, H, D]``."""
@@ -96,27 +117,32 @@ class Runtime:
         else:
             call = parse_call(module, query, key, mask, kwargs)
             plan = self._plan(layer, call.decoding)
-            path = self.choose_path(layer, call, plan, query)
+            path = self.choose_path(layer, call, plan, query, key, value)
             out = self._run(path, module, query, key, value, mask, kwargs, call, plan)
         for t in self.taps:
             if hasattr(t, "on_call"):
                 t.on_call(module, query, key, value, mask, kwargs, out)
         return out
 
-    def choose_path(self, layer: int, call: AttentionCall, plan: eager.LayerPlan, query: torch.Tensor) -> str:
+    def choose_path(self, layer: int, call: AttentionCall, plan: eager.LayerPlan, query: torch.Tensor,
+                    key: torch.Tensor, value: torch.Tensor) -> str:
         """How this layer's attention runs (the one place that decides):
 
         ``"native"``  the model's own function: nothing edits or watches the layer   out [B, Tq, H, D]
         ``"subset"``  native for every head, edited heads recomputed alone           out[:, :, edited]
         ``"fused"``   the Triton kernel: CUDA, plan and call it implements           out, stats [B, H, Tq]
+        ``"stats"``   CPU flash + one causal pass (probe.fast): a plain prefill     out, stats [B, H, Tq]
         ``"eager"``   the chunked engine (defines every edit and statistic)          probs [B, H, c, K]
         """
         watchers = [c for c in self.collectors if c.wants(layer)]
         if self._unobserved(layer, call.decoding, plan):
             return "subset" if plan else "native"
-        if not (self._echo_sources(layer, call.decoding) or plan.echo or self._probe_taps(layer)) and \
-                _fused_ok(query, plan, call, watchers):
+        if self._echo_sources(layer, call.decoding) or plan.echo or self._probe_taps(layer):
+            return "eager"
+        if _fused_ok(query, plan, call, watchers):
             return "fused"
+        if watchers and _one_request(watchers) and fast.supported(query, key, value, call, plan):
+            return "stats"
         return "eager"
 
     def _run(self, path, module, query, key, value, mask, kwargs, call, plan) -> torch.Tensor:
@@ -129,6 +155,8 @@ class Runtime:
         watchers = [c for c in self.collectors if c.wants(layer)]
         if path == "fused":
             out = _attend_fused(query, key, value, call, plan, watchers)
+        elif path == "stats":
+            out = self._fast_stats(query, key, value, call, plan, watchers)
         if out is None:
             out = self._eager(query, key, value, call, plan, watchers)
         for t in self.taps:
@@ -137,8 +165,18 @@ class Runtime:
                 out = out if edited is None else edited
         return out
 
+    def _fast_stats(self, query, key, value, call: AttentionCall, plan, watchers) -> torch.Tensor:
+        req = watchers[0].request
+        out, stats, col = fast.stats_attend(query, key, value, call, plan, [(g.start, g.stop) for g in req.groups],
+                                            received=req.received, received_from=req.from_pos,
+                                            chunk=self.chunk_rows(1, query.shape[1], call.n_keys, call.n_queries),
+                                            scratch=self.scratch)
+        for c in watchers:
+            c.on_stats(call.layer, call, stats, col)
+        return out.to(query.dtype)
+
     def _native(self, module, query, key, value, mask, kwargs) -> torch.Tensor:
-        fn = native.native_function(module, self.native)
+        fn = native.native_function(module, self.rt.native)
         return fn(module, query, key, value, mask, **kwargs)[0]
 
     def _eager(self, query, key, value, call: AttentionCall, plan, watchers) -> torch.Tensor:
@@ -182,6 +220,9 @@ class Runtime:
         q, k, v = query[:, idx], key[:, kv], value[:, kv]
         sub_call, sub_plan = call.for_heads(heads), plan.reindexed(heads)
         sub = _attend_fused(q, k, v, sub_call, sub_plan, []) if _fused_ok(q, sub_plan, sub_call, []) else None
+        if sub is None and fast.act_supported(q, k, v, sub_call, sub_plan):
+            sub = fast.act_attend(q, k, v, sub_call, sub_plan, scratch=self.scratch,
+                                  chunk=self.chunk_rows(1, len(heads), call.n_keys, call.n_queries))
         if sub is None:
             sub = eager.attend(q, k, v, call=sub_call, plan=sub_plan,
                                chunk=self.chunk_rows(query.shape[0], len(heads), call.n_keys, call.n_queries))
@@ -189,10 +230,11 @@ class Runtime:
         return out
 
     def _plan(self, layer: int, decoding: bool) -> eager.LayerPlan:
+        plans = self.act.work.plans
         key = (layer, decoding)
-        if key not in self._plans:
-            self._plans[key] = eager.compile_plan(self.spec, layer, decoding)
-        return self._plans[key]
+        if key not in plans:
+            plans[key] = eager.compile_plan(self.spec, layer, decoding)
+        return plans[key]
 
     def _touched(self, layer: int) -> bool:
         """Whether anything may edit or watch ``layer`` in either phase (else no call needs parsing)."""
@@ -217,12 +259,17 @@ def _fused_ok(query, plan: eager.LayerPlan, call: AttentionCall, watchers: list[
     """Use the fused Triton kernel: CUDA (see probe.kernels), supported plan and call, no gradients, one request."""
     from . import kernels
 
-    if _kernel_failed or kernels.kernel_backend(query, plan, call) is None:
+    if kernels.kernel_backend(query, plan, call) is None:
         return False
     if torch.is_grad_enabled() and query.requires_grad:  # the kernel has no backward
         return False
     if watchers and query.shape[0] != 1:
         return False
+    return _one_request(watchers)
+
+
+def _one_request(watchers: list[StatsCollector]) -> bool:
+    """Every watcher asks for the same groups, rows and columns (one pass serves them all)."""
     return len({(w.request.groups, w.request.from_pos, w.request.received) for w in watchers}) <= 1
 
 
@@ -233,7 +280,6 @@ def _attend_fused(query, key, value, call: AttentionCall, plan, watchers) -> tor
     req = watchers[0].request if watchers else None
     rows = torch.nonzero(call.q_pos[0] >= req.from_pos).flatten() if req else None
     row0 = (int(rows[0]) if rows.numel() else call.n_queries) if req else 0
-    global _kernel_failed
     try:
         out, stats, col = kernels.fused_attend(query, key, value, call=call, plan=plan,
                                                groups=[(g.start, g.stop) for g in req.groups] if req else (),
@@ -241,10 +287,11 @@ def _attend_fused(query, key, value, call: AttentionCall, plan, watchers) -> tor
                                                received_from=row0)
     except InputError:
         return None
-    except Exception as exc:  # a kernel that fails to compile here must not break the probe: use eager
-        _kernel_failed = True
-        warnings.warn(f"fused Triton attention failed ({type(exc).__name__}: {exc}); using the eager engine "
-                      "from now on (set HEADWISE_KERNELS=0 to silence)", RuntimeWarning, stacklevel=2)
+    except Exception as exc:  # a kernel that fails here must not break the probe: this call runs eager
+        if not _KERNEL_WARNED.get():  # once per calling context (thread or task)
+            _KERNEL_WARNED.set(True)
+            warnings.warn(f"fused Triton attention failed ({type(exc).__name__}: {exc}); these calls use the "
+                          "eager engine (set HEADWISE_KERNELS=0 to skip the kernel)", RuntimeWarning, stacklevel=2)
         return None
     for c in watchers:
         c.on_stats(call.layer, call, stats, col)
@@ -257,12 +304,13 @@ def _wants(tap, layer: int) -> bool:
 
 
 def headwise_attention(module, query, key, value, attention_mask, *, _headwise_native: str = "sdpa", **kwargs):
-    """The registered attention function: the model's own while idle, headwise's engine while anything is active."""
+    """The registered attention function: the model's own unless the calling context has something active."""
     rt: Runtime | None = getattr(module, "_headwise_rt", None)
-    if rt is None or rt.idle:
+    act = active_state.current(rt) if rt is not None else None
+    if act is None or act.idle:
         fn = native.native_function(module, rt.native if rt is not None else _headwise_native)
         return fn(module, query, key, value, attention_mask, **kwargs)
-    return rt.attend(module, query, key, value, attention_mask, kwargs), None
+    return Engine(rt, act).attend(module, query, key, value, attention_mask, kwargs), None
 
 
 def _layout(hf) -> HeadLayout:
@@ -272,10 +320,11 @@ def _layout(hf) -> HeadLayout:
 
 
 def install(hf) -> Runtime:
-    """Route ``hf``'s attention through headwise (idempotent); returns its :class:`Runtime`.
+    """Route ``hf``'s attention through headwise (idempotent); returns its immutable :class:`Runtime`.
 
     Raises :class:`UnsupportedModelError` when the model does not compute its attention through
-    ``AttentionInterface`` (checked on a few tokens, see :func:`probe.native.verify`).
+    ``AttentionInterface`` (checked on a few tokens, see :func:`probe.native.verify`); the engine's
+    refusal (or None) is recorded in the runtime once, here.
     """
     rt = getattr(hf, "_headwise_rt", None)
     if rt is not None:
@@ -284,15 +333,15 @@ def install(hf) -> Runtime:
         return rt
     impl = native.native_of(hf.config._attn_implementation)
     native.guard(hf, impl)
+    allocator.tune()
     rt = Runtime(_layout(hf), impl)
     native.register(impl, headwise_attention)
     tagged = [m for m in hf.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     try:
         hf.set_attn_implementation(rt.name)
-        for mod in tagged:
-            mod._headwise_rt = rt
-        hf._headwise_rt = rt
-        native.verify(hf, rt)
+        _tag(tagged + [hf], rt)
+        rt = replace(rt, refusal=native.verify(hf, rt, lambda check: active_state.attached(rt, "taps", check)))
+        _tag(tagged + [hf], rt)
     except Exception:
         for mod in tagged + [hf]:
             mod.__dict__.pop("_headwise_rt", None)
@@ -300,6 +349,11 @@ def install(hf) -> Runtime:
             hf.set_attn_implementation(impl)
         raise
     return rt
+
+
+def _tag(modules, rt: Runtime) -> None:
+    for mod in modules:
+        mod._headwise_rt = rt
 
 
 def _engine(model) -> Runtime:
@@ -315,20 +369,8 @@ def _hf(model):
 
 
 @contextmanager
-def _attached(rt: Runtime, items: list, item):
-    """Put ``item`` on one of the runtime's lists for the duration of the block, whatever happens."""
-    items.append(item)
-    rt.changed()
-    try:
-        yield item
-    finally:
-        items.remove(item)
-        rt.changed()
-
-
-@contextmanager
 def intervene(model, spec: InterventionSpec) -> Iterator[InterventionSpec]:
-    """Apply ``spec`` to a headwise ``Model`` or a plain HF model; always removed on exit.
+    """Apply ``spec`` to a headwise ``Model`` or a plain HF model, in the calling thread or task only; removed on exit.
 
     >>> import torch
     >>> from probe import InterventionSpec, Uniform, load_model
@@ -339,21 +381,15 @@ def intervene(model, spec: InterventionSpec) -> Iterator[InterventionSpec]:
     >>> torch.equal(edited, m.hf(ids).logits)   # edited inside the block, plain again after it
     False
     """
-    hf = _hf(model)
-    previous = hf.config._attn_implementation
-    rt = _engine(hf)
-    spec.validate(rt.layout, n_ctx=context_length(hf.config))
-    try:
-        with _attached(rt, rt.specs, spec):
-            yield spec
-    finally:
-        if not str(previous).startswith(native.PREFIX) and rt.idle:
-            hf.set_attn_implementation(previous)
+    rt = _engine(model)
+    spec.validate(rt.layout, n_ctx=context_length(_hf(model).config))
+    with active_state.attached(rt, "specs", spec):
+        yield spec
 
 
 @contextmanager
 def collect_stats(model, request: StatsRequest | None = None) -> Iterator[StatsCollector]:
-    """Collect :class:`HeadStats` from every forward (and decode step) run inside the block."""
+    """Collect :class:`HeadStats` from every forward (and decode step) the calling context runs in the block."""
     hf = _hf(model)
     rt = _engine(hf)
     request = request or StatsRequest()
@@ -361,44 +397,66 @@ def collect_stats(model, request: StatsRequest | None = None) -> Iterator[StatsC
         rt.layout.check_layer(layer)
     collector = StatsCollector(request, rt.layout.n_layers, rt.layout.n_heads,
                                getattr(model, "model_id", hf.config.name_or_path))
-    with _attached(rt, rt.collectors, collector):
+    with active_state.attached(rt, "collectors", collector):
         yield collector
+
+
+def paused(model, collector: StatsCollector):
+    """A context manager that pauses ``collector`` for its block (e.g. a fast prefill before decoding)."""
+    return active_state.detached(install(_hf(model)), "collectors", collector)
 
 
 @contextmanager
 def tap(model, observer: Tap) -> Iterator[Tap]:
-    """Attach an observer (see :class:`Tap`) for the duration of the block."""
+    """Attach an observer (see :class:`Tap`) for the duration of the block, in the calling context."""
     rt = _engine(model)
-    with _attached(rt, rt.taps, observer):
+    with active_state.attached(rt, "taps", observer):
         yield observer
 
 
-@contextmanager
-def memory_budget(model, budget_bytes: int) -> Iterator[None]:
-    """Cap the scores one attention call holds (sets the query-chunk size)."""
-    rt = install(_hf(model))
-    old, rt.budget = rt.budget, int(budget_bytes)
-    try:
-        yield
-    finally:
-        rt.budget = old
+def memory_budget(model, budget_bytes: int):
+    """Cap the scores one attention call holds (sets the query-chunk size) in the calling context's block."""
+    return active_state.budget(install(_hf(model)), budget_bytes)
 
 
 class Applied:
-    """Handle for a spec applied until :meth:`remove` (calibration at inference)."""
+    """Handle for a spec applied in the calling thread or task until :meth:`remove` (calibration at inference)."""
 
     def __init__(self, model, spec: InterventionSpec):
-        self._cm = intervene(model, spec)
-        self._cm.__enter__()
+        self._rt = _engine(model)
+        spec.validate(self._rt.layout, n_ctx=context_length(_hf(model).config))
+        self._spec: InterventionSpec | None = spec
+        active_state.add(self._rt, "specs", spec)
+
+    @property
+    def active(self) -> bool:
+        """Whether the spec is active in the calling context."""
+        return self._spec is not None and self._rt.active().holds("specs", self._spec)
 
     def remove(self) -> None:
-        if self._cm is not None:
-            self._cm.__exit__(None, None, None)
-            self._cm = None
+        """Remove the spec (idempotent); it must be called from the context that applied it."""
+        if self._spec is None:
+            return
+        if not active_state.remove(self._rt, "specs", self._spec):
+            raise InputError("this calibration was applied in another thread or task: call remove() there "
+                             "(apply() acts only in the context that called it)")
+        self._spec = None
+
+    def __enter__(self) -> "Applied":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def apply(model, spec: InterventionSpec) -> Applied:
-    """Apply ``spec`` persistently (forward and ``generate``) until ``.remove()`` is called.
+    """Apply ``spec`` (forward and ``generate``) in the calling thread or asyncio task until ``.remove()``.
+
+    Like every headwise state, an applied spec belongs to the calling context, not to the model:
+    other threads (a second dashboard session, a server's other requests) keep the plain model;
+    asyncio tasks created afterwards inherit it; a new thread does not (wrap its target in
+    ``contextvars.copy_context().run`` to carry it over). A web app applies it per request or
+    session (``with apply(model, spec): ...``), never once for everyone.
 
     >>> from probe import InterventionSpec, ZeroAblate, load_model
     >>> m = load_model("tiny-llama")

@@ -201,6 +201,19 @@ def _check_stats(st: HeadStats, c: FileCheck) -> None:
         c.fail(f"rows or keys reach past the {len(st.token_ids)} token ids")
 
 
+def _group_counts(call, groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[1, rows, G]``: how many keys of each group (``groups [G, K]`` bool) each kept row sees.
+
+    Causal calls without a mask tensor read it off cumulative sums (row ``i`` sees keys ``0..diag+i``)
+    instead of a ``T x K`` visibility matrix.
+    """
+    if call.mask is None and not call.all_visible:
+        seen = groups.double().cumsum(-1)
+        own = (torch.arange(call.n_queries, device=groups.device) + call.diag)[keep]
+        return seen[:, own.clamp(max=call.n_keys - 1)].T.float()[None]
+    return (call.visible(slice(None))[0, 0][keep].float() @ groups.T.float())[None]
+
+
 class StatsCollector:
     """Receives chunks from the attention function and assembles a :class:`HeadStats`.
 
@@ -268,8 +281,8 @@ class StatsCollector:
                              "key groups: pass the request's groups to the kernel")
         row["argmax"] = call.k_pos[0][row["argmax"]]
         if self.request.groups:
-            groups = torch.stack([g.contains(call.k_pos[0]) for g in self.request.groups]).float()
-            row["group_count"] = (call.visible(slice(None))[0, 0][keep].float() @ groups.T)[None]
+            groups = torch.stack([g.contains(call.k_pos[0]) for g in self.request.groups])
+            row["group_count"] = _group_counts(call, groups, keep)
         self._add_rows(layer, q_pos[keep], row)
         if self.request.received and received is not None:
             row0 = int(torch.nonzero(keep)[0])

@@ -21,7 +21,7 @@ from .decoding import greedy, stop_ids
 from .interventions import InterventionSpec
 from .memory import stream_estimate
 from .records import run_metadata
-from .runtime import collect_stats, install, intervene, memory_budget
+from .runtime import chunk_rows, collect_stats, install, intervene, memory_budget, paused
 from .stats import HeadStats, StatsRequest
 
 ANNOUNCE_FROM = 2048  # print the memory estimate before runs at least this long
@@ -92,7 +92,7 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
             stack.enter_context(memory_budget(model, budget))
         collector = stack.enter_context(collect_stats(model, request))
         with torch.no_grad():
-            with _maybe(bool(stats_in_prefill), collector, rt), _maybe_spec(model, prefill_spec):
+            with (ExitStack() if stats_in_prefill else paused(model, collector)), _maybe_spec(model, prefill_spec):
                 out = model.hf(ids, use_cache=True, **_last_logits_only(model.hf))
             with _maybe_spec(model, decode_spec):
                 new = greedy(model, out.logits[0, -1], output_cache(out), max_new_tokens=max_new_tokens, stop=eos)
@@ -109,29 +109,12 @@ def _last_logits_only(hf) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
 
 
-class _maybe:
-    """Pause a collector (for a fast prefill) unless statistics are wanted there too."""
-
-    def __init__(self, want: bool, collector, rt):
-        self.want, self.collector, self.rt = want, collector, rt
-
-    def __enter__(self):
-        if not self.want and self.collector in self.rt.collectors:
-            self.rt.collectors.remove(self.collector)
-            self.rt.changed()
-
-    def __exit__(self, *exc):
-        if not self.want and self.collector not in self.rt.collectors:
-            self.rt.collectors.append(self.collector)
-            self.rt.changed()
-
-
 def _maybe_spec(model, spec):
     return intervene(model, spec) if spec else ExitStack()
 
 
 def _announce(model, rt, n_tokens: int, n_groups: int, verbose: bool) -> None:
-    chunk = rt.chunk_rows(1, model.n_heads, n_tokens, n_tokens)
+    chunk = chunk_rows(rt.active().budget, 1, model.n_heads, n_tokens, n_tokens)
     if verbose and n_tokens >= ANNOUNCE_FROM:
         est = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, n_groups)
         print(f"headwise: {est}", file=sys.stderr, flush=True)

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probe import (CorruptFileError, HeadOutOfRangeError, InputError, InterventionSpec, MeanAblate, PatternEcho,
-                   SinkCalibration, SpanBoost, SpanKnockout, Temperature, Uniform, ZeroAblate, apply, intervene, tap)
+                   SinkCalibration, SpanBoost, SpanKnockout, Temperature, Uniform, ZeroAblate, apply, install, intervene,
+                   tap)
 from probe import eager, families
 from probe.eager import calibrate, compile_plan, detect_sinks
 
@@ -193,7 +194,7 @@ def test_interventions_removed_even_after_errors(tiny_llama):
             raise RuntimeError("boom")
     with torch.no_grad():
         assert torch.equal(tiny_llama.hf(ids).logits, before)
-    assert tiny_llama.hf._headwise_rt.idle
+    assert tiny_llama.hf._headwise_rt.idle and install(tiny_llama.hf).active().specs == ()
 
 
 def test_pattern_echo_copies_source_pattern(tiny_llama):
@@ -229,7 +230,9 @@ def test_plain_hf_model_forward_and_generate(tiny_llama):
         gen = hf.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=258)
     assert not torch.allclose(edited, base)
     assert not torch.equal(gen, base_gen) or not torch.allclose(edited[0, -1], base[0, -1])
-    assert hf.config._attn_implementation == "sdpa"  # restored
+    # the model stays routed through headwise (its own SDPA while idle, bit for bit, checked next): restoring
+    # the implementation on exit would switch off another thread's intervention on the same model
+    assert hf.config._attn_implementation == "headwise_sdpa" and install(hf).native == "sdpa"
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, base)
     handle = apply(hf, spec)

@@ -361,8 +361,7 @@ def test_sdpa_for_unedited_heads_matches_the_all_eager_engine(tiny_llama, monkey
     with torch.no_grad(), intervene(tiny_llama, spec):
         fast = tiny_llama.hf(ids).logits
         fast_gen = tiny_llama.hf.generate(ids, max_new_tokens=5, do_sample=False)
-        monkeypatch.setattr(runtime.Runtime, "_unobserved", lambda *a: False)
-        tiny_llama.hf._headwise_rt.changed()
+        monkeypatch.setattr(runtime.Engine, "_unobserved", lambda *a: False)
         slow = tiny_llama.hf(ids).logits
         slow_gen = tiny_llama.hf.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.allclose(fast, slow, atol=1e-5) and torch.equal(fast_gen, slow_gen)

@@ -32,6 +32,8 @@ for q/k/v stages with a typed error, never approximated.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,14 +114,24 @@ def _slots(model, heads: list[HeadId], channel: str) -> dict[int, list[int]]:
     return {l: sorted(v) for l, v in out.items()}
 
 
+_HOOKS: ContextVar[object | None] = ContextVar("headwise_path_patching", default=None)
+
+
+@contextmanager
 def _proj_hooks(model, slots, channel: str, store: dict, replace: dict | None, stop_at: int | None):
-    """Forward hooks on the ``channel`` projections: record (``replace=None``) or overwrite head slices."""
-    d, hooks = model.d_head, []
+    """Forward hooks on the ``channel`` projections: record (``replace=None``) or overwrite head slices.
+
+    The hooks act only on forwards of the calling context (a ``ContextVar`` token, as in
+    :mod:`probe.families`): another thread running the shared model meanwhile is left alone.
+    """
+    d, hooks, token = model.d_head, [], object()
     mods = head_inputs(model, channel)
     for layer, heads in slots.items():
         proj = mods[layer]
 
         def hook(mod, args, out, layer=layer, heads=heads):
+            if _HOOKS.get() is not token:
+                return None
             if replace is None:
                 store[layer] = out.detach().clone()
                 if layer == stop_at:
@@ -131,7 +143,13 @@ def _proj_hooks(model, slots, channel: str, store: dict, replace: dict | None, s
             return out
 
         hooks.append(proj.register_forward_hook(hook))
-    return hooks
+    reset = _HOOKS.set(token)
+    try:
+        yield
+    finally:
+        _HOOKS.reset(reset)
+        for h in hooks:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------- patching
@@ -169,21 +187,13 @@ def path_patch(model, task: TaskBatch, senders: list[HeadId], receivers: list[He
 
 def _via_receivers(model, ids, good, bad, freeze, slots, channel) -> torch.Tensor:
     store: dict[int, torch.Tensor] = {}
-    hooks = _proj_hooks(model, slots, channel, store, None, max(slots))
     try:
-        with tap(model, freeze):
+        with _proj_hooks(model, slots, channel, store, None, max(slots)), tap(model, freeze):
             model.hf(input_ids=ids, logits_to_keep=1)
     except _Stop:
         pass
-    finally:
-        for h in hooks:
-            h.remove()
-    hooks = _proj_hooks(model, slots, channel, {}, store, None)
-    try:
+    with _proj_hooks(model, slots, channel, {}, store, None):
         return P.logit_diff(P._last_logits(model, ids), good, bad)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------- stages -> circuit

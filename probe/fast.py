@@ -1,0 +1,192 @@
+"""Streaming statistics at close to the cost of the model's own attention (CPU, plain causal prefill).
+
+The eager engine (:mod:`probe.eager`) defines every statistic; this path computes the same ones
+for the commonest call (a causal prefill: no mask tensor, softcap, bias or learned sink, no score
+or pattern edit, one sequence) with less work:
+
+1. ``out, L = flash(q, k, v)``: torch's CPU flash kernel (what SDPA itself runs) returns the output
+   and each row's log-sum-exp ``L``; the output is bit for bit the model's own.
+2. One pass over row chunks of ``x = scale q.k - L``, only over the keys a chunk can see (the
+   causal lower triangle, about half the work of a full ``T x T`` pass): ``p = exp(x)`` is the
+   pattern itself (no normalising pass), ``max_prob = exp(max x)`` and the argmax come from ``x``,
+   the entropy is ``-sum p x``, group masses are sums over each group's key range and the received
+   attention the column sums of ``p`` (rows from ``from_pos`` on).
+
+Same meaning as :func:`probe.eager.row_stats` and the collector's column sums (tested against the
+eager engine on the tiny families and the embedded model).
+"""
+from __future__ import annotations
+
+import torch
+
+from .call import AttentionCall
+from .eager import LayerPlan, Scratch, _edit_outputs, masked_value
+
+
+def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall,
+              plan: LayerPlan) -> bool:
+    """Whether :func:`stats_attend` computes this call exactly (else the eager engine runs it)."""
+    return (query.device.type == "cpu" and query.shape[0] == 1 and call.mask is None and not call.all_visible
+            and call.diag == 0 and call.n_queries == call.n_keys and call.softcap is None and call.sinks is None
+            and call.bias is None and not (plan.edits_scores or plan.act or plan.echo)
+            and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.shape[1] % key.shape[1] == 0
+            and query.dtype == torch.float32 == key.dtype == value.dtype
+            and not (torch.is_grad_enabled() and query.requires_grad))
+
+
+def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention ``out [B, H, T, D]`` and the rows' log-sum-exp ``[B, H, T]`` (float32) from torch's CPU flash kernel."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    return out, lse.float()
+
+
+def stats_attend(query, key, value, call: AttentionCall, plan: LayerPlan, groups=(), received: bool = True,
+                 received_from: int = 0, chunk: int = 256, scratch: Scratch | None = None):
+    """``(out [B, T, H, D], row stats, received [B, H, K] | None)``: the contract of :func:`probe.kernels.fused_attend`.
+
+    ``groups`` are ``(start, stop|None)`` token-position ranges; row stats are ``entropy, max_prob,
+    argmax [B, H, T]`` (argmax a key index) and ``group_mass [B, H, T, G]``.
+    """
+    scratch = scratch or Scratch()
+    H = query.shape[1]
+    rep = H // key.shape[1]
+    k = key if rep == 1 else key.repeat_interleave(rep, dim=1)
+    v = value if rep == 1 else value.repeat_interleave(rep, dim=1)
+    out, lse = flash(query, k, v, call.scaling)
+    q32, k32 = query, k
+    ranges = _index_ranges(groups, call.k_pos[0])
+    T = call.n_queries
+    stats = {"entropy": torch.empty(1, H, T), "max_prob": torch.empty(1, H, T),
+             "argmax": torch.empty(1, H, T, dtype=torch.long), "group_mass": torch.zeros(1, H, T, len(ranges))}
+    col = torch.zeros(1, H, call.n_keys) if received else None
+    row0 = int(torch.searchsorted(call.q_pos[0], torch.tensor(received_from)))  # first row at or after from_pos
+    for r0 in range(0, T, chunk):
+        r1 = min(r0 + chunk, T)
+        _chunk(q32, k32, lse, call.scaling, r0, r1, ranges, stats, col, row0, scratch)
+    if plan.zero or plan.mean:
+        _edit_outputs(out, plan, call.q_pos)
+    return out.transpose(1, 2), stats, col
+
+
+def _chunk(q, k, lse, scale: float, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
+    """Rows ``r0:r1`` over keys ``0:r1`` (a causal prefill: query ``i`` sees keys ``0..i``)."""
+    B, H, _, _ = q.shape
+    c, n = r1 - r0, r1
+    x = torch.matmul(q[:, :, r0:r1], k[:, :, :n].transpose(-1, -2), out=scratch.get("scores", (B, H, c, n),
+                                                                                      torch.float32, q.device))
+    x.mul_(scale).sub_(lse[:, :, r0:r1, None])  # x = s - L = log p
+    future = scratch.get("future", (c, c), torch.bool, q.device)
+    torch.ones(c, c, out=future)
+    future.triu_(1)
+    x[..., r0:r1].masked_fill_(future, masked_value(x.dtype))
+    best, arg = x.max(-1)
+    stats["max_prob"][:, :, r0:r1] = best.exp_()
+    stats["argmax"][:, :, r0:r1] = arg
+    p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, q.device))
+    stats["entropy"][:, :, r0:r1] = torch.linalg.vecdot(p, x).neg_().clamp_(min=0.0)
+    for gi, (a, b) in enumerate(ranges):
+        if b > a and a < n:
+            stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1)
+    if col is not None and r1 > row0:
+        col[..., :n] += p[:, :, max(row0 - r0, 0):].sum(2)
+
+
+def _index_ranges(groups, k_pos: torch.Tensor) -> list[tuple[int, int]]:
+    """Key-index ranges ``[a, b)`` of position ranges ``(start, stop|None)`` (``k_pos`` increases by one per key)."""
+    out = []
+    for start, stop in groups:
+        a = int(torch.searchsorted(k_pos, torch.tensor(start, dtype=k_pos.dtype)))
+        b = k_pos.numel() if stop is None else int(torch.searchsorted(k_pos, torch.tensor(stop, dtype=k_pos.dtype)))
+        out.append((a, b))
+    return out
+
+
+# ----------------------------------------------------------------------------- ACT at inference
+
+def act_supported(query, key, value, call: AttentionCall, plan: LayerPlan) -> bool:
+    """Whether :func:`act_attend` computes this layer's calibrated output exactly (ACT and output edits only)."""
+    only_act = not (plan.edits_scores or plan.echo) and bool(plan.act)
+    return only_act and supported(query, key, value, call, LayerPlan(zero=plan.zero, mean=plan.mean))
+
+
+def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: int = 256,
+               scratch: Scratch | None = None) -> torch.Tensor:
+    """The ACT heads of one layer (methods.md §2): ``out [B, T, H, D]`` for the heads of ``query``.
+
+    Sinks come from the column sums of each head's pattern (one causal pass over ``exp(s - L)``
+    with ``L`` from a flash call; skipped when the sinks are given). The calibrated output never
+    touches the whole pattern: ``O' = beta P_S + (1 - beta m) O_N`` where ``P_S = A[:, S] v_S`` and
+    the sink mass ``m`` come from the |S| sink columns and ``O_N`` is attention over the non-sink
+    keys alone (a second flash call with the sinks masked through one extra q/k dimension). That
+    equals :func:`probe.eager.act_output` (``s P_N = (r + (1 - beta) m) O_N`` with ``r = 1 - m``)
+    without subtracting nearly equal numbers when the sinks take almost all the mass. A row that
+    sees only sinks keeps its output.
+    """
+    from .eager import detect_sinks
+
+    scratch = scratch or Scratch()
+    H = query.shape[1]
+    rep = H // key.shape[1]
+    k = key if rep == 1 else key.repeat_interleave(rep, dim=1)
+    v = value if rep == 1 else value.repeat_interleave(rep, dim=1)
+    heads = sorted(plan.act)
+    col = None
+    if any(plan.act[h].sinks is None for h in heads):
+        _, lse = flash(query[:, heads], k[:, heads], v[:, heads], call.scaling)
+        col = _column_sums(query[:, heads], k[:, heads], lse, call, chunk, scratch)
+    count = call.visible_counts()[0]
+    sinks = {h: torch.nonzero(detect_sinks(None if col is None else col[i], count, plan.act[h], call.k_pos[0])
+                              ).flatten() for i, h in enumerate(heads)}
+    out = torch.empty(1, H, call.n_queries, v.shape[-1])
+    plain = [h for h in range(H) if h not in heads or sinks[h].numel() == 0]
+    if plain:
+        out[:, plain] = flash(query[:, plain], k[:, plain], v[:, plain], call.scaling)[0]
+    act = [h for h in heads if sinks[h].numel()]
+    if act:
+        out[:, act] = _calibrated(query[:, act], k[:, act], v[:, act], [sinks[h] for h in act],
+                                  [plan.act[h].beta for h in act], call.scaling)
+    if plan.zero or plan.mean:
+        _edit_outputs(out, plan, call.q_pos)
+    return out.transpose(1, 2)
+
+
+def _column_sums(q, k, lse, call: AttentionCall, chunk: int, scratch: Scratch) -> torch.Tensor:
+    """``[h, K]`` column sums of the heads' causal pattern ``exp(scale q.k - L)``."""
+    n_h = q.shape[1]
+    col = torch.zeros(n_h, call.n_keys)
+    T = call.n_queries
+    for r0 in range(0, T, chunk):
+        r1 = min(r0 + chunk, T)
+        c = r1 - r0
+        x = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2),
+                         out=scratch.get("scores", (1, n_h, c, r1), torch.float32, q.device))
+        x.mul_(call.scaling).sub_(lse[:, :, r0:r1, None])
+        x[..., r0:r1].masked_fill_(torch.ones(c, c, dtype=torch.bool).triu_(1), masked_value(x.dtype))
+        col[:, :r1] += x.exp_().sum(2)[0]
+    return col
+
+
+MASKED = -1e30  # added to a sink key's score (through the extra dimension): exp underflows to exactly 0
+
+
+def _calibrated(q, k, v, sinks: list[torch.Tensor], betas: list[float], scale: float) -> torch.Tensor:
+    """ACT outputs ``[1, h, T, D]`` of heads ``q, k, v [1, h, T, D]`` with sink key indices ``sinks[i]``."""
+    n_h, T, D = q.shape[1], q.shape[2], q.shape[3]
+    drop = torch.zeros(1, n_h, T, 1)
+    for i, idx in enumerate(sinks):
+        drop[0, i, idx] = MASKED / scale
+    ones = torch.ones(1, n_h, T, 1)
+    o_n, lse_n = flash(torch.cat([q, ones], -1), torch.cat([k, drop], -1),
+                       torch.cat([v, torch.zeros(1, n_h, T, 1)], -1), scale)
+    rows = torch.arange(T)
+    out = torch.empty(1, n_h, T, D)
+    for i, idx in enumerate(sinks):
+        seen = idx[None, :] <= rows[:, None]                                # sink j visible from row j on
+        s_s = ((q[0, i] @ k[0, i, idx].T) * scale).masked_fill(~seen, float("-inf"))  # [T, |S|]
+        lse = torch.logaddexp(lse_n[0, i], torch.logsumexp(s_s, -1))        # the full row's log-sum-exp
+        p_s = torch.exp(s_s - lse[:, None])
+        m = p_s.sum(-1, keepdim=True)
+        p_out = p_s @ v[0, i, idx]
+        has_rest = (rows + 1 - seen.sum(-1))[:, None] > 0                 # the row sees a non-sink key
+        out[0, i] = torch.where(has_rest, betas[i] * p_out + (1.0 - betas[i] * m) * o_n[0, i, :, :D], p_out)
+    return out

@@ -1,0 +1,95 @@
+"""The fast statistics path (probe.fast: CPU flash + one causal pass) against the eager engine that defines it."""
+import pytest
+import torch
+
+from probe import KeyGroup, StatsRequest, collect_stats, eager, fast, stream_stats  # noqa: F401
+from probe.call import AttentionCall
+from probe.stats import StatsCollector
+
+
+def _eager_stats(q, k, v, call, request):
+    col = StatsCollector(request, 1, q.shape[1])
+    out = eager.attend(q, k, v, call=call, chunk=37, on_chunk=lambda ch: col.on_chunk(0, call, ch))
+    return out, col.result()
+
+
+@pytest.mark.parametrize("kv,from_pos", [(3, 0), (9, 250), (1, 299)])
+def test_fast_path_equals_the_eager_engine_on_one_call(kv, from_pos):
+    """Embedded-model shapes (9 query heads, GQA), groups and a first row: same statistics and output."""
+    g = torch.Generator().manual_seed(kv)
+    T, H, D = 300, 9, 64
+    q = torch.randn(1, H, T, D, generator=g) * 2
+    k, v = torch.randn(1, kv, T, D, generator=g) * 2, torch.randn(1, kv, T, D, generator=g)
+    call = AttentionCall.plain(D ** -0.5, T, T)
+    request = StatsRequest(groups=(KeyGroup("first", 0, 1), KeyGroup("mid", 100, 140), KeyGroup("rest", 200)),
+                           from_pos=from_pos)
+    assert fast.supported(q, k, v, call, eager.LayerPlan())
+    ref_out, ref = _eager_stats(q, k, v, call, request)
+    col = StatsCollector(request, 1, H)
+    out, stats, recv = fast.stats_attend(q, k, v, call, eager.LayerPlan(), [(x.start, x.stop) for x in request.groups],
+                                         received_from=from_pos, chunk=64)
+    col.on_stats(0, call, stats, recv)
+    got = col.result()
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name in ("entropy", "max_prob", "group_mass", "received_sum", "received_count", "group_count", "query_pos"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=2e-5, rtol=1e-5, msg=name)
+    assert torch.equal(got.argmax, ref.argmax)
+
+
+def test_fast_path_is_refused_where_it_would_be_inexact():
+    q = k = v = torch.randn(1, 2, 8, 4)
+    plain = AttentionCall.plain(0.5, 8, 8)
+    assert fast.supported(q, k, v, plain, eager.LayerPlan())
+    masked = AttentionCall.plain(0.5, 8, 8, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool).tril())
+    decode = AttentionCall.plain(0.5, 1, 8)
+    for call in (masked, decode):
+        assert not fast.supported(q[:, :, :call.n_queries], k, v, call, eager.LayerPlan())
+    assert not fast.supported(q, k, v, plain, eager.LayerPlan(temperature={0: 2.0}))
+    assert not fast.supported(q.double(), k.double(), v.double(), plain, eager.LayerPlan())
+    assert not fast.supported(torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4), plain,
+                              eager.LayerPlan())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "smol"])
+def test_statistics_leave_the_forward_bit_identical_and_match_eager(fixture, request, monkeypatch):
+    """Under collect_stats the fast path returns SDPA's own output (logits bit for bit), and its
+    statistics equal the all-eager engine's on the same model (first layer exactly the same inputs)."""
+    m = request.getfixturevalue(fixture)
+    ids = torch.randint(5, 250, (1, 96), generator=torch.Generator().manual_seed(0))
+    groups = [KeyGroup("first", 0, 1), KeyGroup("tail", 80)]
+    with torch.no_grad():
+        plain = m.hf(ids).logits
+        with collect_stats(m, StatsRequest(groups=tuple(groups))):
+            under = m.hf(ids).logits
+    assert torch.equal(under, plain)
+    got = stream_stats(m, ids, groups=groups, verbose=False)
+    monkeypatch.setattr(fast, "supported", lambda *a: False)
+    ref = stream_stats(m, ids, groups=groups, verbose=False)
+    for name in ("entropy", "max_prob", "group_mass", "received_sum"):
+        torch.testing.assert_close(getattr(got, name)[0], getattr(ref, name)[0], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=2e-3, rtol=1e-3, msg=name)
+    assert float((got.argmax == ref.argmax).float().mean()) > 0.999
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "smol"])
+def test_fast_act_equals_the_eager_act(fixture, request, monkeypatch):
+    """Applied ACT (detected and given sinks, with a zero-ablated head in the same layers) through the
+    flash + sink-column path equals the eager engine's separate accumulators."""
+    from probe import InterventionSpec, SinkCalibration, ZeroAblate, intervene
+
+    m = request.getfixturevalue(fixture)
+    ids = torch.randint(5, 250, (1, 80), generator=torch.Generator().manual_seed(1))
+    heads = [f"L{l}H{h}" for l in range(m.n_layers) for h in range(m.n_heads)][::2]
+    half = len(heads) // 2
+    spec = InterventionSpec([SinkCalibration(heads=heads[:half], beta=0.4),
+                             SinkCalibration(heads=heads[half:], beta=0.2, sinks=(0, 3)), ZeroAblate(heads=[heads[1]])])
+    with torch.no_grad():
+        plain = m.hf(ids).logits
+        with intervene(m, spec):
+            got = m.hf(ids).logits
+        monkeypatch.setattr(fast, "act_supported", lambda *a: False)
+        with intervene(m, spec):
+            ref = m.hf(ids).logits
+    assert not torch.allclose(ref, plain, atol=1e-3)
+    scale = float(ref.abs().max())  # 30 layers of float32 rounding: compare relative to the logits' size
+    torch.testing.assert_close(got, ref, atol=4e-6 * scale, rtol=1e-5)
