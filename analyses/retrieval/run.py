@@ -13,6 +13,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -171,8 +172,10 @@ def reduce_masking(model, cfg: RetrievalConfig, payloads: dict, state: dict) -> 
     meta = {"k": cfg.k, "seeds": list(cfg.seeds), "row": cfg.row, "lengths": list(cfg.lengths),
             "depths": list(cfg.depths), "needles": needles, "mask_lengths": list(cfg.mask_lengths or cfg.lengths),
             "weights_hash": model.weights_hash}
+    events = np.stack([np.asarray(r["events"], np.float64) for r in state["records"]]) if state["records"] else None
     return RetrievalResult(model.model_id, state["scores"].numpy(), model.n_kv_heads, cfg.threshold, samples, masking,
-                           tuple(state["top"]), {c: tuple(hs) for c, hs in state["random_sets"].items()}, meta)
+                           tuple(state["top"]), {c: tuple(hs) for c, hs in state["random_sets"].items()}, meta,
+                           events)
 
 
 RETRIEVAL = Analysis(
