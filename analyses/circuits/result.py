@@ -6,6 +6,8 @@ Files (atomic; no pickles): ``task_<name>.parquet`` (per prompt x head: exact, e
 
 Frame convention: the ``task`` column names the task of each score (``roles`` for the head-role
 scores) and ``in_circuit`` marks the task's circuit members.
+
+Methods: docs/methods.md §3.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The grounding result (detector statistics, head map, ROC, mitigation, the detector) and the token view."""
+"""The grounding result (detector statistics, head map, ROC, mitigation, the detector) and the token view.
+
+Methods: docs/methods.md §5.
+"""
 from __future__ import annotations
 
 import html

@@ -1,4 +1,7 @@
-"""Plotly figures of the retrieval result (never Streamlit)."""
+"""Plotly figures of the retrieval result (never Streamlit).
+
+Methods: docs/methods.md §1.
+"""
 from __future__ import annotations
 
 import plotly.graph_objects as go

@@ -6,6 +6,8 @@ selection rules, :class:`~analyses.sinks.power.ActPower`) and ``calib.json``, th
 ``headwise generate --calibration`` and :func:`~analyses.sinks.apply_calibration` apply.
 Frame: the profile's per-head metrics (``mass:<type>``, ``sinks:<type>``, ``first_sink:<type>``)
 and the search's per-candidate ones (``task`` column: the searched task; ``profile`` for the rest).
+
+Methods: docs/methods.md §2.
 """
 from __future__ import annotations
 
