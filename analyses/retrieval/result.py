@@ -118,8 +118,8 @@ class RetrievalResult(Result):
         seeds = [c for c in t.index if str(c).startswith("random") and c != "random (pooled)"]
         if seeds:
             r = t.loc["random (pooled)"]
-            out["niah_random"] = Stat(f"NIAH success, masking random-{k} ({len(seeds)} seeds pooled); "
-                                      f"minus top-K", r["success"], n=int(r["n_cells"]), fmt=".0%")
+            out["niah_random"] = Stat(f"NIAH success, masking random-{k} ({len(seeds)} seeds pooled)",
+                                      r["success"], n=int(r["n_cells"]), fmt=".0%")
             out["random_minus_top"] = Stat(f"random-{k} minus top-{k} success (paired over cells, seeds pooled)",
                                            r["d_vs_top"], n=int(r["n_cells"]), ci=(r["d_lo"], r["d_hi"]), fmt=".2f")
             for c in seeds:
