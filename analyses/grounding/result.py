@@ -181,16 +181,20 @@ def mitigation_stats(mit: pd.DataFrame) -> dict[str, Stat]:
     from ..inference import wilson
 
     out = {}
-    for r in mit.itertuples():
+    nan = float("nan")
+    for r in mit.itertuples():                 # older results lack some columns: their intervals stay unknown
+        g = lambda name: getattr(r, name, nan)  # noqa: E731,B023
         w = wilson(int(round(r.grounded_rate * r.n)), int(r.n))
         out[f"mitigation_{r.condition}"] = Stat(f"grounded rate, {r.condition}", r.grounded_rate, n=int(r.n),
                                                 ci=(w.lo, w.hi), fmt=".2f")
-        if r.condition != "greedy":
+        if r.condition != "greedy" and "d_greedy" in mit:
+            ci = (g("d_greedy_lo"), g("d_greedy_hi"))
             out[f"mitigation_{r.condition}_vs_greedy"] = Stat(
-                f"{r.condition} minus greedy (paired; McNemar p = {r.p_greedy:.3g})", r.d_greedy, n=int(r.n),
-                ci=(r.d_greedy_lo, r.d_greedy_hi), fmt="+.3f")
-        if r.control:
-            out[f"mitigation_{r.condition}_vs_{r.control}"] = Stat(
-                f"{r.condition} minus {r.control} (paired; McNemar p = {r.p_control:.3g})", r.d_control, n=int(r.n),
-                ci=(r.d_control_lo, r.d_control_hi), fmt="+.3f")
+                f"{r.condition} minus greedy (paired; McNemar p = {g('p_greedy'):.3g})", r.d_greedy, n=int(r.n),
+                ci=None if np.isnan(ci).any() else ci, fmt="+.3f")
+        control = getattr(r, "control", "")
+        if isinstance(control, str) and control:
+            out[f"mitigation_{r.condition}_vs_{control}"] = Stat(
+                f"{r.condition} minus {control} (paired; McNemar p = {g('p_control'):.3g})", g("d_control"),
+                n=int(r.n), ci=(g("d_control_lo"), g("d_control_hi")), fmt="+.3f")
     return out
