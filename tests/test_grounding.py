@@ -288,13 +288,20 @@ def test_mitigation_rates_and_resume(tiny_llama, tmp_path, monkeypatch):
                         [HeadId(1, h) for h in ((0, 1, 2, 3) if k is None else (0, 1) if how == "top" else (2, 3))])
     monkeypatch.setattr(stages, "mitigation_items", lambda cfg, df: items)
     state = _mitigation_state(tiny_llama, items, [f" {items[0].passage_value}", f" {items[1].true_value}"], det)
-    cfg, stage = GroundingConfig(k=2, max_new_tokens=2, block=1, n_mitigate=2), GROUNDING.stage("mitigation")
+    cfg = GroundingConfig(k=2, max_new_tokens=2, block=1, n_mitigate=2, boost="context")
+    stage = GROUNDING.stage("mitigation")
     m = run_stage(GROUNDING, stage, tiny_llama, cfg, state, UnitStore(tmp_path)).mitigation
     g = m.set_index("condition")
     assert len(m) == 6 and set(m["n"]) == {2} and len(list((tmp_path / "units" / "mitigation").glob("*"))) == 12
     assert g.loc["greedy", "grounded_rate"] == 0.5 and g.loc["greedy", "contradicted_rate"] == 0.5
     assert g.loc["guided", "control"] == "sampled" and g.loc["boost_top2", "control"] == "boost_random2"
     assert g.loc["greedy", "d_greedy"] == 0.0 and np.isnan(g.loc["greedy", "d_control"])
+    from analyses.grounding.result import mitigation_stats
+
+    st = mitigation_stats(m)                       # every headline with its n and interval (issue 18)
+    assert st["mitigation_greedy"].n == 2 and st["mitigation_greedy"].ci[0] < 0.5 < st["mitigation_greedy"].ci[1]
+    assert st["mitigation_guided_vs_sampled"].ci == (g.loc["guided", "d_control_lo"], g.loc["guided", "d_control_hi"])
+    assert "mitigation_greedy_vs_greedy" not in st and "McNemar" in st["mitigation_boost_top2_vs_greedy"].label
 
     def boom(*a, **k):
         raise AssertionError("recomputed")

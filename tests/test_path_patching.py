@@ -157,3 +157,41 @@ def test_path_overlap_of_two_runs(planted):
     same = path_overlap(r, r, 8, n_boot=20)
     assert same["jaccard"]["estimate"] == 1.0 and same["overlap_coefficient"]["lo"] == 1.0
     assert same["jaccard"]["null_mean"] < 0.5 and same["jaccard"]["p_null"] < 0.1
+
+
+def test_the_circuits_scan_path_patches_each_task_at_2_and_5_percent(tiny_llama, tmp_path):
+    """The scan's ``paths`` stage: EAP-IG shortlist -> path patching, both fracs, faithfulness vs random
+    heads, pairwise overlap with both denominators, saved and reloaded, resumed without recomputing."""
+    from analyses.circuits import CIRCUITS, CircuitsConfig, CircuitsResult
+    from analyses.circuits.paths import FRACS, TASK_STAGES
+    from analyses.runner import run
+
+    cfg = CircuitsConfig(tasks=("induction", "greater_than"), n=3, ig_steps=1, n_boot=10, shortlist=4)
+    r = run(CIRCUITS, tiny_llama, cfg, store=tmp_path, progress=False)
+    p = r.paths
+    assert set(p.circuits) == {"induction", "greater_than"} and all(set(b) == set(FRACS) for b in p.circuits.values())
+    for task, by in p.circuits.items():
+        rank = np.abs(r.task(task).effects["eap_ig"].mean(0))
+        first = by[0.02].stages[0]
+        assert [s.name for s in by[0.02].stages] == [s.name for s in TASK_STAGES[task]]
+        best = sorted(HeadId(l, h) for l, h in zip(*np.unravel_index(np.argsort(-rank, axis=None)[:4], rank.shape)))
+        assert list(first.candidates) == best                  # stage 1 path patches the EAP-IG shortlist
+        assert all(len(s.selected) <= 1 for s in by[0.02].stages)    # 2% of 8 heads: one per stage
+        fa = p.faithfulness[task]["0.02"]
+        assert {"kept_normalised", "removed", "random_control"} <= set(fa)
+        assert not set(fa["control_heads"]) & {str(h) for h in by[0.02].circuit}
+    assert set(p.overlap.metric) == {"jaccard", "overlap_coefficient"} and set(p.overlap.frac) == set(FRACS)
+    assert (p.overlap.lo <= p.overlap.value + 1e-9).all() and (p.overlap.value <= p.overlap.hi + 1e-9).all()
+    assert {"path_induction", "path_jaccard_induction_greater_than"} <= set(r.summary())
+    back = CircuitsResult.load(tmp_path)
+    assert back.paths.table().equals(p.table()) and back.plot("paths", task="induction").data
+    unit = tmp_path / "units" / "paths"
+    stamps = {f.name: f.stat().st_mtime_ns for f in unit.iterdir()}
+    run(CIRCUITS, tiny_llama, cfg, store=tmp_path, progress=False)
+    assert {f.name: f.stat().st_mtime_ns for f in unit.iterdir()} == stamps
+
+
+def test_fused_qkv_families_get_the_logits_stage_only(tiny_gpt2):
+    from analyses.circuits.paths import stages_for
+
+    assert [s.name for s in stages_for(tiny_gpt2, "ioi")] == ["name_movers"]

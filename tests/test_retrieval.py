@@ -1,11 +1,12 @@
 """Retrieval heads (methods.md §1): scoring rule, success filter, planted copying head, resume, bad input."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from analyses import run
-from analyses.retrieval import RETRIEVAL, RetrievalConfig, build_prompt, head_scores, sample_events
+from analyses.retrieval import RETRIEVAL, RetrievalConfig, RetrievalResult, build_prompt, head_scores, sample_events
 from analyses.retrieval.harness import Needle, locate_span, rouge1_recall
 from analyses.retrieval.run import run_sample
 from probe import families, load_model
@@ -215,6 +216,14 @@ def test_masking_experiment_result_and_figures(tiny_llama, tmp_path):
             "plotly.min.js"} <= figs
     with pytest.raises(InputError):
         res.plot("pie")
+    summ = res.summary()                                  # headlines with n and intervals (issue 18)
+    assert res.events.shape == (2, 2, 4)
+    assert summ["above"].n == (res.n_success or res.scores.size) and (summ["above"].ci is None) == (not res.n_success)
+    t = res.masking_table().set_index("condition")
+    assert summ["niah_top"].n == 2 and summ["niah_top"].ci == (t.loc["top", "lo"], t.loc["top", "hi"])
+    assert summ["random0_minus_top"].value == t.loc["random0", "d_vs_top"] and "McNemar" in summ["random0_minus_top"].label
+    back = RetrievalResult.load(tmp_path)
+    assert np.array_equal(back.events, res.events) and back.summary()["above"].text() == summ["above"].text()
 
 
 def test_cli_scan_retrieval_resumes(tmp_path, capsys):

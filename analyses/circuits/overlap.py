@@ -12,6 +12,8 @@ the paper's 2% per stage is ``frac=0.02``.
 
 >>> jaccard({1, 2, 3}, {2, 3, 4}), overlap_coefficient({1, 2}, {2, 3, 4})
 (0.5, 0.5)
+
+Methods: docs/methods.md §3.
 """
 from __future__ import annotations
 

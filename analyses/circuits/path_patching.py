@@ -266,11 +266,15 @@ class PathPatchingResult:
     @classmethod
     def load(cls, path) -> "PathPatchingResult":
         from probe.atomic import read_json
+
+        return cls.from_dict(read_json(path, "path patching result"), path)
+
+    @classmethod
+    def from_dict(cls, d: dict, where="payload") -> "PathPatchingResult":
         from probe.errors import CorruptFileError
 
-        d = read_json(path, "path patching result")
         if not isinstance(d, dict) or d.get("format") != "headwise.path_patching":
-            raise CorruptFileError(f"{path} is not a headwise path patching result: rerun the circuits scan")
+            raise CorruptFileError(f"{where} is not a headwise path patching result: rerun the circuits scan")
         hs = lambda xs: tuple(HeadId.parse(x) for x in xs)  # noqa: E731
         stages = tuple(StageResult(s["name"], s["channel"], hs(s["receivers"]), hs(s["candidates"]),
                                    np.asarray(s["ld_patched"], float), np.asarray(s["scores"], float), hs(s["selected"]))
@@ -386,9 +390,11 @@ def path_overlap(a: PathPatchingResult, b: PathPatchingResult, n_heads_total: in
     return out
 
 
-def circuits_at(model, task: TaskBatch, stages=IOI_STAGES, fracs=(0.02, 0.05), **kw) -> dict[float, PathPatchingResult]:
-    """The path-patched circuit at each ``frac`` (default the paper's 2% and our earlier 5%), sharing the work."""
-    cache: dict = {}
+def circuits_at(model, task: TaskBatch, stages=IOI_STAGES, fracs=(0.02, 0.05), cache: dict | None = None,
+                **kw) -> dict[float, PathPatchingResult]:
+    """The path-patched circuit at each ``frac`` (default the paper's 2% and our earlier 5%), sharing the work
+    (``cache``: as :func:`path_patching_circuit`'s, e.g. pre-filled with a shortlist ``rank``)."""
+    cache = {} if cache is None else cache
     return {f: path_patching_circuit(model, task, stages, frac=f, cache=cache, **kw) for f in fracs}
 
 

@@ -1,4 +1,7 @@
-"""Plotly figures of the circuits result (never Streamlit)."""
+"""Plotly figures of the circuits result (never Streamlit).
+
+Methods: docs/methods.md §3.
+"""
 from __future__ import annotations
 
 import numpy as np

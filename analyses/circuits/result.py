@@ -6,6 +6,8 @@ Files (atomic; no pickles): ``task_<name>.parquet`` (per prompt x head: exact, e
 
 Frame convention: the ``task`` column names the task of each score (``roles`` for the head-role
 scores) and ``in_circuit`` marks the task's circuit members.
+
+Methods: docs/methods.md §3.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from probe.shapes import HeadScores, PromptEffectsNp
 from ..contract import Result, Stat, head_frame
 from ..layout import Figure, Note, Section, Table
 from .overlap import rank_correlation
+from .paths import WORKS, PathCircuits
+
+METHODS_NOTE = "Method, formulas and controls: docs/methods.md §3 (Merullo et al. 2024; path patching: Wang et al. 2022)."
 
 METHODS = ("exact", "eap", "eap_ig")
 
@@ -169,6 +174,7 @@ class CircuitsResult(Result):
     overlap: pd.DataFrame
     roles_scores: dict
     repair: Repair | None = None
+    paths: PathCircuits | None = None       # the path-patching stage (None: switched off or saved before it)
 
     def task(self, name: str) -> TaskResult:
         return next(t for t in self.tasks if t.task == name)
@@ -211,6 +217,8 @@ class CircuitsResult(Result):
         for r in self.overlap[self.overlap["metric"] == "jaccard"].itertuples():
             out[f"jaccard_{r.task_a}_{r.task_b}"] = Stat(f"{r.task_a} ∩ {r.task_b} Jaccard (null {r.null_mean:.2f})",
                                                          r.value, ci=(r.lo, r.hi), fmt=".2f")
+        if self.paths is not None:
+            out |= path_stats(self.paths)
         if self.repair is not None:
             out["repair"] = Stat("colored_objects accuracy before -> after repair",
                                  f"{self.repair.before['pair_accuracy']:.2f} -> {self.repair.after['pair_accuracy']:.2f}")
@@ -249,14 +257,22 @@ class CircuitsResult(Result):
         first = self.tasks[0].task if self.tasks else None
         return {"overview": lambda metric="jaccard": plots.overview(self, metric),
                 "overlap": lambda metric="jaccard": plots.overlap(self, metric),
-                "task": lambda task=first, method="exact": self.task(task).plot(method)}
+                "task": lambda task=first, method="exact": self.task(task).plot(method),
+                **({"paths": lambda task=first, frac=0.02: self.paths.circuits[task][float(frac)].plot()}
+                   if self.paths is not None else {})}
 
     def sections(self) -> list[Section]:
         names = tuple(t.task for t in self.tasks)
         methods = tuple(self.tasks[0].effects) if self.tasks else METHODS
         repair = (Table("intervention", self.repair.table()) if self.repair is not None
                   else Note("The repair needs the ioi and colored_objects tasks in the scan."))
-        return [Section("", (Figure("overlap", choices={"metric": ("jaccard", "overlap_coefficient")}),
+        paths = () if self.paths is None else (Section("Path patching: EAP-IG shortlist, path patching confirms", (
+            Figure("paths", choices={"task": tuple(self.paths.circuits), "frac": (0.02, 0.05)}),
+            Table("path-patched circuits (top 2% and 5% per stage), faithfulness vs random heads", self.paths.table()),
+            Table("path-patched overlap: both denominators, bootstrap over prompts, random-set null",
+                  self.paths.overlap))),)
+        return [Section("", (Note(METHODS_NOTE),)), *paths,
+                Section("", (Figure("overlap", choices={"metric": ("jaccard", "overlap_coefficient")}),
                              Table("overlap: value, 95% bootstrap interval over prompts, random-head null", self.overlap)),
                         "columns"),
                 Section("Per-task head maps", (Figure("task", choices={"task": names, "method": methods},
@@ -272,6 +288,8 @@ class CircuitsResult(Result):
         _write_parquet(self.overlap, folder / "overlap.parquet")
         roles = self.to_frame()
         _write_parquet(roles[roles.task == "roles"], folder / "roles.parquet")
+        if self.paths is not None:
+            self.paths.save(folder)
         return self.write_summary(folder, {
             "tasks": [t.task for t in self.tasks], "repair": self.repair.to_dict() if self.repair else None,
             "per_task": {t.task: {"accuracy": t.accuracy, "circuit": [str(h) for h in t.circuit],
@@ -287,4 +305,24 @@ class CircuitsResult(Result):
             L, H = int(g.layer.max()) + 1, int(g["head"].max()) + 1
             roles[role] = g.sort_values(["layer", "head"]).value.to_numpy().reshape(L, H)
         repair = Repair.from_dict(meta["repair"]) if meta.get("repair") else None
-        return cls(meta["model_id"], tasks, _read_parquet(folder / "overlap.parquet"), roles, repair)
+        return cls(meta["model_id"], tasks, _read_parquet(folder / "overlap.parquet"), roles, repair,
+                   PathCircuits.load(folder))
+
+
+def path_stats(paths: PathCircuits) -> dict[str, Stat]:
+    """Headlines of the path-patching stage: per task the 2% circuit's faithfulness next to random heads,
+    and each pair's 2% Jaccard with its bootstrap interval and the random-set null."""
+    out = {}
+    for t, by in paths.circuits.items():
+        fa, r = paths.faithfulness[t]["0.02"], by[0.02]
+        flag = "" if paths.works(t) else f" (task fails: accuracy {paths.accuracy[t]:.2f} < {WORKS})"
+        out[f"path_{t}"] = Stat(f"{t}: path-patched 2% circuit ({len(r.circuit)} heads) keeps{flag}; random heads "
+                                f"{fa['random_control']['kept_normalised']:.2f}", fa["kept_normalised"],
+                                n=int(len(r.ld_clean)), fmt=".2f")
+    d = paths.overlap[(paths.overlap.frac == 0.02)]
+    for r in d.itertuples():
+        flag = "" if r.both_work else "; a task fails"
+        out[f"path_{r.metric}_{r.task_a}_{r.task_b}"] = Stat(
+            f"{r.task_a} ∩ {r.task_b} path-patched 2% {r.metric} (null {r.null_mean:.2f}, p {r.p_null:.3f}{flag})",
+            r.value, n=int(r.n), ci=(r.lo, r.hi), fmt=".2f")
+    return out

@@ -14,6 +14,8 @@ reading, as an analogue: take the heads that are in the IOI circuit but not in t
 circuit and attend most to S2, boost their last-row attention to the distractor colours
 (``SpanBoost``, rows="last"; alpha picked on a calibration split by mean LD), and compare held-out
 accuracy before/after, with random heads of the same layers and the same edit as a control.
+
+Methods: docs/methods.md §3.
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
-"""The circuits scan as stages: per-task patching -> head roles -> repair -> result.
+"""The circuits scan as stages: per-task patching -> path patching -> head roles -> repair -> result.
 
 ``tasks``: one unit per task: exact per-head activation patching, EAP and EAP-IG on ``n`` prompt
 pairs, the circuit (top ``frac`` of heads) and its faithfulness next to a random-head control;
 the reduce measures the overlap of every pair of circuits (bootstrap over prompts, random null).
+``paths``: one unit per task: EAP-IG shortlists, path patching confirms, stage by stage (IOI's
+name movers <- S-inhibition <- induction/duplicate-token <- previous-token), the top 2% and 5% of
+heads per stage, with faithfulness, a random control and the pairwise overlap (:mod:`.paths`).
 ``roles``: previous-token / duplicate-token / induction scores on repeated tokens, each task's
 mover scores and the IOI S2 attention (one unit each). ``repair``: with IOI and Colored Objects
 both scanned, the cross-task intervention on the heads the roles pick. Methods: docs/methods.md §3.
@@ -24,6 +27,7 @@ from ..contract import Analysis, Stage, Unit
 from . import patching as P
 from .checks import check_task
 from .overlap import OVERLAP_COLUMNS, overlap_table, select_circuit
+from .paths import PathCircuits, run_paths
 from .result import CircuitsResult, Repair, TaskResult
 from .roles import attention_to, inhibition_heads, intervention, random_heads_like, repeated_token_roles
 from .tasks import make_task
@@ -40,6 +44,8 @@ class CircuitsConfig(Config):
     ig_steps: int = opt(5, "EAP-IG interpolation steps", min=1)
     frac: float = opt(0.05, "circuit = this top fraction of heads by |score| (the paper: 0.02)", min=1e-9, max=1)
     n_boot: int = opt(200, "bootstrap resamples over prompts", min=1)
+    paths: bool = opt(True, "path-patching stage: EAP-IG shortlists, path patching confirms, top 2% and 5% per stage")
+    shortlist: int = opt(30, "senders path patched per stage (the best by |EAP-IG|)", min=1)
 
     @classmethod
     def small(cls, model) -> "CircuitsConfig":
@@ -106,7 +112,26 @@ def reduce_tasks(model, cfg: CircuitsConfig, payloads: dict, _) -> dict:
     return {"tasks": tasks, "overlap": overlap}
 
 
-# ----------------------------------------------------------------------------- stage 2: roles
+# ----------------------------------------------------------------------------- stage 2: path patching
+
+def plan_paths(model, cfg: CircuitsConfig, state: dict) -> list[Unit]:
+    if not cfg.paths:
+        return []
+    return [Unit(f"paths-{t.task}", {"task": t.task}) for t in state["tasks"]]
+
+
+def compute_paths(model, cfg: CircuitsConfig, unit: Unit, state: dict) -> dict:
+    task = next(t for t in state["tasks"] if t.task == unit.spec["task"])
+    return run_paths(model, task, cfg.n, cfg.seed, cfg.shortlist, cfg.ig_steps)
+
+
+def reduce_paths(model, cfg: CircuitsConfig, payloads: dict, state: dict) -> dict:
+    paths = PathCircuits.from_payloads(list(payloads.values()), model.n_layers * model.n_heads, cfg.n_boot,
+                                       cfg.seed) if payloads else None
+    return state | {"paths": paths}
+
+
+# ----------------------------------------------------------------------------- stage 3: roles
 
 def _repairable(cfg: CircuitsConfig) -> bool:
     return {"ioi", "colored_objects"} <= set(cfg.tasks)
@@ -135,7 +160,7 @@ def reduce_roles(model, cfg: CircuitsConfig, payloads: dict, state: dict) -> dic
     return state | {"roles": roles}
 
 
-# ----------------------------------------------------------------------------- stage 3: repair
+# ----------------------------------------------------------------------------- stage 4: repair
 
 def plan_repair(model, cfg: CircuitsConfig, state: dict) -> list[Unit]:
     if not _repairable(cfg):
@@ -153,18 +178,19 @@ def compute_repair(model, cfg: CircuitsConfig, unit: Unit, _) -> dict:
 
 def reduce_repair(model, cfg: CircuitsConfig, payloads: dict, state: dict) -> CircuitsResult:
     repair = Repair.from_dict(payloads["colored-objects"]) if payloads else None
-    return CircuitsResult(model.model_id, state["tasks"], state["overlap"], state["roles"], repair)
+    return CircuitsResult(model.model_id, state["tasks"], state["overlap"], state["roles"], repair, state.get("paths"))
 
 
 CIRCUITS = Analysis(
     name="circuits", title="Circuits", order=30, icon=":material/hub:",
-    description="Per task, exact activation patching (and EAP, EAP-IG) scores every head; the circuit is the top "
-                "fraction by |score|; circuits of different tasks are compared with bootstrap intervals and a "
-                "random null.",
+    description="Per task, exact activation patching (and EAP, EAP-IG) scores every head; path patching confirms "
+                "the EAP-IG shortlist stage by stage (top 2% and 5% per stage); circuits of different tasks are "
+                "compared with bootstrap intervals and a random null.",
     paper="Merullo, Eickhoff, Pavlick, ICLR 2024, Circuit Component Reuse Across Tasks",
     url="https://arxiv.org/abs/2310.08744", methods="docs/methods.md §3",
     config=CircuitsConfig, result=CircuitsResult, min_samples=32,
     stages=(Stage("tasks", plan_tasks, compute_task, reduce_tasks, depends=("n", "seed", "ig_steps", "frac"),
                   check=check_task),
+            Stage("paths", plan_paths, compute_paths, reduce_paths, depends=("n", "seed", "ig_steps", "shortlist")),
             Stage("roles", plan_roles, compute_role, reduce_roles, depends=("seed",)),
             Stage("repair", plan_repair, compute_repair, reduce_repair, depends=("seed",))))

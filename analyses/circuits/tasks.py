@@ -20,6 +20,8 @@ Tasks (all words must be single tokens for the model; :func:`make_pair` raises o
 >>> t = make_task(load_model("smollm2-135m"), "ioi", n=4, seed=0)   # doctest: +SKIP
 >>> t.clean.shape == t.corrupt.shape                               # doctest: +SKIP
 True
+
+Methods: docs/methods.md §3.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ Lyon") and asks about it. The embedded model answers greedily; the answer is lab
 grounded (1) if it names the passage's value and not the real-world one, not grounded (0) if it
 names the real-world value and not the passage's, and dropped as ambiguous otherwise. Templates
 and facts ship in ``data/grounding/facts.json``; the answers are the units of the ``items`` stage.
+
+Methods: docs/methods.md §5.
 """
 from __future__ import annotations
 

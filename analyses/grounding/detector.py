@@ -11,6 +11,8 @@ earned by recognising the template. :func:`grouped_auroc` counts only (grounded,
 pairs of the same template (a template-only score gets exactly 0.5), its permutation null
 shuffles labels within templates, and :func:`center_by_group` removes each template's mean
 feature (label-free) before fitting.
+
+Methods: docs/methods.md §5.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ Two readings of "new tokens" (``reading``):
 * ``"paper"``: new = generated tokens only (keys ``>= T_prompt``). The row that produces the first
   token sees none; there ``A_new`` is taken as 0, so ``LR = 1`` (``empty_new="one"``), or the row
   gets NaN and is skipped by span averaging (``empty_new="nan"``).
+
+Methods: docs/methods.md §5.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ but the last (the last row produces the next chunk's first token and is carried 
 PAINT-style boost (arXiv 2501.12206): pre-softmax scores on context keys become ``z + alpha*|z|``
 in the chosen heads of layers ``2..L-1``, on the last query row (``SpanBoost(rows="last")``);
 ``boost="paint"`` uses PAINT as stated instead (:mod:`.paint`: passage tokens only, 0.7 / 0.3).
+
+Methods: docs/methods.md §5.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Plotly figures of the grounding result (never Streamlit)."""
+"""Plotly figures of the grounding result (never Streamlit).
+
+Methods: docs/methods.md §5.
+"""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,7 @@
-"""The grounding result (detector statistics, head map, ROC, mitigation, the detector) and the token view."""
+"""The grounding result (detector statistics, head map, ROC, mitigation, the detector) and the token view.
+
+Methods: docs/methods.md §5.
+"""
 from __future__ import annotations
 
 import html
@@ -18,6 +21,7 @@ from ..layout import Download, Figure, Note, Section, Table, Tool, ToolOutput
 from .detector import Detector
 
 FORMAT = "headwise.grounding_result"
+METHODS = "Method, formulas and controls: docs/methods.md §5 (Lookback Lens, Chuang et al. 2024; PAINT)."
 BASELINES_FIRST = {"template_only": "template-only baseline", "mean_ratio_fitted": "fitted mean-ratio baseline"}
 
 
@@ -89,10 +93,7 @@ class GroundingResult(Result):
                "null": Stat(f"permutation null (95th pct; p = {s.get('perm_p', float('nan')):.3g})", s.get("null_q95")),
                "w_auroc": Stat("within-template AUROC", s.get("w_auroc"), n=n, ci=_ci(s, "w_auroc_ci")),
                "items": Stat("items (grounded / not)", f"{s.get('n_grounded', '?')} / {s.get('n_not_grounded', '?')}")}
-        for r in self.mitigation.itertuples():
-            out[f"mitigation_{r.condition}"] = Stat(f"grounded rate, {r.condition} (vs greedy {r.d_greedy:+.2f})",
-                                                    r.grounded_rate, n=int(r.n), ci=None, fmt=".2f")
-        return out
+        return out | mitigation_stats(self.mitigation)
 
     def plots(self) -> dict:
         from . import plots
@@ -112,9 +113,10 @@ class GroundingResult(Result):
             (Note("This run has no mitigation stage (n_mitigate = 0)."),)
         view = (Tool("guided", "Generate (detector-guided) and colour each token", GuidedPrompt(), self.token_view),) \
             if self.detector is not None else (Note("No detector.json next to this result."),)
-        return [Section("", (Section("ROC", roc), Section("detector heads", (Figure("heads", selects_head=True),
-                                                                               Table("grounding", self.to_frame()))),
-                             Section("mitigation", mit), Section("token view", view)), "tabs")]
+        heads = Section("detector heads", (Figure("heads", selects_head=True), Table("grounding", self.to_frame())))
+        return [Section("", (Note(METHODS),)),
+                Section("", (Section("ROC", roc), heads, Section("mitigation", mit), Section("token view", view)),
+                        "tabs")]
 
     def token_view(self, model, inputs: GuidedPrompt) -> ToolOutput:
         """Guided decoding of the prompt with this result's detector, each token coloured by P(grounded)."""
@@ -171,3 +173,28 @@ def token_view_html(tokens: list[str], scores, prompt: str = "") -> str:
                      f'padding:1px;border-radius:3px">{html.escape(tok)}</span>')
     head = f"<pre style='color:#555'>{html.escape(prompt)}</pre>" if prompt else ""
     return f"<div style='font-family:monospace'>{head}{''.join(spans)}</div>"
+
+
+def mitigation_stats(mit: pd.DataFrame) -> dict[str, Stat]:
+    """Per condition: the grounded rate (Wilson interval) and its paired change vs greedy and vs its
+    control (bootstrap interval, exact McNemar p), on the same held-out items."""
+    from ..inference import wilson
+
+    out = {}
+    nan = float("nan")
+    for r in mit.itertuples():                 # older results lack some columns: their intervals stay unknown
+        g = lambda name: getattr(r, name, nan)  # noqa: E731,B023
+        w = wilson(int(round(r.grounded_rate * r.n)), int(r.n))
+        out[f"mitigation_{r.condition}"] = Stat(f"grounded rate, {r.condition}", r.grounded_rate, n=int(r.n),
+                                                ci=(w.lo, w.hi), fmt=".2f")
+        if r.condition != "greedy" and "d_greedy" in mit:
+            ci = (g("d_greedy_lo"), g("d_greedy_hi"))
+            out[f"mitigation_{r.condition}_vs_greedy"] = Stat(
+                f"{r.condition} minus greedy (paired; McNemar p = {g('p_greedy'):.3g})", r.d_greedy, n=int(r.n),
+                ci=None if np.isnan(ci).any() else ci, fmt="+.3f")
+        control = getattr(r, "control", "")
+        if isinstance(control, str) and control:
+            out[f"mitigation_{r.condition}_vs_{control}"] = Stat(
+                f"{r.condition} minus {control} (paired; McNemar p = {g('p_control'):.3g})", g("d_control"),
+                n=int(r.n), ci=(g("d_control_lo"), g("d_control_hi")), fmt="+.3f")
+    return out

@@ -43,13 +43,14 @@ class GroundingConfig(Config):
                                                       "plain (the paper)")
     n_perm: int = opt(50, "permutation-null refits", min=1)
     seed: int = opt(0, "seed of the nulls, the random heads and the sampling", min=0)
-    n_mitigate: int = opt(60, "held-out items of the mitigation experiment (0: skip it)", min=0)
+    n_mitigate: int = opt(300, "held-out items of the mitigation experiment, at most (all items give 420 in "
+                               "templates 1-4; the result's n says how many ran; 0: skip it)", min=0)
     k: int = opt(20, "heads boosted in the top-k / random-k conditions", min=1)
     alpha: float = opt(0.3, "PAINT-style boost z + alpha|z| on the context keys", min=0)
     mitigate_templates: tuple[int, ...] = opt((1, 2, 3, 4), "templates the mitigation items come from", min=0)
     block: int = opt(5, "mitigation items per unit", min=1)
-    boost: Literal["context", "paint"] = opt("context", "mitigation boost: the whole context with one alpha, or "
-                                                        "PAINT as stated (passage tokens only, 0.7/0.3)")
+    boost: Literal["context", "paint"] = opt("paint", "mitigation boost: PAINT as stated (passage tokens only, "
+                                                      "0.7/0.3) or the whole context with one alpha")
 
     @classmethod
     def small(cls, model) -> "GroundingConfig":

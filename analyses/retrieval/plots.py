@@ -1,4 +1,7 @@
-"""Plotly figures of the retrieval result (never Streamlit)."""
+"""Plotly figures of the retrieval result (never Streamlit).
+
+Methods: docs/methods.md §1.
+"""
 from __future__ import annotations
 
 import plotly.graph_objects as go
@@ -37,9 +40,13 @@ def plot_niah(res, condition: str = "none"):
 
 
 def plot_masking(res):
-    """NIAH success per condition on the masking grid (unmasked, top-K, each random-K seed)."""
-    rates = res.masking_rates()
-    fig = go.Figure(go.Bar(x=list(rates), y=list(rates.values()), text=[f"{v:.0%}" for v in rates.values()]))
-    fig.update_layout(title=f"NIAH success with K={res.meta.get('k')} heads masked during decoding",
-                      yaxis_title="success rate", yaxis_range=[0, 1], xaxis_title="masked heads")
+    """NIAH success per condition on the masking cells (unmasked, top-K, each random-K seed), Wilson intervals."""
+    t = res.masking_table()
+    t = t[t["condition"] != "random (pooled)"]
+    fig = go.Figure(go.Bar(x=t["condition"], y=t["success"], text=[f"{v:.0%}" for v in t["success"]],
+                           error_y={"type": "data", "symmetric": False, "array": t["hi"] - t["success"],
+                                    "arrayminus": t["success"] - t["lo"]}))
+    fig.update_layout(title=f"NIAH success with K={res.meta.get('k')} heads masked during decoding "
+                            f"(n = {int(t['n_cells'].max())} cells; 95% Wilson intervals)",
+                      yaxis_title="success rate", yaxis_range=[0, 1.05], xaxis_title="masked heads")
     return fig

@@ -1,4 +1,11 @@
-"""The retrieval-head result: per-head scores, the per-sample table and the masking runs."""
+"""The retrieval-head result: per-head scores, the per-sample table and the masking runs.
+
+Headlines carry their n and interval (docs/methods.md §1, :mod:`.stats`): the fraction of heads
+above the threshold with a bootstrap over answered samples, NIAH success per masking condition
+with a Wilson interval over cells, and each random-K seed's paired difference to top-K (bootstrap
+interval, exact McNemar p). Files: ``summary.json``, ``heads/samples/masking/grouped.parquet`` and
+``events.safetensors`` (per-sample events ``[samples, layer, head]``, format-checked on load).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,6 +21,9 @@ from probe.shapes import HeadScores
 
 from ..contract import Result, Stat, head_frame
 from ..layout import Figure, Note, Section, Table
+from .stats import masking_table, sparsity_ci
+
+METHODS = "Method, formulas and controls: docs/methods.md §1 (Wu et al. 2024, retrieval heads)."
 
 EVENTS = "headwise.retrieval.events"
 
@@ -40,7 +50,7 @@ class RetrievalResult(Result):
     top: tuple[HeadId, ...] = ()
     random_sets: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-    events: np.ndarray | None = None
+    events: np.ndarray | None = None          # [samples, L, H] per-sample events/|span| (samples order)
 
     @property
     def n_success(self) -> int:
@@ -81,18 +91,51 @@ class RetrievalResult(Result):
         rates = self.masking_rates()
         n_mask = int(self.masking["needle"].count() // max(1, self.masking["condition"].nunique())) \
             if len(self.masking) else None
-        out = {"answered": Stat("samples answered", f"{self.n_success}/{len(self.samples)}", n=len(self.samples)),
-               "above": Stat(f"heads > {self.threshold}", self.fraction_above(), n=int(self.scores.size), fmt=".1%"),
-               "niah_none": Stat("NIAH success, no masking", rates.get("none"), n=n_mask or len(self.samples),
-                                 fmt=".0%")}
-        if "top" in rates:
-            rnd = [v for c, v in rates.items() if c.startswith("random")]
-            k = len(self.top)
-            out["niah_top"] = Stat(f"NIAH success, masking top-{k}", rates["top"], n=n_mask, fmt=".0%")
-            out["niah_random"] = Stat(f"NIAH success, masking random-{k} ({len(rnd)} seeds)",
-                                      float(np.mean(rnd)) if rnd else None, n=n_mask, fmt=".0%")
+        out = {"answered": Stat("samples answered", f"{self.n_success}/{len(self.samples)}", n=len(self.samples))}
+        sp = self.sparsity()
+        out["above"] = Stat(f"heads > {self.threshold} (bootstrap over answered samples)",
+                            sp.estimate if sp else self.fraction_above(), n=sp.n if sp else int(self.scores.size),
+                            ci=(sp.lo, sp.hi) if sp else None, fmt=".1%")
+        if not len(self.masking):
+            none = _wilson(self.samples["success"]) if len(self.samples) else None
+            out["niah_none"] = Stat("NIAH success, no masking", rates.get("none"), n=len(self.samples),
+                                    ci=none, fmt=".0%")
+        else:
+            out |= self._masking_stats(n_mask)
         out["top"] = Stat("top heads", ", ".join(f"{h}={self.scores[h.layer, h.head]:.3f}"
                                                  for h in _best(self.scores, 10)))
+        return out
+
+    def sparsity(self):
+        """Fraction of heads above the threshold with its bootstrap interval (None without per-sample events)."""
+        if self.events is None or not self.n_success:
+            return None
+        return sparsity_ci(self.events, self.samples["success"].to_numpy(bool), self.threshold)
+
+    def masking_table(self) -> pd.DataFrame:
+        """The masking cells' success per condition (``none`` = unmasked), Wilson intervals, paired vs top-K."""
+        keys = ["needle", "length", "depth"]
+        base = self.samples.merge(self.masking[keys].drop_duplicates(), on=keys).assign(condition="none")
+        return masking_table(pd.concat([base[keys + ["condition", "success"]],
+                                        self.masking[keys + ["condition", "success"]]], ignore_index=True))
+
+    def _masking_stats(self, n_mask) -> dict[str, Stat]:
+        t = self.masking_table().set_index("condition")
+        k, out = len(self.top), {}
+        for c, label in (("none", "no masking"), ("top", f"masking top-{k}")):
+            out[f"niah_{c}"] = Stat(f"NIAH success, {label}", t.loc[c, "success"], n=int(t.loc[c, "n_cells"]),
+                                    ci=(t.loc[c, "lo"], t.loc[c, "hi"]), fmt=".0%")
+        seeds = [c for c in t.index if str(c).startswith("random") and c != "random (pooled)"]
+        if seeds:
+            r = t.loc["random (pooled)"]
+            out["niah_random"] = Stat(f"NIAH success, masking random-{k} ({len(seeds)} seeds pooled)",
+                                      r["success"], n=int(r["n_cells"]), fmt=".0%")
+            out["random_minus_top"] = Stat(f"random-{k} minus top-{k} success (paired over cells, seeds pooled)",
+                                           r["d_vs_top"], n=int(r["n_cells"]), ci=(r["d_lo"], r["d_hi"]), fmt=".2f")
+            for c in seeds:
+                out[f"{c}_minus_top"] = Stat(f"{c} minus top-{k} (paired; McNemar p = {t.loc[c, 'p_vs_top']:.3g})",
+                                             t.loc[c, "d_vs_top"], n=int(t.loc[c, "n_cells"]),
+                                             ci=(t.loc[c, "d_lo"], t.loc[c, "d_hi"]), fmt=".2f")
         return out
 
     def plots(self) -> dict:
@@ -104,12 +147,15 @@ class RetrievalResult(Result):
 
     def sections(self) -> list[Section]:
         conds = ["none"] + (["top", "random"] if len(self.masking) else [])
-        out = [Section("", (Figure("heads", selects_head=True), Figure("grouped")), "columns"),
+        out = [Section("", (Note(METHODS),)),
+               Section("", (Figure("heads", selects_head=True), Figure("grouped")), "columns"),
                Section("NIAH success over context length x needle depth",
                        tuple(Figure("niah", fixed={"condition": c}) for c in conds), "columns")]
         if len(self.masking):
             sets = "; ".join(f"{c} = {', '.join(map(str, hs))}" for c, hs in self.random_sets.items())
-            out.append(Section("", (Figure("masking"), Note(f"Masked sets: top = {', '.join(map(str, self.top))}; {sets}"))))
+            out.append(Section("", (Figure("masking"), Note(f"Masked sets: top = {', '.join(map(str, self.top))}; {sets}"),
+                                    Table("masking: success with Wilson intervals over cells; paired vs top-K",
+                                          self.masking_table()))))
         out.append(Section("", (Table("per-head scores", self.to_frame()), Table("GQA groups", self.grouped()),
                                 Table("samples", self.samples), Table("masking runs", self.masking),
                                 Table("success table", self.success_table())), "tabs"))
@@ -181,6 +227,13 @@ class RetrievalResult(Result):
                    tuple(HeadId.parse(h) for h in s["top_set"]),
                    {c: tuple(HeadId.parse(h) for h in hs) for c, hs in s["random_sets"].items()}, s.get("meta", {}),
                    events)
+
+
+def _wilson(success) -> tuple[float, float]:
+    from ..inference import wilson
+
+    w = wilson(int(np.sum(success)), len(success))
+    return w.lo, w.hi
 
 
 def _best(scores: np.ndarray, k: int) -> list[HeadId]:

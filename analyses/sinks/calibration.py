@@ -13,6 +13,8 @@ for other weights is refused with ``ModelMismatchError``.
 ((L1H0,), 0.5)
 >>> handle = apply_calibration(m, c)
 >>> handle.remove()
+
+Methods: docs/methods.md §2.
 """
 from __future__ import annotations
 

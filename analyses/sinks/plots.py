@@ -1,4 +1,7 @@
-"""Plotly figures of the sink profile, the ACT head search and the held-out comparison (never Streamlit)."""
+"""Plotly figures of the sink profile, the ACT head search and the held-out comparison (never Streamlit).
+
+Methods: docs/methods.md §2.
+"""
 from __future__ import annotations
 
 import plotly.graph_objects as go

@@ -28,31 +28,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from probe import HeadId, intervene
+from probe import HeadId
 from probe.errors import InputError
 
 from .. import inference as inf
-from .run import SINKS, SinksConfig
 from .search import METRICS, SearchResult, candidate_heads, random_heads, select_heads
-from .tasks import Task, label_logprobs, label_token_ids, load_task, task_batches
+from .search import item_outcomes as search_items
+from .tasks import Task, label_token_ids, load_task, task_batches
+
+if TYPE_CHECKING:
+    from .run import SinksConfig
 
 
-@torch.no_grad()
-def item_outcomes(model, task, cfg: SinksConfig, heads, split: str = "heldout") -> dict[str, np.ndarray]:
+def item_outcomes(model, task, cfg: "SinksConfig", heads, split: str = "heldout") -> dict[str, np.ndarray]:
     """Per item of ``split``: ``accuracy`` (0/1) and ``gold_logprob``, with ``heads`` calibrated (none: plain)."""
-    label_ids = label_token_ids(model.tokenizer, task.labels)
     batches = task_batches(model, task, split, cfg.shots, cfg.batch_size)
-    with intervene(model, cfg.spec(list(heads))):
-        lp = torch.cat([label_logprobs(model, b, label_ids) for b in batches]).double()
-    gold = torch.cat([b.gold for b in batches])
-    return {"accuracy": (lp.argmax(-1) == gold).double().numpy(),
-            "gold_logprob": lp.gather(1, gold[:, None])[:, 0].numpy()}
+    out = search_items(model, batches, label_token_ids(model.tokenizer, task.labels), cfg.spec(list(heads)))
+    return {m: np.asarray(v, np.float64) for m, v in out.items()}
 
 
 def random_outside(candidates: list[HeadId], selected, k: int, seed: int) -> list[HeadId]:
@@ -72,7 +70,8 @@ class ActPower:
     n_heldout: int
     plain: dict                # metric -> Interval dict (accuracy: Wilson; log-prob: bootstrap)
     rules: dict                # rule -> {"heads", "calibrated": {metric: Interval dict},
-                               #          "verdicts": {metric: GainVerdict dict}, "random_heads": [[...]]}
+                               #          "verdicts": {metric: GainVerdict dict}, "random_heads": [[...]],
+                               #          "outside": the controls avoided the kept heads}
     config: dict
 
     def to_frame(self) -> pd.DataFrame:
@@ -131,32 +130,46 @@ def _interval(metric: str, x: np.ndarray, seed: int) -> dict:
     return inf.mean_ci(x, seed=seed).to_dict()
 
 
-def heldout_power(model, task, cfg: SinksConfig, selections: dict[str, list[HeadId]], *, n_random: int = 10,
+def judge(task_name: str, plain: dict, rules: dict, config: dict, *, min_draws: int = 10,
+          seed: int = 0) -> ActPower:
+    """The verdicts from per-item outcomes: ``plain`` {metric: [items]}; ``rules`` rule -> {"heads",
+    "calibrated": {metric: [items]} or None, "controls": [{metric: [items]}, ...], "random_heads",
+    "outside"} (the held-out stage of :data:`~analyses.sinks.SINKS` and :func:`heldout_power` both end here)."""
+    plain = {m: np.asarray(plain[m], np.float64) for m in METRICS}
+    out = {}
+    for rule, r in rules.items():
+        entry = {"heads": [str(h) for h in r["heads"]], "calibrated": {}, "verdicts": {},
+                 "random_heads": [[str(h) for h in hs] for hs in r.get("random_heads", [])],
+                 "outside": bool(r.get("outside", True))}
+        if r["heads"] and r.get("calibrated") is not None:
+            for m in METRICS:
+                cal = np.asarray(r["calibrated"][m], np.float64)
+                entry["calibrated"][m] = _interval(m, cal, seed)
+                if r.get("controls"):
+                    controls = np.stack([np.asarray(c[m], np.float64) for c in r["controls"]])
+                    entry["verdicts"][m] = inf.call_gain(plain[m], cal, controls, min_draws=min_draws,
+                                                         seed=seed).to_dict()
+        out[rule] = entry
+    return ActPower(task_name, len(plain["accuracy"]), {m: _interval(m, plain[m], seed) for m in METRICS}, out,
+                    config | {"task": task_name, "min_draws": min_draws, "seed": seed})
+
+
+def heldout_power(model, task, cfg: "SinksConfig", selections: dict[str, list[HeadId]], *, n_random: int = 10,
                   min_draws: int = 10, seed: int = 0, progress: bool = True) -> ActPower:
     """Judge each rule's head set on the held-out split against ``n_random`` random sets outside it."""
     plain = item_outcomes(model, task, cfg, [])
     cands, rules = candidate_heads(model, cfg.first_layer, cfg.last_layer), {}
     for rule, heads in selections.items():
-        entry = {"heads": [str(h) for h in heads], "calibrated": {}, "verdicts": {}, "random_heads": []}
+        rules[rule] = {"heads": heads, "calibrated": None, "controls": [], "random_heads": []}
         if heads:
-            cal = item_outcomes(model, task, cfg, heads)
             draws = [random_outside(cands, heads, len(heads), seed + d) for d in range(n_random)]
-            ctrl = [item_outcomes(model, task, cfg, h) for h in tqdm(draws, desc=f"random control ({rule})",
-                                                                       disable=not progress)]
-            entry["random_heads"] = [[str(h) for h in hs] for hs in draws]
-            for m in METRICS:
-                entry["calibrated"][m] = _interval(m, cal[m], seed)
-                controls = np.stack([c[m] for c in ctrl]) if ctrl else np.zeros((0, len(plain[m])))
-                if len(controls):
-                    entry["verdicts"][m] = inf.call_gain(plain[m], cal[m], controls, min_draws=min_draws,
-                                                         seed=seed).to_dict()
-        rules[rule] = entry
-    n = len(plain["accuracy"])
-    return ActPower(task.name, n, {m: _interval(m, plain[m], seed) for m in METRICS}, rules,
-                    cfg.to_dict() | {"task": task.name, "n_random": n_random, "min_draws": min_draws, "seed": seed})
+            rules[rule] |= {"calibrated": item_outcomes(model, task, cfg, heads), "random_heads": draws,
+                            "controls": [item_outcomes(model, task, cfg, h)
+                                         for h in tqdm(draws, desc=f"random control ({rule})", disable=not progress)]}
+    return judge(task.name, plain, rules, cfg.to_dict() | {"n_random": n_random}, min_draws=min_draws, seed=seed)
 
 
-def act_power(model, task, cfg: SinksConfig | None = None, *, n_random: int = 10, min_draws: int = 10,
+def act_power(model, task, cfg: "SinksConfig | None" = None, *, n_random: int = 10, min_draws: int = 10,
               out=None, progress: bool = True) -> ActPower:
     """Search on the calibration split, then judge both rules' head sets on held-out items.
 
@@ -166,6 +179,8 @@ def act_power(model, task, cfg: SinksConfig | None = None, *, n_random: int = 10
     in ``search_<task>/`` there, its result is saved as ``search_<task>.json`` and the judgement as
     ``power_<task>.json``.
     """
+    from .run import SinksConfig
+
     cfg = cfg or SinksConfig()
     task = (load_task(task) if isinstance(task, str) else task).limited(cfg.limit)
     res = search(model, task, cfg, out=out, progress=progress)
@@ -181,7 +196,7 @@ def act_power(model, task, cfg: SinksConfig | None = None, *, n_random: int = 10
     return power
 
 
-def search(model, task: Task, cfg: SinksConfig, *, out=None, progress: bool = True) -> SearchResult:
+def search(model, task: Task, cfg: "SinksConfig", *, out=None, progress: bool = True) -> SearchResult:
     """The ``search`` stage of :data:`~analyses.sinks.SINKS` on ``task`` (held-out scores left empty).
 
     The stage reads its task from ``cfg.task``, so ``task`` is written as a task file beside its units
@@ -190,6 +205,7 @@ def search(model, task: Task, cfg: SinksConfig, *, out=None, progress: bool = Tr
 
     from ..runner import run_stage
     from ..units import UnitStore
+    from .run import SINKS
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out) / f"search_{task.name}" if out else Path(tmp)

@@ -5,8 +5,10 @@ token type (:mod:`.profile`). ``search``: the plain model's calibration-split sc
 per candidate layer, each of its heads calibrated alone (:mod:`.search`); the reduce keeps the
 heads by the selection rule: ``accuracy`` (the paper: the head improves accuracy) or
 ``gold_logprob`` (it raises the gold label's log-probability, finer on small splits). ``heldout``:
-the plain model, all kept heads calibrated together, and ``n_random`` sets of as many random heads
-drawn outside the kept set (the control), each on the held-out split; the ``<task>@large`` tasks
+per item of the held-out split, the plain model and, for *both* selection rules, all kept heads
+calibrated together and ``n_random`` sets of as many random heads drawn outside the kept set (the
+control); the reduce judges every before/after with paired intervals and tests and calls it a gain
+only when it beats the control's upper bound (:mod:`.power`, :func:`analyses.inference.call_gain`). The ``<task>@large`` tasks
 (``--task sentiment@large``, :mod:`.items`) give >= 200 held-out items. The result holds the
 profile, the search and the calibration file. Methods: docs/methods.md §2.
 """
@@ -23,10 +25,12 @@ from ..contract import Analysis, Stage, Unit
 from .calibration import Calibration
 from .profile import SinkProfile, text_rows
 from .result import SinksResult
-from .search import (SearchResult, act_spec, candidate_heads, control_pool, evaluate, random_heads, scan_layer,
-                     select_heads)
+from .power import ActPower, judge
+from .search import (METRICS, SearchResult, act_spec, candidate_heads, control_pool, evaluate, item_outcomes,
+                     random_heads, scan_layer, select_heads)
 from .tasks import label_token_ids, load_task, task_batches
 
+MIN_DRAWS = 10          # random-head draws needed before a change may be called a gain (issue 18)
 ACT_OPTIONS = {"beta": "ACT: scale of the sink columns (1 = unchanged; the paper: 0.4)",
                "tau": "sink rule 'tau': a key is a sink when its column mean exceeds tau",
                "rule": "sink rule: tau (the reference code) or alpha (mean > alpha/N, the paper's form)",
@@ -121,36 +125,61 @@ def reduce_search(model, cfg: SinksConfig, payloads: dict, state: dict) -> dict:
 
 # ----------------------------------------------------------------------------- stage 3: held-out evaluation
 
+def _rules(cfg: SinksConfig) -> list[str]:
+    """Both selection rules, the configured one first (it makes the calibration file)."""
+    return [cfg.selection] + [m for m in METRICS if m != cfg.selection]
+
+
 def plan_heldout(model, cfg: SinksConfig, state: dict) -> list[Unit]:
-    key, kept = _task(cfg).fingerprint(), [str(h) for h in state["selected"]]
-    pool, outside = control_pool(candidate_heads(model, cfg.first_layer, cfg.last_layer), state["selected"])
-    units = [Unit("plain", {"task": key, "heads": []}), Unit("calibrated", {"task": key, "heads": kept})]
-    if kept:
-        units += [Unit(f"random-{s:03d}", {"task": key, "seed": s, "outside": outside,
-                                            "heads": [str(h) for h in random_heads(pool, len(kept), s)]})
+    """The plain model, then per selection rule its kept heads and ``n_random`` random sets outside them."""
+    key, cands = _task(cfg).fingerprint(), candidate_heads(model, cfg.first_layer, cfg.last_layer)
+    units = [Unit("plain", {"task": key, "heads": []})]
+    for rule in _rules(cfg):
+        kept = select_heads(state["baseline"], state["candidates"], rule)
+        if not kept:
+            continue
+        pool, outside = control_pool(cands, kept)
+        units.append(Unit(f"calibrated-{rule}", {"task": key, "heads": [str(h) for h in kept]}))
+        units += [Unit(f"random-{rule}-{s:03d}", {"task": key, "seed": s, "outside": outside,
+                                                   "heads": [str(h) for h in random_heads(pool, len(kept), s)]})
                   for s in range(cfg.n_random)]
     return units
 
 
 def compute_heldout(model, cfg: SinksConfig, unit: Unit, _) -> dict:
     batches, label_ids = _batches(model, cfg, "heldout")
-    heads = [HeadId.parse(h) for h in unit.spec["heads"]]
-    return evaluate(model, batches, label_ids, cfg.spec(heads)) | {"n_items": sum(len(b.gold) for b in batches),
-                                                                     "heads": unit.spec["heads"],
-                                                                     "outside": unit.spec.get("outside", True)}
+    spec = cfg.spec([HeadId.parse(h) for h in unit.spec["heads"]])
+    items = item_outcomes(model, batches, label_ids, spec)
+    return {m: float(sum(v) / len(v)) for m, v in items.items()} | {
+        "items": items, "n_items": len(items["accuracy"]), "heads": unit.spec["heads"],
+        "outside": unit.spec.get("outside", True)}
+
+
+def _power(cfg: SinksConfig, payloads: dict, task_name: str) -> ActPower:
+    rules = {}
+    for rule in _rules(cfg):
+        cal = payloads.get(f"calibrated-{rule}")
+        ctrl = [p for uid, p in payloads.items() if uid.startswith(f"random-{rule}-")]
+        rules[rule] = {"heads": cal["heads"] if cal else [], "calibrated": cal["items"] if cal else None,
+                       "controls": [p["items"] for p in ctrl], "random_heads": [p["heads"] for p in ctrl],
+                       "outside": all(p["outside"] for p in ctrl)}
+    return judge(task_name, payloads["plain"]["items"], rules, cfg.to_dict() | {"task": task_name},
+                 min_draws=MIN_DRAWS, seed=0)
 
 
 def reduce_heldout(model, cfg: SinksConfig, payloads: dict, state: dict) -> SinksResult:
     score = ("accuracy", "gold_logprob")
-    held = {"plain": {k: payloads["plain"][k] for k in score}, "calibrated": {k: payloads["calibrated"][k] for k in score},
-            "random": [{"seed": int(uid.split("-")[1]), "heads": p["heads"], "outside": p["outside"],
+    cal = payloads.get(f"calibrated-{cfg.selection}", payloads["plain"])
+    held = {"plain": {k: payloads["plain"][k] for k in score}, "calibrated": {k: cal[k] for k in score},
+            "random": [{"seed": int(uid.rsplit("-", 1)[1]), "heads": p["heads"], "outside": p["outside"],
                         **{k: p[k] for k in score}}
-                       for uid, p in payloads.items() if uid.startswith("random-")],
+                       for uid, p in payloads.items() if uid.startswith(f"random-{cfg.selection}-")],
             "n_items": int(payloads["plain"]["n_items"])}
-    search = SearchResult(model.model_id, model.weights_hash, _task(cfg).name, cfg.to_dict(), state["baseline"],
+    name = _task(cfg).name
+    search = SearchResult(model.model_id, model.weights_hash, name, cfg.to_dict(), state["baseline"],
                           state["candidates"], tuple(state["selected"]), held)
     calib = Calibration(model.model_id, model.weights_hash, cfg.edit(state["selected"]), search.task, search.figures())
-    return SinksResult(model.model_id, state["profile"], search, calib)
+    return SinksResult(model.model_id, state["profile"], search, calib, _power(cfg, payloads, name))
 
 
 SINKS = Analysis(

@@ -46,6 +46,16 @@ def evaluate(model, batches: list[Batch], label_ids, spec: InterventionSpec | No
     return score(lp, torch.cat([b.gold for b in batches]))
 
 
+def item_outcomes(model, batches: list[Batch], label_ids, spec: InterventionSpec | None = None) -> dict[str, list]:
+    """Per item (batch order): ``accuracy`` (0/1) and ``gold_logprob`` with ``spec`` applied, so every
+    before/after on the same items can be paired (docs/methods.md §2, "Statistics")."""
+    with torch.no_grad(), intervene(model, spec or InterventionSpec()):
+        lp = torch.cat([label_logprobs(model, b, label_ids) for b in batches]).double()
+    gold = torch.cat([b.gold for b in batches])
+    return {"accuracy": (lp.argmax(-1) == gold).double().tolist(),
+            "gold_logprob": lp.gather(1, gold[:, None])[:, 0].tolist()}
+
+
 # ----------------------------------------------------------------------------- run from a layer
 
 def layer_inputs(model, batches: list[Batch], layers) -> list[families.Resume]:

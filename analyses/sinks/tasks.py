@@ -9,6 +9,8 @@ logits as running each prompt alone, edits included (the engine detects sinks pe
 >>> t = load_task("sentiment")
 >>> t.labels, len(t.split("calib")) > 0
 (('positive', 'negative'), True)
+
+Methods: docs/methods.md §2.
 """
 from __future__ import annotations
 
