@@ -195,7 +195,8 @@ def test_rerun_resumes_and_a_changed_setting_recomputes_only_its_units(study, pl
     err = capsys.readouterr().err
     assert "recomputing" not in err and "atlas/transfer: resumed 50 of 50" in err
     pd.testing.assert_frame_equal(again.transfer, res.transfer)
-    run(ATLAS, planted, dataclasses.replace(cfg, n_random=6, min_draws=5, n_boot=100), store=out, progress=False)
+    run(ATLAS, planted, dataclasses.replace(cfg, n_random=6, min_draws=5, n_boot=100), store=out, progress=False,
+        force=True)
     err = capsys.readouterr().err
     assert "resumed 50 of 58" in err and "atlas/repeats: resumed 12 of 12" in err
 
