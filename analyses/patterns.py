@@ -45,7 +45,7 @@ class _BlockPooler:
     def __init__(self, layer: int, n_tokens: int, block: int, mode: str, n_heads: int):
         self.layers, self.layer, self.block, self.mode = {layer}, layer, block, mode
         self.n = math.ceil(n_tokens / block)
-        self.acc = torch.zeros(n_heads, self.n, self.n)  # max, or sum for mean
+        self.acc = torch.zeros(n_heads, self.n, self.n, device="cpu")  # max, or sum for mean (host)
 
     def on_probs(self, layer: int, q_pos: torch.Tensor, probs: torch.Tensor) -> None:
         p = probs[0].float().cpu()                                # (H, c, K)
@@ -61,7 +61,7 @@ class _BlockPooler:
     def result(self, n_tokens: int) -> np.ndarray:
         if self.mode == "max":
             return self.acc.numpy()
-        size = torch.full((self.n,), float(self.block))
+        size = torch.full((self.n,), float(self.block), device="cpu")
         size[-1] = n_tokens - self.block * (self.n - 1)           # the last block may be short
         return (self.acc / (size[:, None] * size[None, :])).numpy()
 
@@ -71,7 +71,7 @@ class _Window:
 
     def __init__(self, layer: int, q: tuple[int, int], k: tuple[int, int], n_heads: int):
         self.layers, self.q, self.k = {layer}, q, k
-        self.out = torch.zeros(n_heads, q[1] - q[0], k[1] - k[0])
+        self.out = torch.zeros(n_heads, q[1] - q[0], k[1] - k[0], device="cpu")
 
     def on_probs(self, layer: int, q_pos: torch.Tensor, probs: torch.Tensor) -> None:
         keep = (q_pos >= self.q[0]) & (q_pos < self.q[1])

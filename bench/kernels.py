@@ -85,9 +85,9 @@ def _method(name, q, k, v, args):
         chunk = T if name == "eager_full" else max(1, (256 * 2**20) // (H * T * 16))
         sink = {}
 
-        def on_chunk(pos, probs):
-            sink["stats"] = eager.row_stats(probs, groups)
-            sink["col"] = probs.sum(2)
+        def on_chunk(chunk):
+            sink["stats"] = eager.row_stats(chunk.probs, groups)
+            sink["col"] = chunk.probs.sum(2)
         pos = torch.arange(T, device="cuda")
         return lambda: eager.attend(q, k, v, scale=scale, q_pos=pos, chunk=chunk, on_chunk=on_chunk)
     if name == "flex":

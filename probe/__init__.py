@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 
 from .errors import (ContextLengthError, CorruptFileError, HeadOutOfRangeError, HeadwiseError, InputError,  # noqa: F401
-                     MemoryBudgetError, ModelLoadError, ModelMismatchError, UnknownModelError)
+                     MemoryBudgetError, ModelLoadError, ModelMismatchError, UnknownModelError, UnsupportedModelError)
 from .heads import HeadId, HeadLayout, as_heads, kv_group  # noqa: F401
 from .interventions import (InterventionSpec, MeanAblate, PatternEcho, SinkCalibration, SpanBoost,  # noqa: F401
                             SpanKnockout, Temperature, Uniform, ZeroAblate)
@@ -20,3 +20,4 @@ from .stats import HeadStats, KeyGroup, StatsRequest  # noqa: F401
 from .capture import capture  # noqa: F401
 from .streaming import generate_with_stats, stream_stats  # noqa: F401
 from .decoding import greedy, stop_ids  # noqa: F401
+from . import families  # noqa: F401

@@ -7,10 +7,11 @@ fed token is one decode row. :func:`stop_ids` lists the tokens that end an answe
 
 >>> import torch
 >>> from probe import load_model
+>>> from probe.compat import output_cache
 >>> m = load_model("tiny-llama")
 >>> ids = m.encode("abc")
 >>> out = m.hf(ids, use_cache=True)
->>> new = greedy(m, out.logits[0, -1], out.past_key_values, max_new_tokens=3, stop=set())
+>>> new = greedy(m, out.logits[0, -1], output_cache(out), max_new_tokens=3, stop=set())
 >>> ref = m.hf.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
 >>> new == ref[0, 3:].tolist()
 True
@@ -20,6 +21,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+
+from .compat import output_cache, with_cache
 
 
 def stop_ids(model, newline: bool = False) -> set[int]:
@@ -54,6 +57,6 @@ def greedy(model, logits: torch.Tensor, past, *, max_new_tokens: int, stop: set[
         new.append(nxt)
         if len(new) == max_new_tokens:
             break
-        out = model.hf(torch.tensor([[nxt]], device=logits.device), past_key_values=past, use_cache=True)
-        logits, past = out.logits[0, -1], out.past_key_values
+        out = model.hf(torch.tensor([[nxt]], device=logits.device), **with_cache(model.hf, past), use_cache=True)
+        logits, past = out.logits[0, -1], output_cache(out)
     return new

@@ -39,5 +39,10 @@ class ModelMismatchError(HeadwiseError, ValueError):
     """A file made for another model (different id or weights hash)."""
 
 
+class UnsupportedModelError(HeadwiseError, RuntimeError):
+    """A model (or one attention call of it) that headwise cannot compute exactly: it names the model,
+    what it does that headwise does not support, and what to do instead."""
+
+
 class SpecError(InputError, CorruptFileError):
     """An intervention spec that cannot be used as written; the message names the edit and the field."""

@@ -1,8 +1,11 @@
 """``AttentionRecord``: full per-head patterns for a short input, saved as safetensors + JSON.
 
 ``patterns`` is ``[layer, head, query_pos, key_pos]`` over the chosen ``layers`` and ``heads``.
+For a model with learned attention sinks (gpt-oss ``s_aux``) the rows sum to less than 1 and
+``sink_mass [layer, head, query_pos]`` records the share the sink took.
 Files are written atomically with a sha256 of their contents and validated on load (format tag and
-version, sha256, shapes against the metadata, finite probabilities, causal rows summing to 1).
+version, sha256, shapes against the metadata, finite probabilities, causal rows summing to 1 with the
+sink's share, if any).
 """
 from __future__ import annotations
 
@@ -30,12 +33,23 @@ class AttentionRecord:
     heads: tuple[int, ...]
     patterns: torch.Tensor  # [layer, head, query_pos, key_pos]
     meta: dict = field(default_factory=dict)
+    sink_mass: torch.Tensor | None = None  # [layer, head, query_pos]: a learned sink's share (None: no sink)
 
     def __post_init__(self):
         L, H, Q, K = self.patterns.shape
         if (L, H) != (len(self.layers), len(self.heads)) or Q != K or Q != len(self.token_ids):
             raise InputError(f"patterns {tuple(self.patterns.shape)} do not match {len(self.layers)} layers, "
                              f"{len(self.heads)} heads and {len(self.token_ids)} tokens")
+        if self.sink_mass is not None and tuple(self.sink_mass.shape) != (L, H, Q):
+            raise InputError(f"sink_mass {tuple(self.sink_mass.shape)} does not match patterns [{L}, {H}, {Q}, ...]")
+
+    def row_sums_ok(self, atol: float = 1e-3) -> bool:
+        """Rows are distributions: each sums to 1, or to 1 minus the sink's share (never above 1)."""
+        sums = self.patterns.float().sum(-1)
+        if self.sink_mass is None:
+            return bool(torch.allclose(sums, torch.ones_like(sums), atol=atol))
+        return bool((sums <= 1 + atol).all() and torch.allclose(sums + self.sink_mass.float(), torch.ones_like(sums),
+                                                               atol=atol))
 
     def pattern(self, head: HeadId | tuple[int, int]) -> torch.Tensor:
         """The ``[query_pos, key_pos]`` pattern of one head."""
@@ -48,7 +62,10 @@ class AttentionRecord:
         meta = {"format": FORMAT, "version": 1, "model_id": self.model_id, "token_ids": list(self.token_ids),
                 "tokens": list(self.tokens), "layers": list(self.layers), "heads": list(self.heads),
                 "meta": self.meta}
-        return write_tensors(path, {"patterns": self.patterns}, meta)
+        tensors = {"patterns": self.patterns}
+        if self.sink_mass is not None:
+            tensors["sink_mass"] = self.sink_mass
+        return write_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionRecord":
@@ -58,9 +75,9 @@ class AttentionRecord:
             rec = cls(**_checked_fields(path, tensors, m))
         except InputError as exc:
             raise CorruptFileError(f"{path}: attention record is inconsistent ({exc}); capture it again") from exc
-        sums = rec.patterns.float().sum(-1)
-        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
-            raise CorruptFileError(f"{path}: attention rows do not sum to 1; the file is damaged, capture it again")
+        if not rec.row_sums_ok():
+            raise CorruptFileError(f"{path}: attention rows do not sum to 1 (with the sink's share, if any); the file "
+                                   "is damaged, capture it again")
         return rec
 
 
@@ -78,11 +95,14 @@ def _checked_fields(path, tensors: dict, m: dict) -> dict:
     tokens = meta_list(c, m, "tokens")
     if len(tokens) != len(ids) or any(not isinstance(t, str) for t in tokens):
         c.fail(f"{len(tokens)} token strings for {len(ids)} token ids")
-    if set(tensors) != {"patterns"}:
-        c.fail(f"tensors {sorted(tensors)}, expected ['patterns']")
-    pats = tensors["patterns"]
+    if set(tensors) not in ({"patterns"}, {"patterns", "sink_mass"}):
+        c.fail(f"tensors {sorted(tensors)}, expected ['patterns'] (and 'sink_mass' for a model with sinks)")
+    pats, sink = tensors["patterns"], tensors.get("sink_mass")
     c.shape("patterns", pats, (len(layers), len(heads), len(ids), len(ids)))
     c.probabilities("patterns", pats)
+    if sink is not None:
+        c.shape("sink_mass", sink, (len(layers), len(heads), len(ids)))
+        c.probabilities("sink_mass", sink)
     future = torch.triu(torch.ones(len(ids), len(ids), dtype=torch.bool), diagonal=1)
     if bool((pats[..., future].abs() > 1e-6).any()):
         c.fail("patterns put attention on later positions (a causal model never does)")
@@ -90,7 +110,7 @@ def _checked_fields(path, tensors: dict, m: dict) -> dict:
     if not isinstance(meta, dict):
         c.fail("the metadata's 'meta' is not an object")
     return dict(model_id=m["model_id"], token_ids=ids, tokens=tuple(tokens), layers=tuple(layers),
-                heads=tuple(heads), patterns=pats, meta=meta)
+                heads=tuple(heads), patterns=pats, meta=meta, sink_mass=sink)
 
 
 def run_metadata(**extra) -> dict:

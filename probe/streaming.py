@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import _check_ids
+from .compat import output_cache
 from .checks import check_generation
 from .decoding import greedy, stop_ids
 from .interventions import InterventionSpec
@@ -94,7 +95,7 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
             with _maybe(bool(stats_in_prefill), collector, rt), _maybe_spec(model, prefill_spec):
                 out = model.hf(ids, use_cache=True, **_last_logits_only(model.hf))
             with _maybe_spec(model, decode_spec):
-                new = greedy(model, out.logits[0, -1], out.past_key_values, max_new_tokens=max_new_tokens, stop=eos)
+                new = greedy(model, out.logits[0, -1], output_cache(out), max_new_tokens=max_new_tokens, stop=eos)
     stats = None
     if collector.has_rows:
         stats = collector.result(ids[0].tolist() + new, run_metadata(weights_hash=model.weights_hash))

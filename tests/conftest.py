@@ -28,8 +28,8 @@ def smol():
     return load_model("smollm2-135m", device="cpu")
 
 
-def eager_patterns(model, ids):
-    """Reference patterns ``[layer, head, T, T]`` from Hugging Face eager ``output_attentions``."""
+def eager_patterns(model, ids, batch: bool = False):
+    """Reference patterns ``[layer, head, T, T]`` (``batch``: ``[layer, B, head, T, T]``) from HF eager attention."""
     from probe import install
 
     hf = model.hf
@@ -39,7 +39,18 @@ def eager_patterns(model, ids):
             out = hf(ids, output_attentions=True)
     finally:
         install(hf)
-    return torch.stack(out.attentions)[:, 0].float()
+    pats = torch.stack(out.attentions).float()
+    return pats if batch else pats[:, 0]
+
+
+def layer_windows(cfg) -> list[int | None]:
+    """Sliding window of every layer (None: full attention), from the config alone: an independent rule
+    for which keys a row sees."""
+    L = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return [cfg.sliding_window if t == "sliding_attention" else None for t in types[:L]]
+    return [getattr(cfg, "sliding_window", None)] * L
 
 
 @pytest.fixture
@@ -99,3 +110,22 @@ def results(tmp_path_factory, tiny_llama):
     scan(root, "similarity", tiny_llama, n_prompts=2, n_heldout=1, max_tokens=24, variants=("same",), max_trials=1)
     _grounding(root, tiny_llama.n_layers, tiny_llama.n_heads)
     return root
+
+
+# ----------------------------------------------------------------------------- tiny models of many families
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """``family_model(name, dtype)``: the tiny model of family ``name`` (:func:`probe.models.tiny.tiny_family`)
+    saved to a folder and loaded with ``load_model`` (cached per name and dtype)."""
+    from probe import load_model
+    from probe.models.tiny import save_family
+
+    root, cache = tmp_path_factory.mktemp("families"), {}
+
+    def get(name: str, dtype: str = "float32"):
+        if (name, dtype) not in cache:
+            cache[name, dtype] = load_model(str(save_family(name, root / name)), device="cpu", dtype=dtype)
+        return cache[name, dtype]
+
+    return get

@@ -47,6 +47,65 @@ def test_no_pickle_loading():
     assert not offenders, offenders
 
 
+# Module names the family mapping owns (probe/families.py): nowhere else, tests included.
+FAMILY_NAMES = {"lm_head", "embed_tokens", "embed_in", "embed_out", "wte", "wpe", "ln_f", "final_layer_norm",
+                "self_attn", "o_proj", "c_proj", "c_attn", "gpt_neox"}
+FAMILY_CHAINS = {("model", "layers"), ("model", "norm"), ("model", "decoder"), ("model", "rotary_emb"),
+                 ("transformer", "h"), ("decoder", "layers")}
+
+
+def family_names(path: Path) -> list[str]:
+    """``file:line name`` for every attribute access that names a family's module outside the mapping."""
+    hits, where = [], path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain = (node.value.attr, node.attr) if isinstance(node.value, ast.Attribute) else None
+        if node.attr in FAMILY_NAMES or chain in FAMILY_CHAINS:
+            hits.append(f"{where}:{node.lineno} .{'.'.join(chain) if chain in FAMILY_CHAINS else node.attr}")
+    return hits
+
+
+def test_family_module_names_only_in_the_mapping():
+    """Style rule 13: blocks, attention, norms and (un)embeddings are reached through probe.families."""
+    files = [p for d in ("probe", "analyses", "dashboards", "bench", "tests", "scripts", "notebooks")
+             for p in (ROOT / d).rglob("*.py") if p != ROOT / "probe" / "families.py"]
+    hits = [h for p in files for h in family_names(p)]
+    assert not hits, f"use probe.families instead of naming a family's modules: {hits}"
+
+
+def test_the_family_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("h = m.hf.model.layers[0].self_attn\nw = m.hf.lm_head.weight\nok = st.layers\n")
+    assert sorted(h.split()[1] for h in family_names(bad)) == [".lm_head", ".model.layers", ".self_attn"]
+
+
+# Tensor constructors: in analyses/ each names its device (the model's, or "cpu" for a host-side result).
+CONSTRUCTORS = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "linspace", "rand", "randn",
+                "randint", "randperm", "eye"}
+
+
+def deviceless_tensors(path: Path) -> list[str]:
+    """``file:line torch.f`` for constructor calls without ``device=`` that are not moved at once (``.to(...)``)."""
+    tree = ast.parse(path.read_text())
+    moved = {id(n.func.value) for n in ast.walk(tree) if isinstance(n, ast.Call) and
+             isinstance(n.func, ast.Attribute) and n.func.attr == "to"}
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    return [f"{where}:{n.lineno} torch.{n.func.attr}" for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in CONSTRUCTORS
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "torch"
+            and not any(k.arg == "device" for k in n.keywords) and id(n) not in moved]
+
+
+def test_analyses_build_tensors_on_a_named_device(tmp_path):
+    """Issue 15.5: a tensor built without a device lands on the CPU while the model is on CUDA."""
+    hits = [h for p in (ROOT / "analyses").rglob("*.py") for h in deviceless_tensors(p)]
+    assert not hits, f"give these a device= (the model's, or 'cpu' for host-side results): {hits}"
+    bad = tmp_path / "bad.py"
+    bad.write_text("a = torch.zeros(3)\nb = torch.tensor([1]).to(d)\nc = torch.arange(4, device=d)\n")
+    assert [h.split()[1] for h in deviceless_tensors(bad)] == ["torch.zeros"]
+
+
 def package_modules(package: str, skip: tuple[str, ...] = ()) -> list[str]:
     pkg = importlib.import_module(package)
     return sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, f"{package}.")

@@ -167,7 +167,7 @@ STATS_CASES = cases(
          CorruptFileError, "argmax holds 9"),
     Case("typed-error", "stats-received-above-count", dict(tensors=_poke("received_sum", (0, 0, 3), 50.0)),
          CorruptFileError, "received_sum holds 50"),
-    Case("typed-error", "stats-fractional-count", dict(tensors=_poke("received_count", 2, 2.5)),
+    Case("typed-error", "stats-fractional-count", dict(tensors=_poke("received_count", (0, 2), 2.5)),
          CorruptFileError, "fractions"),
     Case("typed-error", "stats-layers-vs-tensors", dict(meta=_set("layers", [0])), CorruptFileError,
          "lists 1 layers, the tensors hold 2"),

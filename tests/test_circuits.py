@@ -9,7 +9,7 @@ from analyses.circuits.overlap import (bootstrap_ci, jaccard, overlap_coefficien
 from analyses.circuits.tasks import TaskBatch, make_pair, make_task
 from analyses import run
 from analyses.circuits import CIRCUITS, CircuitsConfig
-from probe import HeadId, InputError
+from probe import HeadId, InputError, families
 
 
 def _toy_task(model, n=3, T=6, seed=0):
@@ -25,7 +25,7 @@ def _toy_task(model, n=3, T=6, seed=0):
 def _reference_patch(model, task, head: HeadId) -> torch.Tensor:
     """Independent reference: Hugging Face eager attention, the head's slice of o_proj's input replaced."""
     hf, D = model.hf, model.d_head
-    o_proj = hf.model.layers[head.layer].self_attn.o_proj
+    o_proj = families.attention_out(hf, head.layer)
     sl = slice(head.head * D, (head.head + 1) * D)
     saved = {}
     hf.set_attn_implementation("eager")

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from probe import (CorruptFileError, HeadOutOfRangeError, InputError, InterventionSpec, MeanAblate, PatternEcho,
                    SinkCalibration, SpanBoost, SpanKnockout, Temperature, Uniform, ZeroAblate, apply, intervene, tap)
-from probe import eager
+from probe import eager, families
 from probe.eager import calibrate, compile_plan, detect_sinks
 
 
@@ -161,7 +161,6 @@ def test_act_in_engine_equals_formula():
 # ----------------------------------------------------------------------------- on models
 
 def o_proj_hook(model, layer, head, fill):
-    attn = model.hf.model.layers[layer].self_attn
     d = model.d_head
 
     def pre(mod, args):
@@ -169,7 +168,7 @@ def o_proj_hook(model, layer, head, fill):
         x[..., head * d:(head + 1) * d] = fill
         return (x,)
 
-    return attn.o_proj.register_forward_pre_hook(pre)
+    return families.attention_out(model, layer).register_forward_pre_hook(pre)
 
 
 def test_zero_ablate_matches_o_proj_hook(tiny_llama):

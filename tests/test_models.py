@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from probe import ContextLengthError, InputError, ModelLoadError, UnknownModelError, list_models, load_model
+from probe import (ContextLengthError, InputError, ModelLoadError, UnknownModelError, families, list_models,
+                   load_model)
 from probe.models import share_weights
 
 
@@ -61,7 +62,7 @@ def test_bridge_matches_plain_model_and_costs_no_weights(smol):
         plain = smol.hf(ids).logits
         bridged = smol.bridge(ids)
     assert torch.allclose(plain, bridged, atol=1e-3)
-    ptr = smol.hf.model.embed_tokens.weight.data_ptr()
+    ptr = families.embedding(smol).weight.data_ptr()
     assert any(p.data_ptr() == ptr for p in smol.bridge.parameters())
 
 
@@ -78,7 +79,7 @@ def test_weights_hash_ignores_thread_count_but_sees_one_changed_weight(tiny_llam
     finally:
         torch.set_num_threads(before)
     assert hashes == {tiny_llama.weights_hash}
-    w = tiny_llama.hf.model.layers[0].self_attn.q_proj.weight
+    w = families.attention(tiny_llama, 0).q_proj.weight
     with torch.no_grad():
         old = float(w[0, 0])
         w[0, 0] += 1.0

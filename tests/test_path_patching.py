@@ -18,7 +18,7 @@ from analyses.circuits import patching as P
 from analyses.circuits.path_patching import (INDUCTION_STAGES, PathPatchingResult, Stage, circuits_at, path_patch,
                                              path_patching_circuit)
 from analyses.circuits.tasks import TaskBatch
-from probe import load_model
+from probe import families, load_model
 from probe.errors import InputError
 from probe.heads import HeadId
 
@@ -31,21 +31,23 @@ def _planted():
     hf, d = model.hf, model.d_head
     tok = model.tokenizer
     ids = {ch: tok(ch, add_special_tokens=False).input_ids[0] for ch in LETTERS + "z"}
-    theta = hf.model.rotary_emb.inv_freq.clone()
+    theta = families.decoder(hf).rotary_emb.inv_freq.clone()   # a Llama: its RoPE and norms by name below
     with torch.no_grad():
         for p in hf.parameters():
             p.zero_()
-        for layer in hf.model.layers:
+        for layer in families.blocks(hf):
             layer.input_layernorm.weight.fill_(1.0)
             layer.post_attention_layernorm.weight.fill_(1.0)
-        hf.model.norm.weight.fill_(1.0)
-        E = hf.model.embed_tokens.weight
+        families.final_norm(hf).weight.fill_(1.0)
+        E = families.embedding(hf).weight
+        U = families.unembedding(hf).weight
         E[:, 0] = 1.0                                            # dim 0: constant
         E[:, 30] = 1.0                                           # dim 30 (read by nothing): every token has
         for k, ch in enumerate(LETTERS):
             E[ids[ch], 30], E[ids[ch], 1 + k] = 0.0, 1.0         # the same norm; dims 1..8: identity
-            hf.lm_head.weight[ids[ch], 17 + k] = 1.0             # dims 17..24: read by the unembedding
-        a0, a1 = hf.model.layers[0].self_attn, hf.model.layers[1].self_attn
+            U[ids[ch], 17 + k] = 1.0                             # dims 17..24: read by the unembedding
+        a0, a1 = families.attention(hf, 0), families.attention(hf, 1)
+        o0, o1 = families.attention_out(hf, 0).weight, families.attention_out(hf, 1).weight
         # previous-token head L0H0 (KV head 0): score ~ sum_i cos(theta_i (p - j - 1)), i = 0..3
         c = 6.0
         for i in range(4):
@@ -54,21 +56,21 @@ def _planted():
             a0.k_proj.weight[0 * d + i + d // 2, 0] = c * float(torch.sin(theta[i]))
         for k in range(8):
             a0.v_proj.weight[0 * d + k, 1 + k] = 1.0
-            a0.o_proj.weight[9 + k, 0 * d + k] = 0.2             # -> dims 9..16: previous token
+            o0[9 + k, 0 * d + k] = 0.2                           # -> dims 9..16: previous token
         # distractor L0H2 (KV head 1): constant query, keys flag 'a' and 'g' (slow frequency dims 7, 15)
         a0.q_proj.weight[2 * d + 7, 0] = 3.0
         for ch in "ag":
             a0.k_proj.weight[1 * d + 7, 1 + LETTERS.index(ch)] = 3.0
         for k in range(8):
             a0.v_proj.weight[1 * d + k, 1 + k] = 1.0
-            a0.o_proj.weight[17 + k, 2 * d + k] = 0.05           # -> straight into the logits (weak)
+            o0[17 + k, 2 * d + k] = 0.05                         # -> straight into the logits (weak)
         # induction head L1H1 (KV head 0): query = current token, key = previous-token subspace
         slow = [4, 5, 6, 7, 12, 13, 14, 15]
         for k in range(8):
             a1.q_proj.weight[1 * d + slow[k], 1 + k] = 3.0
             a1.k_proj.weight[0 * d + slow[k], 9 + k] = 3.0 / 0.2 * 0.6
             a1.v_proj.weight[0 * d + k, 1 + k] = 1.0
-            a1.o_proj.weight[17 + k, 1 * d + k] = 0.5
+            o1[17 + k, 1 * d + k] = 0.5
     def enc(s):
         return [ids[ch] for ch in s]
     clean, corrupt = enc("zabcdea"), enc("zgbcdea")
@@ -140,10 +142,10 @@ def test_queries_and_values_channels_and_bad_stages(planted):
 
 
 def test_models_without_separate_projections_are_refused(tiny_gpt2):
-    from analyses.circuits.path_patching import attention_modules
+    from analyses.circuits.path_patching import head_inputs
 
     with pytest.raises(InputError, match="q_proj"):
-        attention_modules(tiny_gpt2)
+        head_inputs(tiny_gpt2, "k")
 
 
 def test_path_overlap_of_two_runs(planted):

@@ -8,7 +8,7 @@ from analyses import run
 from analyses.retrieval import RETRIEVAL, RetrievalConfig, build_prompt, head_scores, sample_events
 from analyses.retrieval.harness import Needle, locate_span, rouge1_recall
 from analyses.retrieval.run import run_sample
-from probe import load_model
+from probe import families, load_model
 from probe.errors import ContextLengthError, InputError
 
 
@@ -62,18 +62,19 @@ def _plant_copy_head(model, head: int, token: int, c: float = 30.0):
     """
     hf, dh = model.hf, model.d_head
     g = head // (model.n_heads // model.n_kv_heads)
+    rotary = families.decoder(hf).rotary_emb  # a Llama: its RoPE, q/k projections and norms by name below
     with torch.no_grad():
-        hf.model.rotary_emb.inv_freq.zero_()
-        hf.model.rotary_emb.original_inv_freq.zero_()
-        E = hf.model.embed_tokens.weight
+        rotary.inv_freq.zero_()
+        rotary.original_inv_freq.zero_()
+        E = families.embedding(hf).weight
         s = float(E.std())  # keep the two planted dims at the embedding's own scale (no outlier token)
         E[:, 0], E[:, 1] = s, 0.0
         E[token, 1] = s
-        for layer in hf.model.layers:
-            layer.self_attn.o_proj.weight[:2] = 0
+        for l, layer in enumerate(families.blocks(hf)):
+            families.attention_out(hf, l).weight[:2] = 0
             layer.mlp.down_proj.weight[:2] = 0
-        at = hf.model.layers[0].self_attn
-        hf.model.layers[0].input_layernorm.weight[:2] = 1.0
+        at = families.attention(hf, 0)
+        families.block(hf, 0).input_layernorm.weight[:2] = 1.0
         at.q_proj.weight[head * dh:(head + 1) * dh] = 0
         at.q_proj.weight[head * dh, 0] = c
         for sib in range(g * model.n_heads // model.n_kv_heads, (g + 1) * model.n_heads // model.n_kv_heads):
@@ -81,10 +82,10 @@ def _plant_copy_head(model, head: int, token: int, c: float = 30.0):
                 at.q_proj.weight[sib * dh] = 0
         at.k_proj.weight[g * dh] = 0
         at.k_proj.weight[g * dh, 1] = c
-        hf.model.norm.weight.zero_()
-        hf.model.norm.weight[0] = 1.0
-        hf.lm_head.weight.zero_()
-        hf.lm_head.weight[token, 0] = 1.0
+        families.final_norm(hf).weight.zero_()
+        families.final_norm(hf).weight[0] = 1.0
+        families.unembedding(hf).weight.zero_()
+        families.unembedding(hf).weight[token, 0] = 1.0
 
 
 def test_planted_copying_head_is_detected():

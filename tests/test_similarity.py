@@ -9,7 +9,7 @@ from analyses import run
 from analyses.similarity import (SIMILARITY, Accumulator, SimilarityConfig, SimilarityResult, accumulate_prompt,
                                  greedy_plan, js_rows, match_heads, tokenize)
 from analyses.similarity.echo import echo_edits, mean_loss
-from probe import InputError, InterventionSpec, capture, intervene
+from probe import InputError, InterventionSpec, capture, families, intervene
 
 
 # ----------------------------------------------------------------------------- hand-checkable measures
@@ -120,7 +120,7 @@ def test_window_passes_hold_only_window_rows(tiny_llama, monkeypatch):
 def _hand_echo_logits(model, ids, perm):
     """Layer 1 recomputed by hand: head perm[h] of layer 1 uses layer 0 head h's pattern with its own values."""
     P0 = capture(model, ids, layers=[0]).patterns[0]          # (head, T, T)
-    attn = model.hf.model.layers[1].self_attn
+    attn = families.attention(model, 1)
     seen = {}
     h_v = attn.v_proj.register_forward_hook(lambda mod, i, o: seen.__setitem__("v", o.detach()))
     with torch.no_grad():
@@ -132,7 +132,7 @@ def _hand_echo_logits(model, ids, perm):
     for h in range(H):
         tgt = int(perm[h])
         z[:, tgt] = P0[h] @ v[:, tgt // (H // model.n_kv_heads)]
-    out = attn.o_proj(z.reshape(1, T, H * D))
+    out = families.attention_out(model, 1)(z.reshape(1, T, H * D))
     hook = attn.register_forward_hook(lambda mod, i, o: (out,) + tuple(o[1:]))
     try:
         with torch.no_grad():

@@ -330,6 +330,7 @@ def test_embedded_model_first_token_is_the_main_sink(smol):
 def test_separated_act_output_equals_calibrated_pattern_times_values(chunk):
     """The engine's fast ACT output (sink and non-sink accumulators apart) equals calibrate(A) @ V."""
     from probe import eager
+    from probe.call import AttentionCall
 
     g = torch.Generator().manual_seed(0)
     B, H, T, D = 2, 3, 40, 8
@@ -342,10 +343,10 @@ def test_separated_act_output_equals_calibrated_pattern_times_values(chunk):
     seen = []
     for m in (None, mask):
         kw = dict(scale=D ** -0.5, q_pos=torch.arange(T), mask=m, plan=plan, chunk=chunk)
-        ref = eager.attend(q, k, v, on_chunk=lambda pos, p, s=None: seen.append(p), **kw)  # pattern path
+        ref = eager.attend(q, k, v, on_chunk=lambda chunk: seen.append(chunk.probs), **kw)  # pattern path
         fast = eager.attend(q, k, v, **kw)
         assert torch.allclose(fast, ref, atol=1e-5)
-    sinks, _ = eager._act_sinks(q, k.expand(B, H, T, D), D ** -0.5, torch.arange(T), None, plan, chunk)
+    sinks, _ = eager._act_sinks(q, k.expand(B, H, T, D), AttentionCall.plain(D ** -0.5, T, T), plan, chunk)
     assert all(int(s.sum()) > 0 for s in sinks.values())  # the test exercises real sinks
 
 

@@ -86,7 +86,7 @@ def overlap_table(per_prompt: dict, frac: float = 0.05, n_boot: int = 200, seed:
     import torch
 
     def scores(name, idx=None):
-        p, c, r = (torch.as_tensor(x) for x in per_prompt[name])
+        p, c, r = (torch.as_tensor(x, device="cpu") for x in per_prompt[name])
         return normalised(p, c, r, idx).numpy()
 
     names, rows = list(per_prompt), []

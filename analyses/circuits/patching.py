@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from probe.shapes import HeadOutputs, HeadScoresT, PromptEffects
-
-from probe import InterventionSpec, MeanAblate, intervene, tap
+from probe import InterventionSpec, MeanAblate, families, intervene, tap
 from probe.heads import HeadId
+from probe.shapes import HeadOutputs, HeadScoresT, PromptEffects
 
 from .tasks import TaskBatch
 
@@ -49,7 +48,7 @@ def _chunks(n: int, size: int):
 
 
 def run_ld(model, ids: torch.Tensor, good, bad, batch: int = 32, spec: InterventionSpec | None = None) -> torch.Tensor:
-    """Logit difference per prompt ``[N]`` (optionally under an intervention ``spec``)."""
+    """Logit difference per prompt ``[N]`` (float32, on the host; optionally under an intervention ``spec``)."""
     out = []
     with torch.no_grad():
         for sl in _chunks(ids.shape[0], batch):
@@ -58,7 +57,7 @@ def run_ld(model, ids: torch.Tensor, good, bad, batch: int = 32, spec: Intervent
                     logits = _last_logits(model, ids[sl])
             else:
                 logits = _last_logits(model, ids[sl])
-            out.append(logit_diff(logits, good[sl], bad[sl]))
+            out.append(logit_diff(logits, good[sl], bad[sl]).cpu())
     return torch.cat(out)
 
 
@@ -95,7 +94,7 @@ class _Record:
 
 
 def record_z(model, ids: torch.Tensor, batch: int = 32) -> HeadOutputs:
-    """Head outputs of every layer: ``[L, N, T, H, D]`` (float32)."""
+    """Head outputs of every layer: ``[L, N, T, H, D]`` (float32, on the model's device: they are patched back in)."""
     parts = []
     with torch.no_grad():
         for sl in _chunks(ids.shape[0], batch):
@@ -122,13 +121,13 @@ class _Patch:
 
 def exact_patching(model, task: TaskBatch, z_corr: HeadOutputs | None = None, rows: int = 96,
                    layers=None) -> PromptEffects:
-    """``LD_patched [N, L, H]``: clean run with one head's output set to its corrupted value.
+    """``LD_patched [N, L, H]`` (host): clean run with one head's output set to its corrupted value.
 
     ``layers`` restricts the work to some layers (the others stay NaN).
     """
     L, H, N = model.n_layers, model.n_heads, task.n
     z_corr = record_z(model, task.corrupt) if z_corr is None else z_corr
-    out = torch.full((N, L, H), float("nan"))
+    out = torch.full((N, L, H), float("nan"), device="cpu")
     per = max(1, rows // H)  # prompts per forward; the batch holds (head x prompt) copies
     with torch.no_grad():
         for layer in (range(L) if layers is None else layers):
@@ -137,7 +136,7 @@ def exact_patching(model, task: TaskBatch, z_corr: HeadOutputs | None = None, ro
                 ids = task.clean[sl].repeat(H, 1)
                 with tap(model, _Patch(layer, list(range(H)), z_corr[layer, sl])):
                     ld = logit_diff(_last_logits(model, ids), task.good[sl].repeat(H, 1), task.bad[sl].repeat(H, 1))
-                out[sl, layer] = ld.view(H, b).T
+                out[sl, layer] = ld.view(H, b).T.cpu()
     return out
 
 
@@ -180,8 +179,11 @@ def _grads(model, task, sl, embeds=None) -> torch.Tensor:
 
 def attribution_patching(model, task: TaskBatch, z_clean: HeadOutputs, z_corr: HeadOutputs,
                          ig_steps: int = 0, batch: int = 16) -> PromptEffects:
-    """EAP (``ig_steps=0``) or EAP-IG estimate of ``LD_patched - LD_clean`` per prompt and head ``[N, L, H]``."""
-    emb = model.hf.get_input_embeddings()
+    """EAP (``ig_steps=0``) or EAP-IG estimate of ``LD_patched - LD_clean`` per prompt and head ``[N, L, H]`` (host).
+
+    EAP-IG interpolates the input embeddings in float32 and feeds them in the model's dtype.
+    """
+    emb = families.embedding(model)
     out = []
     for sl in _chunks(task.n, batch):
         if ig_steps <= 0:
@@ -189,10 +191,11 @@ def attribution_patching(model, task: TaskBatch, z_clean: HeadOutputs, z_corr: H
         else:
             with torch.no_grad():
                 e_clean, e_corr = emb(task.clean[sl]), emb(task.corrupt[sl])
-            grad = sum(_grads(model, task, sl, e_corr + (k / ig_steps) * (e_clean - e_corr))
+            dtype, e_clean, e_corr = e_clean.dtype, e_clean.float(), e_corr.float()
+            grad = sum(_grads(model, task, sl, (e_corr + (k / ig_steps) * (e_clean - e_corr)).to(dtype))
                        for k in range(1, ig_steps + 1)) / ig_steps
         diff = z_corr[:, sl] - z_clean[:, sl]
-        out.append((diff * grad).sum(dim=(2, 4)).permute(1, 0, 2))  # [b, L, H]
+        out.append((diff * grad).sum(dim=(2, 4)).permute(1, 0, 2).cpu())  # [b, L, H]
     return torch.cat(out)
 
 

@@ -18,8 +18,9 @@ are the logits, each later stage's receivers are the heads an earlier stage sele
 Readings: receivers of a stage are patched together (Wang et al.'s "to the queries of the name
 movers"); with grouped-query attention a ``k``/``v`` receiver is its *KV head*, which its query-head
 siblings share. The projections are patched before RoPE (RoPE is position-wise, so this equals
-patching after it). The model must expose ``q_proj``/``k_proj``/``v_proj`` per attention module;
-other layouts are refused with a typed error, never approximated.
+patching after it); :mod:`probe.families` names them per family (after OLMo2's q/k norms, which
+span all heads). Families that fuse q/k/v into one matrix (GPT-2, GPT-NeoX, Phi-3) are refused
+for q/k/v stages with a typed error, never approximated.
 
 >>> from probe import load_model
 >>> from analyses.circuits.tasks import make_task
@@ -38,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probe import tap
+from probe import families, tap
 from probe.errors import InputError
 from probe.heads import HeadId
 
@@ -71,18 +72,15 @@ INDUCTION_STAGES = (Stage("induction"), Stage("previous_token", "induction", "k"
 
 # ----------------------------------------------------------------------------- model access
 
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The attention module of each layer, in order; refuses models without separate q/k/v projections."""
-    mods = {}
-    for m in model.hf.modules():   # Llama-style: q/k/v projection children and a layer index (to move to probe's
-        layer = getattr(m, "layer_idx", None)   # family mapping with issue 15)
-        if layer is not None and {"q_proj", "k_proj", "v_proj"} <= {n for n, _ in m.named_children()}:
-            mods[int(layer)] = m
-    if sorted(mods) != list(range(model.n_layers)):
-        raise InputError(f"path patching into q/k/v needs attention modules with q_proj/k_proj/v_proj in every "
-                         f"layer; {getattr(model, 'model_id', 'this model')} has them in {sorted(mods)} of "
-                         f"{model.n_layers} layers: use receivers='logits' stages only, or a Llama-style model")
-    return [mods[i] for i in range(model.n_layers)]
+def head_inputs(model, channel: str) -> list[torch.nn.Module]:
+    """Per layer, the module whose output is every head's ``channel`` (q/k/v) (:func:`probe.families.head_input`);
+    families that fuse q/k/v into one projection (GPT-2, GPT-NeoX, Phi-3) are refused."""
+    fam = families.family(model)
+    if fam.head_inputs is None:
+        raise InputError(f"path patching into q/k/v needs separate q_proj/k_proj/v_proj projections; "
+                         f"{getattr(model, 'model_id', fam.name)} ({fam.name}) fuses them into one: use "
+                         "receivers='logits' stages only")
+    return [families.head_input(model, l, channel) for l in range(model.n_layers)]
 
 
 class _Stop(Exception):
@@ -117,9 +115,9 @@ def _slots(model, heads: list[HeadId], channel: str) -> dict[int, list[int]]:
 def _proj_hooks(model, slots, channel: str, store: dict, replace: dict | None, stop_at: int | None):
     """Forward hooks on the ``channel`` projections: record (``replace=None``) or overwrite head slices."""
     d, hooks = model.d_head, []
-    mods = attention_modules(model)
+    mods = head_inputs(model, channel)
     for layer, heads in slots.items():
-        proj = getattr(mods[layer], f"{channel}_proj")
+        proj = mods[layer]
 
         def hook(mod, args, out, layer=layer, heads=heads):
             if replace is None:
@@ -149,7 +147,7 @@ def path_patch(model, task: TaskBatch, senders: list[HeadId], receivers: list[He
         raise InputError(f"channel must be one of {CHANNELS}, not {channel!r}")
     if channel != "logits" and not receivers:
         raise InputError(f"path patching into {channel!r} needs at least one receiver head")
-    N, out = task.n, torch.full((task.n, len(senders)), float("nan"))
+    N, out = task.n, torch.full((task.n, len(senders)), float("nan"), device="cpu")
     per_s = max(1, rows // max(1, min(N, rows)))          # senders per forward
     per_n = max(1, rows // per_s)                          # prompts per forward
     slots = _slots(model, receivers or [], channel) if channel != "logits" else {}
@@ -165,7 +163,7 @@ def path_patch(model, task: TaskBatch, senders: list[HeadId], receivers: list[He
                     ld = P.logit_diff(P._last_logits(model, ids), good, bad)
             else:
                 ld = _via_receivers(model, ids, good, bad, freeze, slots, channel)
-            out[sl, s0:s0 + len(block)] = ld.view(len(block), b).T
+            out[sl, s0:s0 + len(block)] = ld.view(len(block), b).T.cpu()
     return out
 
 
@@ -306,7 +304,7 @@ def path_patching_circuit(model, task: TaskBatch, stages=IOI_STAGES, *, frac: fl
         recv = list(done[s.receivers].selected) if s.receivers else []
         cands = _candidates(model, recv, taken, c.get("rank"), shortlist)
         ld = path_patch(model, task, cands, recv or None, s.channel, c["z_clean"], c["z_corr"]) if cands \
-            else torch.zeros(task.n, 0)
+            else torch.zeros(task.n, 0, device="cpu")
         clean, corr = c["ld_clean"].mean(), c["ld_corr"].mean()
         scores = ((ld.mean(0) - clean) / (corr - clean)).numpy().astype(np.float64)
         order = np.argsort(-np.abs(scores), kind="stable")[:k]

@@ -28,7 +28,7 @@ from .tasks import TaskBatch, token_range
 
 
 class _Rows:
-    """on_probs observer keeping, per layer, the full ``[B, H, T, K]`` pattern (short inputs only)."""
+    """on_probs observer keeping, per layer, the full ``[B, H, T, K]`` pattern (short inputs only; float32, host)."""
 
     layers = None
 
@@ -37,8 +37,8 @@ class _Rows:
 
     def on_probs(self, layer, q_pos, probs):
         B, H, _, K = probs.shape
-        store = self.probs.setdefault(layer, torch.zeros(B, H, K, K))
-        store[:, :, q_pos] = probs.detach().float()
+        store = self.probs.setdefault(layer, torch.zeros(B, H, K, K, device="cpu"))
+        store[:, :, q_pos.cpu()] = probs.detach().float().cpu()
 
 
 def _patterns(model, ids: torch.Tensor) -> torch.Tensor:
@@ -51,10 +51,11 @@ def _patterns(model, ids: torch.Tensor) -> torch.Tensor:
 def repeated_token_roles(model, n: int = 8, length: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
     """Previous-token, duplicate-token and induction scores ``[L, H]`` on repeated random tokens."""
     g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(*token_range(model), (n, length), generator=g)
-    A = _patterns(model, torch.cat([seq, seq], dim=1))
-    i = torch.arange(length, 2 * length)
-    prev = A[..., torch.arange(1, 2 * length), torch.arange(0, 2 * length - 1)].mean((1, 3))
+    seq = torch.randint(*token_range(model), (n, length), generator=g, device="cpu")  # seeded on the host
+    A = _patterns(model, torch.cat([seq, seq], dim=1).to(model.device))            # [L, B, H, T, T] host
+    i = torch.arange(length, 2 * length, device="cpu")
+    j = torch.arange(1, 2 * length, device="cpu")
+    prev = A[..., j, j - 1].mean((1, 3))
     dup = A[..., i, i - length].mean((1, 3))
     ind = A[..., i, i - length + 1].mean((1, 3))
     return {"previous_token": prev.numpy(), "duplicate_token": dup.numpy(), "induction": ind.numpy()}
@@ -65,8 +66,8 @@ def attention_to(model, task: TaskBatch, key: str, batch: int = 16) -> np.ndarra
     out = []
     for s in range(0, task.n, batch):
         A = _patterns(model, task.clean[s:s + batch])[:, :, :, -1]  # [L, B, H, K]
-        pos = torch.tensor([p[key] for p in task.positions[s:s + batch]])
-        out.append(A.permute(1, 0, 2, 3)[torch.arange(len(pos)), :, :, pos])  # [b, L, H]
+        pos = torch.tensor([p[key] for p in task.positions[s:s + batch]], device="cpu")
+        out.append(A.permute(1, 0, 2, 3)[torch.arange(len(pos), device="cpu"), :, :, pos])  # [b, L, H]
     return torch.cat(out).mean(0).numpy()
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from probe import families
 from probe.heads import HeadId
 
 from ..config import Config, opt
@@ -53,6 +54,7 @@ def run_task(model, name: str, n: int = 32, seed: int = 0, ig_steps: int = 5, fr
     >>> r.scores().shape, len(r.circuit), sorted(r.effects)     # [layer, head]; 25% of 8 heads
     ((2, 4), 2, ['eap', 'eap_ig', 'exact'])
     """
+    families.family(model)  # EAP-IG feeds input embeddings: refuse an unknown family before any work
     task = make_task(model, name, n, seed)
     t0 = time.perf_counter()
     acc = P.accuracy(model, task)
@@ -86,6 +88,7 @@ def run_task(model, name: str, n: int = 32, seed: int = 0, ig_steps: int = 5, fr
 # ----------------------------------------------------------------------------- stage 1: tasks
 
 def plan_tasks(model, cfg: CircuitsConfig, _) -> list[Unit]:
+    families.family(model)                             # an unknown family is refused before any unit runs
     for name in cfg.tasks:                             # word tasks on a byte tokenizer fail before any work
         make_task(model, name, 1, cfg.seed)
     return [Unit(name, {"task": name}) for name in cfg.tasks]

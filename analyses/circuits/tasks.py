@@ -75,7 +75,7 @@ class TaskBatch:
         return int(self.clean.shape[0])
 
     def subset(self, idx) -> "TaskBatch":
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.clean.device)
         return TaskBatch(self.name, self.clean[idx], self.corrupt[idx], self.good[idx], self.bad[idx],
                          tuple(self.positions[i] for i in idx.tolist()) if self.positions else ())
 
@@ -110,7 +110,7 @@ def _vocab(tok, words, need: int = 1, what: str = "words"):
     return found
 
 
-def _pack(name, rows) -> TaskBatch:
+def _pack(name, rows, device) -> TaskBatch:
     clean, corrupt, good, bad, pos = zip(*rows)
     lengths = {len(c) for c in clean}
     if len(lengths) != 1:
@@ -118,8 +118,8 @@ def _pack(name, rows) -> TaskBatch:
                          "choose single-token words so every prompt has the template's length")
     width_g, width_b = max(map(len, good)), max(map(len, bad))
     pad = lambda xs, w: [list(x) + [-1] * (w - len(x)) for x in xs]  # noqa: E731
-    return TaskBatch(name, torch.tensor(clean), torch.tensor(corrupt), torch.tensor(pad(good, width_g)),
-                     torch.tensor(pad(bad, width_b)), tuple(pos))
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731  on the model's device
+    return TaskBatch(name, t(clean), t(corrupt), t(pad(good, width_g)), t(pad(bad, width_b)), tuple(pos))
 
 
 def _index(tok_ids, token, start=0):
@@ -142,7 +142,7 @@ def ioi(model, n: int, seed: int = 0) -> TaskBatch:
         s1 = _index(cl, cf)
         rows.append((cl, co, [ans], [cf], {"io": _index(cl, ans), "s1": s1, "s2": _index(cl, cf, s1 + 1),
                                           "answer": _index(cl, ans)}))
-    return _pack("ioi", rows)
+    return _pack("ioi", rows, model.device)
 
 
 def colored_objects(model, n: int, seed: int = 0) -> TaskBatch:
@@ -158,7 +158,7 @@ def colored_objects(model, n: int, seed: int = 0) -> TaskBatch:
         color_pos = [_index(cl, single_token(tok, " " + c)) for c in cs]
         rows.append((cl, co, [ans], [cf], {"answer": color_pos[qi], "colors": color_pos,
                                           "distractors": [p for i, p in enumerate(color_pos) if i != qi]}))
-    return _pack("colored_objects", rows)
+    return _pack("colored_objects", rows, model.device)
 
 
 def induction(model, n: int, seed: int = 0, length: int = 12, k: int = 6, low: int = 1000,
@@ -168,13 +168,13 @@ def induction(model, n: int, seed: int = 0, length: int = 12, k: int = 6, low: i
     low, high = token_range(model, low, high)
     rows = []
     for _ in range(n):
-        toks = torch.randperm(high - low, generator=g)[:length + 1].add(low).tolist()
+        toks = torch.randperm(high - low, generator=g, device="cpu")[:length + 1].add(low).tolist()
         seq, other = toks[:length], toks[length]
         clean = seq + seq[:k]
         corrupt = list(clean)
         corrupt[k] = other  # first occurrence of the answer replaced: induction now predicts `other`
         rows.append((clean, corrupt, [seq[k]], [other], {"answer": k, "prev": k - 1}))
-    return _pack("induction", rows)
+    return _pack("induction", rows, model.device)
 
 
 def token_range(model, low: int = 1000, high: int = 20000) -> tuple[int, int]:
@@ -195,7 +195,7 @@ def greater_than(model, n: int, seed: int = 0) -> TaskBatch:
             raise InputError("greater_than: year prompts tokenise to different lengths; this tokenizer does not "
                              "split digits one by one, so the digit-level task does not apply")
         rows.append((cl, co, digits[d + 1:], digits[:d], {"answer": len(cl) - 8}))
-    return _pack("greater_than", rows)
+    return _pack("greater_than", rows, model.device)
 
 
 TASKS = {"ioi": ioi, "colored_objects": colored_objects, "induction": induction, "greater_than": greater_than}

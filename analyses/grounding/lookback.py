@@ -62,8 +62,8 @@ def ratio(mass_ctx: torch.Tensor, mass_new: torch.Tensor, n_ctx, n_new, empty_ne
     >>> ratio(torch.tensor([0.6]), torch.tensor([0.2]), 3, 1)   # A_ctx=0.2, A_new=0.2
     tensor([0.5000])
     """
-    n_ctx = torch.as_tensor(n_ctx, dtype=torch.float32)
-    n_new = torch.as_tensor(n_new, dtype=torch.float32)
+    n_ctx = torch.as_tensor(n_ctx, dtype=torch.float32, device=mass_ctx.device)
+    n_new = torch.as_tensor(n_new, dtype=torch.float32, device=mass_ctx.device)
     if bool((n_ctx <= 0).any()):
         raise InputError("a row sees no context keys: the context span must start before the query")
     a_ctx = mass_ctx.float() / n_ctx

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from probe.compat import output_cache, with_cache
 from probe.checks import check_generation
 from probe.errors import InputError
 from probe.heads import HeadId
@@ -42,7 +43,8 @@ class GuidedOutput:
 
 
 def _sample(logits: torch.Tensor, gen: torch.Generator, temperature: float, top_p: float) -> int:
-    probs = torch.softmax(logits.float() / temperature, -1)
+    """Nucleus sampling on the host (float32) with the seeded host generator: the same draw on any device."""
+    probs = torch.softmax(logits.float().cpu() / temperature, -1)
     p, idx = probs.sort(descending=True)
     keep = (p.cumsum(0) - p) < top_p
     p = p * keep
@@ -59,9 +61,10 @@ def _candidate(model, reg: Regions, past, logits, n: int, stop: set[int], sample
             if t in stop:
                 break
             toks.append(t)
-            out = model.hf(torch.tensor([[t]]), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1]
-    lr = ratios_from_stats(col.result(), reg, "one") if toks else torch.zeros(0, model.n_layers, model.n_heads)
+            out = model.hf(torch.tensor([[t]], device=model.device), **with_cache(model.hf, past), use_cache=True)
+            past, logits = output_cache(out), out.logits[0, -1]
+    lr = (ratios_from_stats(col.result(), reg, "one") if toks
+          else torch.zeros(0, model.n_layers, model.n_heads, device="cpu"))  # statistics live on the host
     return toks, lr, past, logits
 
 
@@ -89,7 +92,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
     request = StatsRequest(groups=tuple(reg.groups()), received=False, from_pos=T - 1)
     with collect_stats(model, request) as col, torch.no_grad():
         out = model.hf(ids, use_cache=True)
-    past, logits = out.past_key_values, out.logits[0, -1]
+    past, logits = output_cache(out), out.logits[0, -1]
     carry = ratios_from_stats(col.result(), reg, "one")[-1:]     # row that produces the next token
     kept, rows, scores = [], [], []
     while len(kept) < max_new_tokens:
@@ -101,7 +104,7 @@ def guided_generate(model, prompt: str | torch.Tensor, detector: Detector, *, ct
             feats = torch.cat([carry, lr[:-1]]) if len(toks) else carry
             s = float(detector.score(feats.mean(0).flatten().numpy()[None])[0])
             # a candidate that stops at once is scored on the prompt's row alone: it wins only if all do
-            key = (bool(toks), float(torch.rand(1, generator=gen)) if random_choice else s)
+            key = (bool(toks), float(torch.rand(1, generator=gen, device="cpu")) if random_choice else s)
             if best is None or key > best[0]:
                 best = (key, s, toks, feats, p2, lg2, lr)
         _, s, toks, feats, past, logits, lr = best

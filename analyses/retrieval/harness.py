@@ -134,12 +134,12 @@ def build_prompt(model, needle: Needle, length: int, depth: float, *, max_new_to
     paragraphs = paragraphs or load_haystack(name=needle.haystack or None)
     hay_ids = haystack_ids(tok, paragraphs, budget, repeat=repeat, seed=seed)
     context = _insert(tok, hay_ids, needle.needle, depth)
-    ids = torch.tensor([_wrap(model, context, needle, lead)], dtype=torch.long)
+    ids = torch.tensor([_wrap(model, context, needle, lead)], dtype=torch.long, device=model.device)
     if ids.shape[1] + max_new_tokens > model.n_ctx:
         raise ContextLengthError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
                                  f"context of {model.model_id} ({model.n_ctx}): use a smaller length")
     start, stop = locate_span(tok, ids[0].tolist(), needle.answer)
-    return Prompt(ids.to(model.device), start, stop, needle, length, float(depth))
+    return Prompt(ids, start, stop, needle, length, float(depth))
 
 
 def _check_cell(model, needle: Needle, length: int, depth: float, max_new_tokens: int) -> None:

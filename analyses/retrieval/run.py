@@ -137,10 +137,10 @@ def compute_sample(model, cfg: RetrievalConfig, unit: Unit, _) -> dict:
 def reduce_samples(model, cfg: RetrievalConfig, payloads: dict, _) -> dict:
     """Head scores over the answered samples, the top-K set and the random-K control sets."""
     recs = list(payloads.values())
-    scores, _n = head_scores([torch.as_tensor(r["events"], dtype=torch.float64) for r in recs],
+    scores, _n = head_scores([torch.as_tensor(r["events"], dtype=torch.float64, device="cpu") for r in recs],
                              [r["success"] for r in recs])
     if not recs:
-        scores = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+        scores = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64, device="cpu")
     top = top_heads(scores, cfg.k)
     exclude = set(top_heads(scores, cfg.exclude_top or min(2 * cfg.k, scores.numel() - cfg.k)))
     random_sets = {f"random{s}": pick_random(model, cfg.k, s, exclude) for s in cfg.seeds} if cfg.mask else {}

@@ -39,9 +39,9 @@ def sample_events(argmax: RowArgmax, query_pos, prompt_ids, new_ids, span: tuple
         raise InputError(f"row must be one of {ROWS}, not {row!r}")
     start, stop = span
     T = len(prompt_ids)
-    prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long)
-    pos_to_row = {int(p): i for i, p in enumerate(torch.as_tensor(query_pos).tolist())}
-    events = torch.zeros(argmax.shape[:2], dtype=torch.float64)
+    prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=argmax.device)
+    pos_to_row = {int(p): i for i, p in enumerate(torch.as_tensor(query_pos, device="cpu").tolist())}
+    events = torch.zeros(argmax.shape[:2], dtype=torch.float64, device=argmax.device)
     for t, w in enumerate(new_ids):
         pos = T - 1 + t if row == "producing" else T + t
         r = pos_to_row.get(pos)
@@ -59,5 +59,5 @@ def head_scores(per_sample: list[HeadScoresT], success: list[bool]) -> tuple[Hea
     kept = [s for s, ok in zip(per_sample, success) if ok]
     if not kept:
         shape = per_sample[0].shape if per_sample else (0, 0)
-        return torch.zeros(shape, dtype=torch.float64), 0
+        return torch.zeros(shape, dtype=torch.float64, device="cpu"), 0
     return torch.stack(kept).mean(0), len(kept)

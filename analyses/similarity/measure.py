@@ -67,8 +67,8 @@ class Accumulator:
 
     def _reset_prompt(self) -> None:
         L, H = self.n_layers, self.n_heads
-        self._ldot = torch.zeros(L, L, dtype=torch.float64)
-        self._hdot = torch.zeros(L * H, L * H, dtype=torch.float64)
+        self._ldot = torch.zeros(L, L, dtype=torch.float64, device="cpu")  # host: the sums end in numpy
+        self._hdot = torch.zeros(L * H, L * H, dtype=torch.float64, device="cpu")
 
     def add_window(self, probs: Patterns) -> None:
         """Add rows ``probs [layer, head, w, T]`` (one window of one prompt)."""
@@ -119,21 +119,21 @@ def _cosine(dot: torch.Tensor) -> np.ndarray:
 
 
 class WindowTap:
-    """``probe.tap`` observer keeping query rows [r0, r1) of every layer: ``buf [L, H, r1-r0, T]``."""
+    """``probe.tap`` observer keeping query rows [r0, r1) of every layer: ``buf [L, H, r1-r0, T]`` (float32, host)."""
 
     layers = None
 
     def __init__(self, n_layers: int, n_heads: int, r0: int, r1: int, n_keys: int):
         self.r0, self.r1 = r0, r1
-        self.buf = torch.zeros(n_layers, n_heads, r1 - r0, n_keys)
-        self.seen = torch.zeros(n_layers, r1 - r0, dtype=torch.bool)
+        self.buf = torch.zeros(n_layers, n_heads, r1 - r0, n_keys, device="cpu")
+        self.seen = torch.zeros(n_layers, r1 - r0, dtype=torch.bool, device="cpu")
 
     def on_probs(self, layer: int, q_pos: torch.Tensor, probs: torch.Tensor) -> None:
         keep = (q_pos >= self.r0) & (q_pos < self.r1)
         if not bool(keep.any()):
             return
-        rows = q_pos[keep] - self.r0
-        self.buf[layer][:, rows] = probs[0][:, keep, :self.buf.shape[-1]].float()
+        rows = (q_pos[keep] - self.r0).cpu()
+        self.buf[layer][:, rows] = probs[0][:, keep, :self.buf.shape[-1]].float().cpu()
         self.seen[layer, rows] = True
 
 

@@ -55,7 +55,7 @@ def head_sinks(stats, rule: SinkCalibration) -> torch.Tensor:
     keep_all = SinkCalibration(tau=rule.tau, rule=rule.rule, alpha=rule.alpha, min_queries=rule.min_queries,
                                keep_first=False)
     L, H, _ = stats.received_sum.shape
-    return torch.stack([torch.stack([detect_sinks(stats.received_sum[l, h], stats.received_count, keep_all)
+    return torch.stack([torch.stack([detect_sinks(stats.received_sum[l, h], stats.received_count[l], keep_all)
                                      for h in range(H)]) for l in range(L)])
 
 
@@ -65,7 +65,7 @@ def text_rows(model, t: int, text, rule) -> tuple[list[dict], list[dict]]:
     types = [token_type(p, i) for i, p in enumerate(pieces)]
     K = len(pieces)
     sinks, mean = head_sinks(st, rule), st.received_mean()
-    n_rows = st.received_count[0].clamp(min=1)  # the first key is seen by every row
+    n_rows = max(len(st.query_pos), 1)  # mean over every query row (a key outside a row's window gets 0 from it)
     by_type = {ty: [j for j in range(K) if types[j] == ty] for ty in TOKEN_TYPES}
     sink_rows, mass_rows = [], []
     for li, layer in enumerate(st.layers):

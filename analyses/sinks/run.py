@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from probe import InterventionSpec, SinkCalibration
+from probe import InterventionSpec, SinkCalibration, families
 from probe.heads import HeadId
 
 from ..config import Config, opt
@@ -73,6 +73,7 @@ def _task(cfg: SinksConfig):
 # ----------------------------------------------------------------------------- stage 1: profile
 
 def plan_profile(model, cfg: SinksConfig, _) -> list[Unit]:
+    families.family(model)                    # the search reruns from a layer: an unknown family is refused
     candidate_heads(model, cfg.first_layer, cfg.last_layer)          # bad layers fail before any work
     task = _task(cfg)
     label_token_ids(model.tokenizer, task.labels)

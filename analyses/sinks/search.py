@@ -4,20 +4,20 @@ Candidates are the heads of layers 2 .. L-2. Each candidate is calibrated *alone
 calibration split; the heads that improve the score are kept, and all kept heads are then
 calibrated *together* on a held-out split. Control: the same number of heads drawn at random
 from the candidates outside the kept set, several seeds (10 by default). Calibrating a head of
-layer l leaves layers < l unchanged, so each candidate reruns only layers l.. from cached layer
-inputs (identical to a full forward).
+layer l leaves layers < l unchanged, so each candidate reruns only layers l.. from the recorded
+input of block l (``probe.families.record``: identical to a full forward; the shared model is
+never modified).
 """
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from probe import HeadId, InterventionSpec, SinkCalibration, intervene
+from probe import HeadId, InterventionSpec, SinkCalibration, families, intervene
 from probe.atomic import atomic_path, read_json, write_json
 from probe.errors import CorruptFileError, InputError
 
@@ -48,46 +48,21 @@ def evaluate(model, batches: list[Batch], label_ids, spec: InterventionSpec | No
 
 # ----------------------------------------------------------------------------- run from a layer
 
-def layer_inputs(model, batches: list[Batch], layers) -> list[dict[int, torch.Tensor]]:
-    """Per batch, the plain model's residual stream entering each of ``layers``."""
-    blocks, wanted, out = model.hf.model.layers, set(layers), []
-    for b in batches:
-        store: dict[int, torch.Tensor] = {}
-        hooks = [blocks[l].register_forward_pre_hook(_grab(store, l), with_kwargs=True) for l in wanted]
-        try:
-            label_logprobs(model, b, [0])
-        finally:
-            for hk in hooks:
-                hk.remove()
-        out.append(store)
-    return out
-
-
-def _grab(store, layer):
-    def hook(module, args, kwargs):
-        store[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-    return hook
-
-
-@contextmanager
-def _layers_from(hf, layer: int):
-    body = hf.model
-    full = body.layers
-    body.layers = torch.nn.ModuleList(list(full)[layer:])
-    try:
-        yield
-    finally:
-        body.layers = full
+def layer_inputs(model, batches: list[Batch], layers) -> list[families.Resume]:
+    """Per batch, a :class:`probe.families.Resume` of the plain model from the first of ``layers``."""
+    start = min(layers)
+    with torch.no_grad():
+        return [families.record(model, b.ids, start=start, layers=layers, attention_mask=b.mask, position_ids=b.pos,
+                                logits_to_keep=1) for b in batches]
 
 
 @torch.no_grad()
 def evaluate_from(model, batches, cache, layer: int, label_ids, spec: InterventionSpec) -> dict[str, float]:
     """Like :func:`evaluate` for a spec editing only layers >= ``layer``: reruns layers ``layer..`` only."""
     lps = []
-    with intervene(model, spec), _layers_from(model.hf, layer):
-        for b, store in zip(batches, cache):
-            h = model.hf.model(inputs_embeds=store[layer], attention_mask=b.mask, position_ids=b.pos).last_hidden_state
-            logits = model.hf.lm_head(h[:, -1]).float()
+    with intervene(model, spec):
+        for resume in cache:
+            logits = resume.run(layer, keep=1)[:, -1].float()
             lps.append(torch.log_softmax(logits, -1)[:, label_ids].cpu())
     return score(torch.cat(lps), torch.cat([b.gold for b in batches]))
 
@@ -149,7 +124,7 @@ class SearchResult:
         return int(self.config["shots"])
 
     def random_summary(self, metric: str = "accuracy") -> dict[str, float]:
-        vals = torch.tensor([r[metric] for r in self.heldout["random"]], dtype=torch.float64)
+        vals = torch.tensor([r[metric] for r in self.heldout["random"]], dtype=torch.float64, device="cpu")
         if not len(vals):
             return {"mean": None, "std": None, "n": 0}
         return {"mean": float(vals.mean()), "std": float(vals.std(unbiased=True)) if len(vals) > 1 else 0.0,

@@ -181,14 +181,14 @@ def make_batches(model, prompts: list[str], gold: list[int], batch_size: int = 1
     for b0 in range(0, len(order), batch_size):
         idx = order[b0:b0 + batch_size]
         T = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long, device=model.device)
+        mask = torch.zeros(len(idx), T, dtype=torch.long, device=model.device)
         for r, i in enumerate(idx):
-            ids[r, T - len(encoded[i]):] = torch.tensor(encoded[i])
+            ids[r, T - len(encoded[i]):] = torch.tensor(encoded[i], device=model.device)
             mask[r, T - len(encoded[i]):] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        batches.append(Batch(ids.to(model.device), mask.to(model.device), pos.to(model.device),
-                             torch.tensor([gold[i] for i in idx])))
+        labels = torch.tensor([gold[i] for i in idx], device="cpu")  # compared with host log-probabilities
+        batches.append(Batch(ids, mask, pos, labels))
     return batches
 
 

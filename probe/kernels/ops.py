@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import eager
+from ..call import AttentionCall
 from ..errors import InputError
 
 NGROUPS = 16
@@ -29,12 +30,33 @@ def plan_supported(plan: eager.LayerPlan | None) -> str | None:
     return None
 
 
+def call_supported(call: AttentionCall | None, plan: eager.LayerPlan | None = None) -> str | None:
+    """``None`` when the kernel implements every argument of ``call``; else what it lacks (the caller uses eager).
+
+    The kernel computes ``scale * q.k`` under a visibility mask: anything else the model's attention
+    does (softcap, learned sinks, an additive bias, per-head masks) goes to the exact eager engine.
+    """
+    if call is None:
+        return None
+    if call.softcap is not None:
+        return "attention logit softcapping (tanh)"
+    if call.sinks is not None:
+        return "learned attention sinks (s_aux)"
+    if call.bias is not None:
+        return "an additive score bias (position_bias or a float mask)"
+    if call.mask is not None and call.mask.shape[1] > 1:
+        return "a per-head attention mask"
+    if plan is not None and plan.boosts and not call.shared_keys:
+        return "SpanBoost on batch rows whose keys sit at different positions"
+    return None
+
+
 def _plan_heads(plan: eager.LayerPlan) -> set[int]:
     return (set(plan.uniform) | set(plan.temperature) | {h for h, _ in plan.boosts} | set(plan.act) | set(plan.zero)
             | set(plan.mean))
 
 
-def _params(plan: eager.LayerPlan, H: int, K: int, device) -> dict:
+def _params(plan: eager.LayerPlan, H: int, K: int, device, call: AttentionCall) -> dict:
     """Per-head parameter tensors (built on the CPU, moved once: no per-element device writes)."""
     p = {"temp": torch.ones(H), "unif": torch.zeros(H, dtype=torch.int32), "skip": torch.zeros(H, dtype=torch.int32),
          "beta": torch.ones(H), "balpha": torch.zeros(H), "blast": torch.zeros(H, dtype=torch.int32),
@@ -48,7 +70,7 @@ def _params(plan: eager.LayerPlan, H: int, K: int, device) -> dict:
     for h, e in plan.boosts:
         p["balpha"][h] = e.alpha
         p["blast"][h] = int(e.rows == "last")
-        p["boost"][h] = eager.span_mask(e.spans, K, "cpu")
+        p["boost"][h] = call.key_mask(e.spans)[0].cpu()
     for h, e in plan.act.items():
         p["beta"][h] = e.beta
     out = {k: v.to(device, non_blocking=True) for k, v in p.items()}
@@ -56,22 +78,25 @@ def _params(plan: eager.LayerPlan, H: int, K: int, device) -> dict:
     return out
 
 
-def _mask_rows(mask: torch.Tensor | None, Tq: int, K: int):
-    """Visible-key mask as int8 ``[B|1, Tq, K]`` and its batch stride (0 when broadcast)."""
-    if mask is None:
+def _mask_rows(call: AttentionCall):
+    """Visible-key mask as int8 ``[B|1, Tq, K]`` and its batch stride (0 when broadcast); None: plain causal."""
+    if call.lower_right:
         return None, 0
-    vis = eager.visible(torch.arange(Tq), K, mask)[:, 0, -Tq:, :K].to(torch.int8).contiguous()
+    vis = call.visible(slice(None))[:, 0].to(torch.int8).contiguous()
     return vis, (vis.stride(0) if vis.shape[0] > 1 else 0)
 
 
-def _groups(groups, K: int, device):
+def _groups(groups, call: AttentionCall, device):
+    """Key groups given in token positions, as key-index ranges of this call (keys hold consecutive positions)."""
     groups = list(groups or ())
     if len(groups) > NGROUPS:
         raise InputError(f"the fused kernel measures at most {NGROUPS} key groups, got {len(groups)}")
+    K, first = call.n_keys, int(call.k_pos[0, 0])  # token position of key 0
     lo = torch.zeros(NGROUPS, dtype=torch.int32)
     hi = torch.zeros(NGROUPS, dtype=torch.int32)
     for i, (a, b) in enumerate(groups):
-        lo[i], hi[i] = a, K if b is None else min(b, K)
+        lo[i] = min(max(a - first, 0), K)
+        hi[i] = K if b is None else min(max(b - first, 0), K)
     return lo.to(device), hi.to(device), len(groups)
 
 
@@ -129,15 +154,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def visible_counts(Tq: int, K: int, vis: torch.Tensor | None, row0: int, device) -> torch.Tensor:
-    """Queries (from row ``row0``) that can see each key: ``[B|1, K]`` (the ACT column-mean denominator)."""
-    if vis is None:
-        q_pos = torch.arange(K - Tq, K, device=device)[row0:]
-        return (torch.arange(K, device=device)[None, :] <= q_pos[:, None]).sum(0, dtype=torch.float32)[None]
-    return vis[:, row0:].sum(1, dtype=torch.float32)
-
-
-def _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps):
+def _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps, call: AttentionCall):
     """Sink masks ``[B, H, K]`` int8 for the ACT heads (given or detected from column means)."""
     B, H, Tq, _ = q.shape
     K = k.shape[2]
@@ -148,28 +165,33 @@ def _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps):
         plain = {**p, "beta": torch.ones_like(p["beta"]), "skip": torch.zeros_like(p["skip"])}
         _, _, lse, _ = _forward(q, k, v, scale, plain, vis, vis_bs, None, g_lo, g_lo, False, blocks, num_warps)
         col = _received(q, k, scale, p, vis, vis_bs, None, lse, lse, 0, blocks, num_warps)
-        cnt = visible_counts(Tq, K, vis, 0, q.device).expand(B, K)
+        cnt = call.visible_counts(0).to(q.device).expand(B, K)
+    kp = call.k_pos
     for h, e in plan.act.items():
         for b in range(B):
             found = eager.detect_sinks(col[b, h] if e.sinks is None else torch.zeros(K, device=q.device),
-                                       cnt[b] if e.sinks is None else None, e)
+                                       cnt[b] if e.sinks is None else None, e, kp[min(b, kp.shape[0] - 1)])
             sink[b, h] = found.to(torch.int8)
     return sink
 
 
-def fused_attend(q, k, v, *, scale: float, mask=None, plan=None, groups=(), stats: bool = True,
-                 received: bool = False, received_from: int = 0, block_m: int = 64, block_n: int = 64,
-                 num_warps: int | None = None):
+def fused_attend(q, k, v, *, scale: float | None = None, mask=None, call: AttentionCall | None = None, plan=None,
+                 groups=(), stats: bool = True, received: bool = False, received_from: int = 0, block_m: int = 64,
+                 block_n: int = 64, num_warps: int | None = None):
     """Kernel attention: ``(out [B, Tq, H, D], row stats or None, received [B, H, K] or None)``.
 
-    ``groups`` are key ranges ``(start, stop|None)``; row stats are ``entropy, max_prob, argmax
-    [B, H, Tq]`` and ``group_mass [B, H, Tq, G]``, of the final (edited, calibrated) pattern.
-    ``received_from`` drops query rows before it from the column sums.
+    ``call`` describes the model's attention (:mod:`probe.call`); without it ``scale`` and ``mask``
+    give a plain causal call. ``groups`` are key ranges ``(start, stop|None)`` in token positions;
+    row stats are ``entropy, max_prob, argmax [B, H, Tq]`` (argmax a key index) and ``group_mass
+    [B, H, Tq, G]``, of the final (edited, calibrated) pattern. ``received_from`` drops query rows
+    before it from the column sums.
     """
     plan = plan or eager.LayerPlan()
-    reason = plan_supported(plan)
+    call = call or AttentionCall.plain(scale, q.shape[2], k.shape[2], mask, device=q.device)
+    reason = plan_supported(plan) or call_supported(call, plan)
     if reason:
         raise InputError(f"the fused kernel cannot run this plan: {reason}; use probe.eager.attend")
+    scale = call.scaling
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Tq, D = q.shape
     K = k.shape[2]
@@ -178,16 +200,15 @@ def fused_attend(q, k, v, *, scale: float, mask=None, plan=None, groups=(), stat
     bad = sorted(h for h in _plan_heads(plan) if not 0 <= h < H)
     if bad:
         raise InputError(f"the plan edits heads {bad} but the input has {H} query heads: compile it for this layer")
-    p = _params(plan, H, K, q.device)
-    vis, vis_bs = _mask_rows(mask, Tq, K)
-    g_lo, g_hi, G = _groups(groups, K, q.device)
+    p = _params(plan, H, K, q.device, call)
+    vis, vis_bs = _mask_rows(call)
+    g_lo, g_hi, G = _groups(groups, call, q.device)
     blocks = _blocks(D, block_m, block_n)
     num_warps = num_warps or (4 if D <= 64 else 8)
-    sink = _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps) if plan.act else None
+    sink = _detect(q, k, v, scale, plan, p, vis, vis_bs, blocks, num_warps, call) if plan.act else None
     out, cS, cN, rs = _forward(q, k, v, scale, p, vis, vis_bs, sink, g_lo, g_hi, stats, blocks, num_warps)
     if plan.mean:
-        q_pos = torch.arange(K - Tq, K, device=q.device)
-        eager._edit_outputs(out.transpose(1, 2), eager.LayerPlan(mean=plan.mean), q_pos)
+        eager._edit_outputs(out.transpose(1, 2), eager.LayerPlan(mean=plan.mean), call.q_pos)
     col = _received(q, k, scale, p, vis, vis_bs, sink, cS, cN, received_from, blocks, num_warps) if received else None
     if stats:
         rs["group_mass"] = rs["group_mass"][..., :G]

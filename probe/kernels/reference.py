@@ -17,20 +17,19 @@ def reference_attend(q, k, v, *, scale: float, mask=None, plan=None, groups=(), 
     """``(out [B, Tq, H, D], row stats, received [B, H, K])`` from the eager engine in ``dtype``."""
     B, H, Tq, _ = q.shape
     K = k.shape[2]
-    q_pos = torch.arange(K - Tq, K, device=q.device)
     masks = (torch.stack([KeyGroup(str(i), a, b).mask(K, q.device) for i, (a, b) in enumerate(groups)])
              if groups else None)
     parts: list[dict] = []
     col = torch.zeros(B, H, K, dtype=dtype, device=q.device)
 
-    def on_chunk(pos, probs, scores=None):
-        parts.append(eager.row_stats(probs, masks, scores))
-        keep = (pos >= (K - Tq) + received_from).to(probs.dtype)
-        col.add_((probs * keep[None, None, :, None]).sum(2))
+    def on_chunk(chunk):
+        parts.append(eager.row_stats(chunk.probs, masks, chunk.scores))
+        keep = (torch.arange(chunk.rows.start, chunk.rows.stop, device=q.device) >= received_from).to(chunk.probs.dtype)
+        col.add_((chunk.probs * keep[None, None, :, None]).sum(2))
 
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)
-    out = eager.attend(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale, q_pos=q_pos, mask=mask, plan=plan,
+    out = eager.attend(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale, mask=mask, plan=plan,
                        chunk=chunk, on_chunk=on_chunk)
     stats = {key: torch.cat([p[key] for p in parts], dim=2) for key in parts[0]}
     if "group_mass" not in stats:
