@@ -18,6 +18,7 @@ from probe.errors import HeadwiseError
 
 from . import registry
 from .config import add_arguments, from_args
+from .terminal import layer_bar, quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run is None:
         parser.print_help()
         return 2
+    quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except (HeadwiseError, FileNotFoundError) as exc:
@@ -169,7 +171,9 @@ def _prepare(args) -> int:
 def _capture(args) -> int:
     from probe import capture
 
-    rec = capture(load(args), args.text, layers=args.layers, heads=args.heads)
+    model = load(args)
+    with layer_bar(model, "capture", layers=args.layers):
+        rec = capture(model, args.text, layers=args.layers, heads=args.heads)
     rec.save(args.out)
     print(f"wrote {args.out}: patterns {list(rec.patterns.shape)} for {len(rec.token_ids)} tokens")
     return 0
@@ -179,7 +183,9 @@ def _stats(args) -> int:
     from probe import stream_stats
 
     text = args.text if args.text is not None else Path(args.file).read_text()
-    st = stream_stats(load(args), text)
+    model = load(args)
+    with layer_bar(model, "stats"):
+        st = stream_stats(model, text)
     st.save(args.out)
     print(f"wrote {args.out}: {len(st.layers)} layers x {st.entropy.shape[1]} heads x {st.entropy.shape[2]} rows")
     return 0
