@@ -2,7 +2,6 @@
 attends to it, for up to four heads side by side or the difference of two; short texts whole, long
 ones through a window you move or jump (find a token). Rows are computed once per band and cached."""
 import streamlit as st
-import streamlit.components.v1 as components
 
 from analyses.patterns import MAX_CELLS
 from dashboards.common import DEFAULT_PROMPT, explorer_rows, get_model, model_name, open_explorer, reproduce
@@ -57,7 +56,7 @@ st.caption(f"{T} tokens · window {start}..{stop - 1} · exact attention among t
            "(the mass a row puts before the window is shown with its top keys)")
 rows = {l: explorer_rows(name, text, l, (start, stop)) for l in sorted({h.layer for h in heads})}
 win = ex.token_window(heads, start, stop, rows=rows)
-components.html(token_view_html(win, mode if len(heads) == 2 else "side", focus), height=560, scrolling=True)
+st.iframe(token_view_html(win, mode if len(heads) == 2 else "side", focus), height=560)
 st.download_button("Token view as HTML (works offline)", token_view_html(win, mode, focus),
                    file_name=f"token_view_{'_'.join(map(str, heads))}.html", mime="text/html", on_click="ignore")
 reproduce(f'''
