@@ -77,7 +77,7 @@ def wait_for_page(page, title: str, charts: int, timeout_ms: int = 90_000) -> No
     page.wait_for_timeout(300)                                      # let plotly finish painting
 
 
-def idle(page, timeout_ms: int = 120_000) -> None:
+def idle(page, timeout_ms: int = 300_000) -> None:
     """Wait until the script run the last interaction started has finished."""
     page.wait_for_timeout(400)
     page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)

@@ -200,6 +200,7 @@ def test_run_options_are_checked(tiny_llama, tmp_path):
     with pytest.raises(InputError, match="unknown analysis"):
         registry.get("nonsense")
     assert RetrievalConfig.small(tiny_llama).lengths == (tiny_llama.n_ctx - 8 - 40,)
+    assert len(RetrievalConfig.small(tiny_llama).depths) == 3          # a grid, not one sample
 
 
 def test_inputs_survive_navigation_and_a_shared_url_reopens_the_view(app, results, monkeypatch):
