@@ -17,7 +17,7 @@ from analyses.atlas import head_grid
 from analyses.data import data_dir
 from analyses.explorer import Explorer, Rows
 from dashboards import memo
-from probe import DEFAULT_MODEL, HeadId, capture, load_model
+from probe import DEFAULT_MODEL, HeadId, HeadwiseError, capture, load_model
 
 MODEL_ENV = "HEADWISE_DASHBOARD_MODEL"
 RESULTS_ENV = "HEADWISE_RESULTS"
@@ -105,6 +105,22 @@ def cached_result(path: str, mtime: float):
 
 def open_result(saved: registry.Saved):
     return cached_result(str(saved.path), saved.mtime)
+
+
+def opened_results(model_id: str, every: bool = False):
+    """``(analysis, label, Result)`` of the saved results made for ``model_id`` (newest first; only the
+    newest of each analysis unless ``every``); damaged results are skipped, the others still show."""
+    seen = set()
+    for saved in saved_results():
+        if not every and saved.analysis.name in seen:
+            continue
+        try:
+            res = open_result(saved)
+        except (HeadwiseError, OSError, ValueError, KeyError):
+            continue
+        if res.model_id == model_id:
+            seen.add(saved.analysis.name)
+            yield saved.analysis.name, label_of(saved), res
 
 
 def label_of(saved: registry.Saved) -> str:

@@ -247,3 +247,21 @@ def test_small_runs_carry_a_warning_with_n_and_ci(app, results, monkeypatch):
     monkeypatch.setattr(registry, "get", lambda name, _get=registry.get: big if name == "circuits" else _get(name))
     _open(app, "circuits", "Circuits")                                       # at its minimum size: no warning
     assert not [w for w in app.warning if w.value.startswith("**Small run")]
+
+
+def test_top_heads_and_the_head_card_follow_the_selected_head(app):
+    app.sidebar.selectbox(key="head").set_value(HeadId(0, 3)).run()
+    app.switch_page("views/top_heads.py").run()
+    assert not app.exception and [t.value for t in app.title] == ["Top heads"]
+    ranked = app.dataframe[0].value
+    assert {"retrieval", "circuits", "grounding"} <= set(ranked["analysis"]) and (ranked["rank"] <= 20).all()
+    assert app.subheader[0].value.startswith("L0H3: ")
+    mine = app.dataframe[-1].value
+    assert len(mine) and set(mine["source"]) <= set(ranked["source"])
+    app.switch_page("views/head_card.py").run()
+    assert not app.exception and app.subheader[0].value.startswith("L0H3 · KV group 1")
+    card = app.dataframe[0].value
+    assert "retrieval_score" in set(card["metric"]) and card["percentile"].between(0, 100).all()
+    app.button(key="card_next").click().run()                       # the next head: L1H0 (wraps to the next layer)
+    assert app.sidebar.selectbox(key="head").value == HeadId(1, 0)
+    assert app.subheader[0].value.startswith("L1H0 · KV group 0")

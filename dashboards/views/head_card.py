@@ -3,7 +3,7 @@ a sample pattern; step to the neighbouring heads, or open its tokens and interve
 import streamlit as st
 
 from dashboards.cards import SAMPLE, basic_card
-from dashboards.common import get_model, label_of, model_name, open_result, reproduce, saved_results, selected_head
+from dashboards.common import get_model, model_name, opened_results, reproduce, selected_head
 from dashboards.grids import set_head, show_figure
 from probe import HeadId, HeadwiseError
 
@@ -27,22 +27,8 @@ c[4].button("layer ▼", key="card_down", on_click=_step, args=(1, 0))
 text = st.text_input("Sample text of the pattern (long texts are pooled)", SAMPLE, key="card_text", bind="query-params")
 
 
-def _opened():
-    seen = set()
-    for saved in saved_results():
-        if saved.analysis.name in seen:
-            continue
-        try:
-            res = open_result(saved)
-        except (HeadwiseError, OSError, ValueError, KeyError):
-            continue
-        if res.model_id == model.model_id:
-            seen.add(saved.analysis.name)
-            yield saved.analysis.name, label_of(saved), res
-
-
 try:
-    card = basic_card(model, head, _opened(), text)
+    card = basic_card(model, head, opened_results(model.model_id), text)
 except HeadwiseError as exc:
     st.error(str(exc))
     st.stop()

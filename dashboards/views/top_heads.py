@@ -5,30 +5,15 @@ the interventions). Each row names the result folder its score comes from."""
 import streamlit as st
 
 from analyses.leaderboard import head_rows, head_table
-from dashboards.common import get_model, label_of, model_name, open_result, reproduce, saved_results, selected_head
+from dashboards.common import get_model, model_name, opened_results, reproduce, selected_head
 from dashboards.grids import head_table as show_head_table
-from probe import HeadwiseError
 
 model = get_model(model_name())
 st.title("Top heads")
 
 
-def _opened(every: bool):
-    seen = set()
-    for saved in saved_results():
-        if not every and saved.analysis.name in seen:
-            continue
-        try:
-            res = open_result(saved)
-        except (HeadwiseError, OSError, ValueError, KeyError):
-            continue
-        if res.model_id == model.model_id:
-            seen.add(saved.analysis.name)
-            yield saved.analysis.name, label_of(saved), res
-
-
 every = st.toggle("Every saved result (default: the newest of each analysis)", key="top_every", persist_state="session")
-table = head_table(list(_opened(every)))
+table = head_table(list(opened_results(model.model_id, every)))
 if table.empty:
     st.info(f"No saved result for {model.model_id} has per-head scores yet: run an analysis on its page.")
     st.stop()
