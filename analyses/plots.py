@@ -87,7 +87,7 @@ def finish(fig: go.Figure, layout: HeadLayout | None = None) -> go.Figure:
         if fits:
             trace.x = [kv_label(layout, h) for h in heads]
             _separators(fig, trace, [layout.kv_group(h) for h in heads])
-        _reverse_layers(fig, trace)
+        _reverse_layers(fig, trace, layers)
         values = np.asarray(trace.z, dtype=float)
         shown = np.vectorize(lambda v: "–" if not np.isfinite(v) else format(v, ".4g"), otypes=[object])(values)
         data = np.concatenate([cells, shown[..., None]], axis=-1)
@@ -125,9 +125,12 @@ def _separators(fig: go.Figure, trace, groups: list[int]) -> None:
                           line={"color": "white", "width": 2})
 
 
-def _reverse_layers(fig: go.Figure, trace) -> None:
+def _reverse_layers(fig: go.Figure, trace, layers: list[int]) -> None:
+    """Layer 0 on top, ticks on whole layers only (at most ~16 labels)."""
     axis = "yaxis" + (trace.yaxis or "y")[1:]
-    fig.layout[axis].autorange = "reversed"
+    step = max(1, -(-len(layers) // 16))
+    fig.layout[axis].update(autorange="reversed", tickmode="array", tickvals=layers[::step],
+                            ticktext=[str(layer) for layer in layers[::step]])
 
 
 def mark_head(fig: go.Figure, head: HeadId) -> go.Figure:
