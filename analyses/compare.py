@@ -181,7 +181,7 @@ def _next_token(model, ids: torch.Tensor) -> pd.DataFrame:
     logits = model.hf(ids).logits[0, -1].double().cpu()
     p = torch.softmax(logits, -1)
     rank = torch.empty_like(p, dtype=torch.long)
-    rank[torch.argsort(-p, stable=True)] = torch.arange(1, p.numel() + 1)
+    rank[torch.argsort(-p, stable=True)] = torch.arange(1, p.numel() + 1, device="cpu")
     return pd.DataFrame({"id": np.arange(p.numel()), "token": vocab_strings(model.tokenizer, p.numel()),
                          "p": p.numpy(), "logit": logits.numpy(), "rank": rank.numpy()})
 
