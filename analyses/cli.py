@@ -25,6 +25,7 @@ from probe.errors import HeadwiseError, InputError
 from . import registry
 from .config import add_arguments, from_args
 from .store import check_output_folder
+from .terminal import layer_bar, quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run is None:
         parser.print_help()
         return 2
+    quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -266,7 +268,9 @@ def _capture(args) -> int:
 
     check_output_file(args.out, suffix=".safetensors")
     budget = int(args.budget_gb * 2**30) if args.budget_gb else DEFAULT_CAPTURE_BUDGET
-    rec = capture(load(args), args.text, layers=args.layers, heads=args.heads, budget=budget)
+    model = load(args)
+    with layer_bar(model, "capture", layers=args.layers):
+        rec = capture(model, args.text, layers=args.layers, heads=args.heads, budget=budget)
     rec.save(args.out)
     print(f"wrote {args.out}: patterns {list(rec.patterns.shape)} for {len(rec.token_ids)} tokens")
     return 0
@@ -279,7 +283,9 @@ def _stats(args) -> int:
 
     text = args.text if args.text is not None else read_utf8(args.file, "--file")
     check_output_file(args.out, suffix=".safetensors")
-    st = stream_stats(load(args), text)
+    model = load(args)
+    with layer_bar(model, "stats"):
+        st = stream_stats(model, text)
     st.save(args.out)
     print(f"wrote {args.out}: {len(st.layers)} layers x {st.entropy.shape[1]} heads x {st.entropy.shape[2]} rows")
     return 0

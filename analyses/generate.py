@@ -15,6 +15,8 @@ True
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from probe.atomic import write_text
@@ -56,6 +58,10 @@ def command(args, model_loader) -> int:
     check(args)
     det = Detector.load(args.guided) if args.guided else None  # bad files fail before the model loads
     calib = load_calibration(args.calibration) if args.calibration else None
+    if calib is not None and not calib.heads:
+        print(f"headwise: warning: {args.calibration} keeps no heads (its search found none that help "
+              f"{calib.task or 'the task'}): the generation is the plain model's. Rerun the search with "
+              "`headwise scan sinks --selection gold_logprob --out DIR` for a calibration with heads.", file=sys.stderr)
     model = model_loader(args)
     if det is not None:
         det.check_model(model, required=True)       # a detector of other weights: refused, naming both models

@@ -106,12 +106,18 @@ class PooledPattern:
                              "value": self.pooled.ravel()})
 
     def plot(self, head: int) -> go.Figure:
+        """The pooled map of ``head``; each cell carries ``[query start, key start]`` (a click centres a zoom)."""
+        from .plots import click_markers
+
         edges = self.edges()
-        fig = go.Figure(go.Heatmap(z=self.pooled[head], x=edges, y=edges, colorscale="Viridis",
-                                   hovertemplate="query %{y}+ · key %{x}+<br>%{z:.3f}<extra></extra>"))
+        fig = go.Figure(go.Heatmap(z=self.pooled[head], x=edges, y=edges, colorscale="Viridis", hoverinfo="skip"))
+        q, k = np.meshgrid(edges, edges, indexing="ij")
+        z = self.pooled[head]
+        data = np.stack([q, k, np.vectorize(lambda v: f"{v:.3f}", otypes=[object])(z)], -1)
+        fig.add_trace(click_markers(k, q, data, "query %{customdata[0]}+ · key %{customdata[1]}+<br>%{customdata[2]}"))
         fig.update_layout(title=f"{HeadId(self.layer, head)}: block-{self.mode} over {self.n_tokens} tokens "
                                 f"({self.block} tokens per cell)", xaxis_title="key position",
-                          yaxis_title="query position", yaxis_autorange="reversed", height=560)
+                          yaxis_title="query position", yaxis_autorange="reversed", height=560, hoverdistance=-1)
         return fig
 
     def save(self, path: str | Path) -> Path:

@@ -203,9 +203,9 @@ def _reporter(analysis, stage, total, done, progress):
         return lambda n: progress(Progress(analysis.name, stage.name, n, total)) if n is not None else None
     if not progress:
         return lambda n: None
-    from tqdm.auto import tqdm
+    from .terminal import bar as progress_bar
 
-    bar = tqdm(total=total, initial=done, desc=f"{analysis.name}: {stage.name}", unit="unit")
+    bar = progress_bar(total, f"{analysis.name}: {stage.name}", initial=done)   # one line when finished
     return lambda n: bar.update(n - bar.n) if n is not None else bar.close()
 
 

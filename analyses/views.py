@@ -47,3 +47,40 @@ def head_heatmap(record: AttentionRecord, head: HeadId | tuple[int, int]) -> go.
     fig.update_layout(title=f"{head} attention pattern", xaxis_title="key", yaxis_title="query",
                       yaxis_autorange="reversed", height=520)
     return fig
+
+
+def open_record(path) -> AttentionRecord | HeadStats:
+    """A file of ``headwise capture`` (:class:`AttentionRecord`) or ``headwise stats`` (:class:`HeadStats`),
+    told apart by its format tag and loaded with that type's checks."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    from probe import records, stats
+    from probe.errors import CorruptFileError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fmt = json.loads((f.metadata() or {}).get("headwise") or "{}").get("format")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{path} is not a safetensors file written by headwise ({exc})") from exc
+    kinds = {records.FORMAT: AttentionRecord, stats.FORMAT: HeadStats}
+    if fmt not in kinds:
+        raise CorruptFileError(f"{path} holds {fmt!r}, not a capture record or statistics file: open the output of "
+                               "`headwise capture --out` or `headwise stats --out`")
+    return kinds[fmt].load(path)
+
+
+def stats_rows(stats: HeadStats, head: HeadId | tuple[int, int]) -> go.Figure:
+    """One head's entropy and max attention query row by query row (a ``headwise stats`` file)."""
+    head = HeadId(*head)
+    li = stats.layer_index(head.layer)
+    pos = stats.query_pos.numpy()
+    fig = go.Figure([go.Scatter(x=pos, y=stats.entropy[li, head.head].numpy(), name="entropy (nats)"),
+                     go.Scatter(x=pos, y=stats.max_prob[li, head.head].numpy(), name="max attention", yaxis="y2")])
+    return fig.update_layout(title=f"{head} row by row ({len(pos)} query rows)", xaxis_title="query position",
+                             yaxis_title="entropy (nats)", yaxis2={"title": "max attention", "overlaying": "y",
+                                                                   "side": "right", "range": [0, 1]}, height=380)

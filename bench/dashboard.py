@@ -7,6 +7,10 @@ first_run: each analysis' small scan (``config.small(model)``, what a page's Run
 page_open_*_s: headless chromium, a fresh tab per page (the whole frontend loads again), until its
   charts are drawn, with the results under ``--root`` saved (first open on a fresh server, then again).
 page_switch_s: one tab, clicking each page in the sidebar (how a user moves; second round of clicks).
+window_move_s: the pattern explorer's zoom window: the first window (its row band computed), then moves
+  inside the band (cached rows: no model run) and a head change in the same layer (same rows).
+intervention_s: the interventions page's Run (zero-ablate the selected head; plain vs edited next-token
+  distributions and 20 generated tokens each), click to the KL metric.
 Run: PYTHONPATH=$PWD python bench/dashboard.py --root results/bench [--no-runs] [--only sinks,circuits]
 """
 import argparse
@@ -18,10 +22,12 @@ import time
 import torch
 
 from analyses import registry, run
-from tests.browser import chromium, serve, wait_for_page
+from tests.browser import chromium, idle, serve, wait_for_page
 
 MODEL = "smollm2-135m"
-PAGES = [("", "Head atlas", 2), ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 6),
+PAGES = [("", "Head atlas", 2), ("top_heads", "Top heads", 0), ("head_card", "Head card", 1),
+         ("token_view", "Token view", 0), ("interventions", "Interventions", 0),
+         ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 6),
          ("sinks", "Sinks and calibration", 3), ("circuits", "Circuits", 2), ("similarity", "Layer similarity", 1),
          ("grounding", "Grounding", 1)]
 
@@ -83,6 +89,48 @@ def switch_times(browser, url) -> dict:
     return out
 
 
+def _settled(page, t: float) -> float:
+    idle(page, 120_000)
+    return round(time.perf_counter() - t, 2)
+
+
+def window_moves(browser, url) -> dict:
+    """The explorer on the default long text: first window, moves inside the cached band, a head change."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    t = time.perf_counter()
+    page.goto(f"{url}/pattern_explorer?head=L3H0")
+    wait_for_page(page, "Pattern explorer", 2, timeout_ms=300_000)
+    out = {"first_open_s": round(time.perf_counter() - t, 2)}
+    box = page.get_by_label("Query window start")
+    start = int(box.input_value())
+    moves = []
+    for step in (8, 16, 24):                            # stays inside the 64-row band of the first window
+        box.fill(str(max(0, start - step)))
+        t = time.perf_counter()
+        box.press("Enter")
+        moves.append(_settled(page, t))
+    out["move_inside_band_s"] = moves
+    t = time.perf_counter()
+    page.get_by_role("combobox", name="Selected head (every page)").fill("L3H1")
+    page.keyboard.press("Enter")
+    out["head_change_same_layer_s"] = _settled(page, t)
+    page.close()
+    return out
+
+
+def intervention_time(browser, url) -> float:
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    page.goto(f"{url}/interventions?head=L3H0")
+    page.get_by_role("heading", name="Interventions").wait_for(timeout=300_000)
+    idle(page, 300_000)
+    t = time.perf_counter()
+    page.get_by_role("button", name="Run the intervention").click()
+    page.get_by_text("KL(plain").wait_for(timeout=300_000)
+    dt = _settled(page, t)
+    page.close()
+    return dt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="results/bench")
@@ -99,6 +147,8 @@ def main() -> None:
         out["page_open_first_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
         out["page_open_again_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
         out["page_switch_s"] = switch_times(browser, url)
+        out["window_move_s"] = window_moves(browser, url)
+        out["intervention_s"] = intervention_time(browser, url)
     out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 

@@ -1,8 +1,11 @@
 """headwise dashboard: pick a model in the sidebar, then a page (``headwise dashboard`` serves it).
 
-Routing is ``st.navigation``: the head atlas and the pattern explorer, then one page per analysis
-of the registry (:mod:`dashboards.page` draws any of them). The model is loaded once per server
-(``dashboards.common.get_model``).
+Routing is ``st.navigation``: the head pages (atlas, top heads, head card, token view, pattern
+explorer, interventions), then one page per analysis of the registry (:mod:`dashboards.page` draws
+any of them). The model is loaded once per server (``dashboards.common.get_model``). The selected
+head and each page's inputs are widgets bound to the URL (``bind="query-params"``: a view is a
+link that reopens it) or kept for the session (``persist_state="session"``: leaving a page and
+coming back finds it as it was).
 """
 import sys
 from functools import partial
@@ -18,9 +21,11 @@ from analyses import registry  # noqa: E402
 from dashboards.common import default_model, default_results, get_model  # noqa: E402
 from dashboards.errors import message, run_page  # noqa: E402
 from dashboards.page import analysis_page  # noqa: E402
-from probe import HeadwiseError, HeadId, list_models  # noqa: E402
+from probe import HeadwiseError, list_models  # noqa: E402
 
-st.set_page_config(page_title="headwise", layout="wide")
+HERE = Path(__file__).resolve().parent
+# A local favicon: Streamlit fetches a Material icon's SVG from a font CDN when a page icon is the favicon.
+st.set_page_config(page_title="headwise", layout="wide", page_icon=str(HERE / "components" / "headwise.png"))
 
 LOCAL = "local folder…"
 
@@ -30,9 +35,11 @@ def pick_model() -> str:
     default = default_model()
     if default not in names:
         names.insert(0, default)
-    choice = st.sidebar.selectbox("Model", names + [LOCAL], index=names.index(default), key="model_choice")
+    choice = st.sidebar.selectbox("Model", names + [LOCAL], index=names.index(default), key="model_choice",
+                                  bind="query-params")
     if choice == LOCAL:
-        choice = st.sidebar.text_input("Hugging Face model folder", key="model_path").strip() or default
+        choice = st.sidebar.text_input("Hugging Face model folder", key="model_path", bind="query-params").strip() \
+            or default
     return choice
 
 
@@ -47,21 +54,24 @@ st.session_state["model_name"] = name
 st.sidebar.caption(f"{model.model_id} · {model.n_layers} layers · {model.n_heads} heads · "
                    f"{model.n_kv_heads} KV heads · context {model.n_ctx}")
 
-st.sidebar.text_input("Results folder", default_results(), key="results_root",
+st.sidebar.text_input("Results folder", default_results(), key="results_root", persist_state="session",
                       help="saved results of `headwise scan …` (searched recursively)")
-heads = [HeadId(l, h) for l in range(model.n_layers) for h in model.layout.grouped_order()]
-if "head_pending" in st.session_state:                     # a click on some page selected a head
-    st.session_state["head"] = st.session_state.pop("head_pending")
+heads = model.layout.all_heads()
 if st.session_state.get("head") not in heads:
-    st.session_state["head"] = heads[0]
-st.sidebar.selectbox("Selected head (every page)", heads, key="head", format_func=str)
+    st.session_state.pop("head", None)
+st.sidebar.selectbox("Selected head (every page)", heads, key="head", format_func=str, bind="query-params",
+                     help="click a cell of any head grid, or a row of a head table, to select it")
 
-VIEWS = ROOT / "dashboards" / "views"
+VIEWS = HERE / "views"
 analyses = [st.Page(partial(analysis_page, a.name), title=a.title, url_path=a.name, icon=a.icon or None)
             for a in registry.analyses()]
 page = st.navigation({
     "Heads": [st.Page(VIEWS / "head_grid.py", title="Head atlas", icon=":material/grid_on:", default=True),
-              st.Page(VIEWS / "pattern_explorer.py", title="Pattern explorer", icon=":material/zoom_in:")],
+              st.Page(VIEWS / "top_heads.py", title="Top heads", icon=":material/leaderboard:"),
+              st.Page(VIEWS / "head_card.py", title="Head card", icon=":material/badge:"),
+              st.Page(VIEWS / "token_view.py", title="Token view", icon=":material/text_fields:"),
+              st.Page(VIEWS / "pattern_explorer.py", title="Pattern explorer", icon=":material/zoom_in:"),
+              st.Page(VIEWS / "interventions.py", title="Interventions", icon=":material/science:")],
     "Analyses": analyses,
 })
 run_page(page)

@@ -15,9 +15,9 @@ import streamlit as st
 from analyses import registry
 from analyses.atlas import head_grid
 from analyses.data import data_dir
-from analyses.patterns import pattern_window, pooled_pattern
-from analyses.plots import clicked_head
-from probe import DEFAULT_MODEL, HeadId, capture, load_model
+from analyses.explorer import Explorer, Rows
+from dashboards import memo
+from probe import DEFAULT_MODEL, HeadId, HeadwiseError, capture, load_model
 
 MODEL_ENV = "HEADWISE_DASHBOARD_MODEL"
 RESULTS_ENV = "HEADWISE_RESULTS"
@@ -82,14 +82,34 @@ def cached_capture(name: str, text: str, layer: int, head: int):
     return capture(get_model(name), text, layers=[layer], heads=[head])
 
 
-@st.cache_data(show_spinner="Pooling the whole pattern chunk by chunk…", max_entries=16)
-def cached_pooled(name: str, text: str, layer: int, mode: str, cells: int):
-    return pooled_pattern(get_model(name), text, layer=layer, cells=cells, mode=mode)
+# ----------------------------------------------------------------------------- the explorer (memoised runs)
+
+def open_explorer(name: str, text: str) -> Explorer:
+    """The :class:`~analyses.explorer.Explorer` of ``text`` (tokenised once per server)."""
+    return memo.table("explorer", 4).get((name, text), lambda: Explorer.open(get_model(name), text))
 
 
-@st.cache_data(show_spinner="Reading the token window…", max_entries=64)
-def cached_window(name: str, text: str, layer: int, queries: tuple[int, int], keys: tuple[int, int]):
-    return pattern_window(get_model(name), text, layer=layer, queries=queries, keys=keys)
+def explorer_rows(name: str, text: str, layer: int, queries: tuple[int, int]) -> Rows:
+    """Exact rows of ``layer`` holding ``queries``: one run per cached band (moves inside it are free)."""
+    ex = open_explorer(name, text)
+    band = ex.band(queries)
+    return memo.table("rows", 8).get((name, text, layer, band), lambda: _run_rows(ex, layer, band))
+
+
+def _run_rows(ex: Explorer, layer: int, band: tuple[int, int]) -> Rows:
+    with st.spinner(f"Computing layer {layer}'s rows {band[0]}..{band[1] - 1} of {ex.n_tokens} tokens "
+                    "(once per band; later window moves inside it are instant)…"):
+        return ex.rows(layer, *band)
+
+
+def explorer_overview(name: str, text: str, layer: int, mode: str, cells: int):
+    ex = open_explorer(name, text)
+
+    def run():
+        with st.spinner(f"Pooling layer {layer} over {ex.n_tokens} tokens (once per layer)…"):
+            return ex.overview(layer, cells, mode)
+
+    return memo.table("overview", 16).get((name, text, layer, mode, cells), run)
 
 
 # ----------------------------------------------------------------------------- saved results
@@ -118,6 +138,22 @@ def open_result(saved: registry.Saved):
     return cached_result(str(saved.path), saved.mtime)
 
 
+def opened_results(model_id: str, every: bool = False):
+    """``(analysis, label, Result)`` of the saved results made for ``model_id`` (newest first; only the
+    newest of each analysis unless ``every``); damaged results are skipped, the others still show."""
+    seen = set()
+    for saved in saved_results():
+        if not every and saved.analysis.name in seen:
+            continue
+        try:
+            res = open_result(saved)
+        except (HeadwiseError, OSError, ValueError, KeyError):
+            continue
+        if res.model_id == model_id:
+            seen.add(saved.analysis.name)
+            yield saved.analysis.name, label_of(saved), res
+
+
 def label_of(saved: registry.Saved) -> str:
     root = results_root()
     return str(saved.path.relative_to(root)) if saved.path.is_relative_to(root) else \
@@ -127,21 +163,8 @@ def label_of(saved: registry.Saved) -> str:
 # ----------------------------------------------------------------------------- the selected head
 
 def selected_head() -> HeadId:
-    return st.session_state["head"]
-
-
-def select_head(head: HeadId) -> None:
-    """Select ``head`` on every page (applied on the next run, before the sidebar widget is drawn)."""
-    if head != st.session_state.get("head"):
-        st.session_state["head_pending"] = head
-        st.rerun()
-
-
-def follow_click(event) -> None:
-    """Select the head of a clicked heat-map cell (its customdata starts with ``[layer, head]``)."""
-    head = clicked_head(event)
-    if head is not None:
-        select_head(head)
+    """The head selected in the sidebar (set by clicks on any grid: :mod:`dashboards.grids`)."""
+    return st.session_state.get("head") or HeadId(0, 0)
 
 
 # ----------------------------------------------------------------------------- exports
@@ -187,15 +210,6 @@ def table_download(df, name: str) -> None:
 def reproduce(code: str) -> None:
     with st.expander("Reproduce in a notebook"):
         st.code(code.strip(), language="python")
-
-
-def show_figure(fig, name: str, key: str | None = None, selects_head: bool = False):
-    """Draw a figure with its HTML/PNG/SVG downloads; a click on a head cell selects that head."""
-    kwargs = {"on_select": "rerun", "selection_mode": "points"} if selects_head else {}
-    event = st.plotly_chart(fig, key=key or f"chart-{name}", **kwargs)
-    figure_downloads(fig, name)
-    if selects_head:
-        follow_click(event)
 
 
 def show_table(df, name: str) -> None:

@@ -15,8 +15,10 @@ import streamlit as st
 from analyses import registry, run
 from analyses.layout import Download, Figure, Note, Section, Table, Tool
 from dashboards.common import (get_model, label_of, model_name, open_result, reproduce, result_dir, results_root,
-                               run_folder, saved_results, selected_head, show_figure, show_table, source_caption)
+                               run_folder, saved_results, selected_head, show_table, source_caption)
 from dashboards.forms import config_form
+from dashboards.grids import show_figure
+from dashboards.progress import LiveProgress, was_cancelled
 from probe import HeadwiseError
 
 
@@ -38,6 +40,7 @@ def analysis_page(name: str) -> None:
         st.error(str(exc))
         st.stop()
     source_caption(chosen, result, model)
+    small_run(analysis, result)
     headline(result)
     head_caption(result)
     ctx = {"name": name, "result": result, "model": model, "calls": []}
@@ -46,39 +49,53 @@ def analysis_page(name: str) -> None:
 
 
 def run_form(analysis, model) -> None:
-    """The run expander: a form for the config and the button that runs it with a progress bar."""
+    """The run expander: a form for the config and the button that runs it, with progress, ETA and Cancel."""
+    key = f"{analysis.name}:run"
+    cancelled = was_cancelled(key)
     with st.expander(f"Run {analysis.title.lower()} on {model.model_id} (small defaults; files go to the "
-                     "results folder)"):
+                     "results folder)", expanded=cancelled):
         try:
             config = config_form(analysis.config, analysis.config.small(model), f"{analysis.name}:config")
         except HeadwiseError as exc:
             st.error(f"{type(exc).__name__}: {exc}")
             return
-        if not st.button(f"Run {analysis.title.lower()}", key=f"{analysis.name}:run", type="primary"):
+        if not st.button(f"Run {analysis.title.lower()}", key=key, type="primary"):
             return
-        bar = st.progress(0.0, text=f"Running {analysis.title.lower()} on {model.model_id}…")
-
-        def report(p):
-            bar.progress(p.done / p.total if p.total else 1.0, text=f"{p.stage}: {p.done}/{p.total} units")
-
         folder = run_folder(analysis, model, config)
         try:
-            run(analysis, model, config, store=folder, progress=report)
+            with LiveProgress(f"{analysis.title} on {model.model_id}", key) as bar:
+                run(analysis, model, config, store=folder,
+                    progress=lambda p: bar.update(p.done, p.total, f"{p.stage} (units)"))
         except HeadwiseError as exc:
             st.error(f"{type(exc).__name__}: {exc}")
             return
-        finally:
-            bar.empty()
         st.session_state[f"{analysis.name}:source"] = str(folder)
         st.session_state.pop(f"{analysis.name}:pick", None)          # show the new result
 
 
 def pick(analysis, saved):
+    """The saved result to show: the run just made, else the one picked before (kept for the session), else the newest."""
     labels = [label_of(s) for s in saved]
-    want = st.session_state.get(f"{analysis.name}:source", "")
-    index = next((i for i, s in enumerate(saved) if str(s.path) == want), 0)
-    choice = st.selectbox(f"Saved result ({analysis.title.lower()})", labels, index=index, key=f"{analysis.name}:pick")
+    key = f"{analysis.name}:pick"
+    want = st.session_state.pop(f"{analysis.name}:source", None)
+    if want is not None:
+        st.session_state[key] = next((label_of(s) for s in saved if str(s.path) == want), labels[0])
+    if st.session_state.get(key) not in labels:
+        st.session_state.pop(key, None)
+    choice = st.selectbox(f"Saved result ({analysis.title.lower()})", labels, key=key, persist_state="session")
     return saved[labels.index(choice)]
+
+
+def small_run(analysis, result) -> None:
+    """A visible warning when the result rests on fewer samples than the analysis needs to be more than an example."""
+    n = result.n_samples()
+    if n >= analysis.min_samples:
+        return
+    cis = [f"{s.label} {s.text()} (n = {s.n})" for s in result.summary().values() if s.ci is not None]
+    st.warning(f"**Small run: n = {n}** (below the {analysis.min_samples} {analysis.title.lower()} needs for a "
+               "result); treat these numbers as an illustration. "
+               + (f"Intervals: {'; '.join(cis)}. " if cis else "No interval can be given at this size. ")
+               + f"For the full run: `headwise scan {analysis.name} --out DIR` (its defaults).", icon=":material/science:")
 
 
 def headline(result) -> None:
@@ -153,11 +170,11 @@ def draw_section(sec: Section, ctx) -> None:
 def draw_figure(fig: Figure, ctx) -> None:
     name, chosen = ctx["name"], dict(fig.fixed)
     for opt, values in fig.choices.items():
-        chosen[opt] = st.radio(opt, list(values), horizontal=True, key=f"{name}:{fig.kind}:{opt}")
+        chosen[opt] = st.radio(opt, list(values), horizontal=True, key=f"{name}:{fig.kind}:{opt}",
+                               bind="query-params")
     ctx["calls"].append((fig.kind, chosen))
     file = "_".join([name, fig.kind] + [str(v) for v in chosen.values()])
-    show_figure(ctx["result"].plot(fig.kind, **chosen), file, key=f"{name}:{fig.file_name()}",
-                selects_head=fig.selects_head)
+    show_figure(ctx["result"].plot(fig.kind, **chosen), file, key=f"{name}:{fig.file_name()}")
 
 
 def draw_tool(tool: Tool, ctx) -> None:

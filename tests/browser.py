@@ -50,10 +50,10 @@ def serve(model: str, port: int | None = None, timeout: float = 30.0, results: s
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:                           # a loaded machine: don't mask the real failure
+            proc.wait(15)
+        except subprocess.TimeoutExpired:     # a script run still busy: do not leave the server behind
             proc.kill()
-            proc.wait()
+            proc.wait(5)
 
 
 @contextmanager
@@ -75,3 +75,39 @@ def wait_for_page(page, title: str, charts: int, timeout_ms: int = 90_000) -> No
                            timeout=timeout_ms)
     page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
     page.wait_for_timeout(300)                                      # let plotly finish painting
+
+
+def idle(page, timeout_ms: int = 300_000) -> None:
+    """Wait until the script run the last interaction started has finished."""
+    page.wait_for_timeout(400)
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
+
+
+def cell_position(page, chart: int, column: int, row: int) -> tuple[float, float]:
+    """Page coordinates of cell (``column``, ``row``) of the ``chart``-th plotly chart (category or index axes)."""
+    return tuple(page.evaluate("""([i, c, r]) => {
+        const gd = document.querySelectorAll('.js-plotly-plot')[i], fl = gd._fullLayout, b = gd.getBoundingClientRect();
+        return [b.left + fl.xaxis._offset + fl.xaxis.c2p(c), b.top + fl.yaxis._offset + fl.yaxis.c2p(r)];
+    }""", [chart, column, row]))
+
+
+def click_cell(page, chart: int, column: int, row: int) -> None:
+    page.locator(".js-plotly-plot").nth(chart).scroll_into_view_if_needed()
+    page.mouse.click(*cell_position(page, chart, column, row))
+    idle(page)
+
+
+def record_requests(context, origin: str) -> list[str]:
+    """Every request the pages of ``context`` make (frames and workers included); any not to ``origin``
+    is recorded and refused, so a test can fail on it without anything leaving the machine."""
+    outside: list[str] = []
+
+    def route(r):
+        url = r.request.url
+        if url.startswith(origin) or url.startswith(("data:", "blob:", "about:")):
+            return r.continue_()
+        outside.append(url)
+        return r.abort()
+
+    context.route("**/*", route)
+    return outside

@@ -35,7 +35,8 @@ def _open(app, page: str, title: str):
     assert not app.exception, app.exception
     assert [t.value for t in app.title] == [title]
     assert not app.error, [e.value for e in app.error]
-    assert not app.warning, [w.value for w in app.warning]
+    others = [w.value for w in app.warning if not w.value.startswith("**Small run")]
+    assert not others, others                        # the only warning allowed: a small run says it is one
     return app
 
 
@@ -199,3 +200,68 @@ def test_run_options_are_checked(tiny_llama, tmp_path):
     with pytest.raises(InputError, match="unknown analysis"):
         registry.get("nonsense")
     assert RetrievalConfig.small(tiny_llama).lengths == (tiny_llama.n_ctx - 8 - 40,)
+    assert len(RetrievalConfig.small(tiny_llama).depths) == 3          # a grid, not one sample
+
+
+def test_inputs_survive_navigation_and_a_shared_url_reopens_the_view(app, results, monkeypatch):
+    app.sidebar.selectbox(key="head").set_value(HeadId(1, 2)).run()
+    app.switch_page("views/token_view.py").run()
+    assert app.multiselect(key="tv_heads").value == [HeadId(1, 2)]          # the selected head, by default
+    app.text_area(key="tv_text").set_value("abc abc abc").run()
+    app.switch_page("views/interventions.py").run()
+    app.radio(key="iv_edit").set_value("uniform").run()
+    switch(app, "similarity").run()
+    app.text_input(key="similarity:config:n_prompts").set_value("3").run()
+    app.switch_page("views/token_view.py").run()                             # back: everything as it was left
+    assert app.text_area(key="tv_text").value == "abc abc abc" and not app.exception
+    assert app.multiselect(key="tv_heads").value == [HeadId(1, 2)]
+    app.switch_page("views/interventions.py").run()
+    assert app.radio(key="iv_edit").value == "uniform"
+    switch(app, "similarity").run()
+    assert app.text_input(key="similarity:config:n_prompts").value == "3"
+    assert app.sidebar.selectbox(key="head").value == HeadId(1, 2)
+
+    shared = AppTest.from_file(APP, default_timeout=60)                      # a link: ?head=L0H3&tv_text=...
+    shared.query_params.update({"head": "L0H3", "tv_text": "xyz xyz", "tv_size": "16"})
+    shared.switch_page("views/token_view.py").run()
+    assert not shared.exception and [t.value for t in shared.title] == ["Token view"]
+    assert shared.sidebar.selectbox(key="head").value == HeadId(0, 3)
+    assert shared.text_area(key="tv_text").value == "xyz xyz" and shared.select_slider(key="tv_size").value == 16
+
+
+def test_small_runs_carry_a_warning_with_n_and_ci(app, results, monkeypatch):
+    from analyses import registry
+
+    saved = {s.analysis.name: s.load() for s in registry.find_results(results)}
+    for name, title in [("retrieval", "Retrieval heads"), ("circuits", "Circuits"), ("grounding", "Grounding")]:
+        _open(app, name, title)
+        n, need = saved[name].n_samples(), registry.get(name).min_samples
+        assert n < need
+        small = [w.value for w in app.warning if w.value.startswith("**Small run")]
+        assert len(small) == 1 and f"n = {n}**" in small[0] and f"below the {need}" in small[0], small
+        with_ci = [s for s in saved[name].summary().values() if s.ci is not None]
+        assert all(s.text() in small[0] for s in with_ci), small[0]           # every interval, with its n
+    import dataclasses
+
+    big = dataclasses.replace(registry.get("circuits"), min_samples=saved["circuits"].n_samples())
+    monkeypatch.setattr(registry, "get", lambda name, _get=registry.get: big if name == "circuits" else _get(name))
+    _open(app, "circuits", "Circuits")                                       # at its minimum size: no warning
+    assert not [w for w in app.warning if w.value.startswith("**Small run")]
+
+
+def test_top_heads_and_the_head_card_follow_the_selected_head(app):
+    app.sidebar.selectbox(key="head").set_value(HeadId(0, 3)).run()
+    app.switch_page("views/top_heads.py").run()
+    assert not app.exception and [t.value for t in app.title] == ["Top heads"]
+    ranked = app.dataframe[0].value
+    assert {"retrieval", "circuits", "grounding"} <= set(ranked["analysis"]) and (ranked["rank"] <= 20).all()
+    assert app.subheader[0].value.startswith("L0H3: ")
+    mine = app.dataframe[-1].value
+    assert len(mine) and set(mine["source"]) <= set(ranked["source"])
+    app.switch_page("views/head_card.py").run()
+    assert not app.exception and app.subheader[0].value.startswith("L0H3 · KV group 1")
+    card = app.dataframe[0].value
+    assert "retrieval_score" in set(card["metric"]) and card["percentile"].between(0, 100).all()
+    app.button(key="card_next").click().run()                       # the next head: L1H0 (wraps to the next layer)
+    assert app.sidebar.selectbox(key="head").value == HeadId(1, 0)
+    assert app.subheader[0].value.startswith("L1H0 · KV group 0")

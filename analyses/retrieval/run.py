@@ -59,8 +59,10 @@ class RetrievalConfig(Config):
 
     @classmethod
     def small(cls, model) -> "RetrievalConfig":
-        return cls(lengths=(min(250, model.n_ctx - 48),), depths=(50.0,), needles=("code",), k=5, seeds=(0,),
-                   max_new_tokens=8)
+        """A grid that says something in about a minute: 3 depths, and 3 lengths where the context allows."""
+        top = min(1000, model.n_ctx - 48)
+        lengths = (top // 4, top // 2, top) if top >= 400 else (top,)
+        return cls(lengths=lengths, depths=(10.0, 50.0, 90.0), needles=("code",), k=5, seeds=(0,), max_new_tokens=8)
 
 
 # ----------------------------------------------------------------------------- one sample, one masked cell
