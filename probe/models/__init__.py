@@ -150,15 +150,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     dtype = _dtype(dtype, torch.device("cuda" if where.uses_gpu() else "cpu") if where.split else device)
     from transformers.utils import logging as hf_logging
 
+    where = where.fresh()
     hf_logging.disable_progress_bar()  # one line of ours beats 272 lines of "Loading weights"
     try:
         hf, tok, source, model_id, bridge_dir = _resolve(str(name_or_path), dtype, where)
+        if not where.split:
+            hf = hf.to(device=device, dtype=dtype)
+        elif getattr(hf, "hf_device_map", None) is None:  # built in memory (tiny models): accelerate places it now
+            hf = placement.dispatch(hf, where, dtype)
+    except BaseException:
+        placement.drop_folder(where)
+        raise
     finally:
         hf_logging.enable_progress_bar()
-    if not where.split:
-        hf = hf.to(device=device, dtype=dtype)
-    elif getattr(hf, "hf_device_map", None) is None:  # built in memory (tiny models): accelerate places it now
-        hf = placement.dispatch(hf, where, dtype)
+    placement.own_folder(hf, where)
     hf = hf.eval()
     from ..runtime import install
 

@@ -60,6 +60,18 @@ class Placement:
         if isinstance(self.device_map, dict) and "disk" in self.device_map.values() and not self.offload_folder:
             raise InputError("the device_map sends modules to 'disk': give offload_folder (--offload-folder DIR)")
 
+    def fresh(self) -> "Placement":
+        """This placement with its own new folder under ``offload_folder`` (removed with the model, see
+        :func:`own_folder`): accelerate reuses any ``index.json`` it finds, so a shared folder could page in
+        another model's weights."""
+        if self.offload_folder is None:
+            return self
+        import dataclasses
+        import tempfile
+
+        Path(self.offload_folder).mkdir(parents=True, exist_ok=True)
+        return dataclasses.replace(self, offload_folder=tempfile.mkdtemp(prefix="headwise-offload-", dir=self.offload_folder))
+
     @property
     def split(self) -> bool:
         return self.device_map is not None
@@ -172,6 +184,9 @@ def dispatch(hf: torch.nn.Module, placement: Placement, dtype: torch.dtype) -> t
         dm = infer_auto_device_map(hf, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
     else:
         _check_covers(hf, dm)
+    if set(dm.values()) == {"disk"}:
+        raise InputError("max_memory leaves no room for any module on a device (all on disk): raise the cpu or "
+                         "GPU limit so that at least the embeddings fit")
     if "disk" in dm.values() and not placement.offload_folder:
         raise InputError(f"the device map puts {sum(v == 'disk' for v in dm.values())} module(s) on disk: "
                          "give offload_folder (--offload-folder DIR) or more max_memory")
@@ -242,3 +257,20 @@ def named_state(hf: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 if t.device.type == "meta":
                     raise ModelLoadError(f"{prefix}.{key} has no weights (meta tensor) and no offload hook to load them")
                 yield (f"{prefix}.{key}" if prefix else key), t.detach()
+
+
+def own_folder(hf: torch.nn.Module, placement: Placement) -> None:
+    """Remove the placement's fresh offload folder when ``hf`` is collected (or at exit)."""
+    if placement.offload_folder is not None:
+        import shutil
+        import weakref
+
+        weakref.finalize(hf, shutil.rmtree, placement.offload_folder, True)
+
+
+def drop_folder(placement: Placement) -> None:
+    """Remove the fresh offload folder of a load that failed."""
+    if placement.offload_folder is not None:
+        import shutil
+
+        shutil.rmtree(placement.offload_folder, ignore_errors=True)
