@@ -7,7 +7,8 @@ settings is recomputed (one line says which and why). The result is saved in the
 with its figures (HTML, plotly.js beside them: offline).
 
 Executors map :func:`compute` over units: :class:`SerialExecutor` in this process (the default);
-a distributed executor only has to call :func:`compute` where its model lives.
+a distributed executor only has to call :func:`compute` where its model lives and yield the payloads
+back here, in any order (:class:`analyses.distributed.RayExecutor`).
 
 >>> import tempfile
 >>> from probe import load_model
@@ -133,7 +134,7 @@ def _payloads(analysis, stage, model, config, state, units, store, executor, pro
                 stale.append(f"{u.id} ({status})")
     _notice(analysis, stage, store, len(done), len(units), stale)
     todo = [u for u in units if u.id not in done]
-    report = _reporter(analysis, stage, len(units), len(done), progress)
+    report = _reporter(analysis, stage, len(units), len(done), progress, getattr(executor, "label", ""))
     task = ComputeTask(analysis, stage.name, config, state)
     try:
         for unit, payload in executor.map(model, task, todo):
@@ -157,8 +158,8 @@ def _notice(analysis, stage, store, n_done, n_units, stale) -> None:
               file=sys.stderr)
 
 
-def _reporter(analysis, stage, total, done, progress):
-    """A function of the units done so far (None: the stage is over)."""
+def _reporter(analysis, stage, total, done, progress, where: str = ""):
+    """A function of the units done so far (None: the stage is over); ``where``: e.g. " on 2 Ray workers"."""
     if callable(progress):
         progress(Progress(analysis.name, stage.name, done, total))
         return lambda n: progress(Progress(analysis.name, stage.name, n, total)) if n is not None else None
@@ -166,7 +167,7 @@ def _reporter(analysis, stage, total, done, progress):
         return lambda n: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=done, desc=f"{analysis.name}: {stage.name}", unit="unit")
+    bar = tqdm(total=total, initial=done, desc=f"{analysis.name}: {stage.name}{where}", unit="unit")
     return lambda n: bar.update(n - bar.n) if n is not None else bar.close()
 
 
