@@ -62,12 +62,15 @@ def start_local(cpus: int, attempts: int = 3) -> None:
     tried ``attempts`` times before it fails with the reason.
     """
     ray = require_ray()
-    os.environ.update(LOCAL_ENV)   # read by ray at start-up, inherited by its processes
+    _loopback(ray)
     for attempt in range(1, attempts + 1):
         try:
             ray.init(num_cpus=int(cpus), include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
                      namespace="headwise", log_to_driver=True, configure_logging=False)
+            _check_loopback(ray)
             return
+        except ClusterError:
+            raise
         except Exception as exc:  # Ray raises a bare Exception when its node times out at start-up
             ray.shutdown()
             if attempt == attempts:
@@ -76,10 +79,34 @@ def start_local(cpus: int, attempts: int = 3) -> None:
             print(f"headwise: Ray start-up failed ({str(exc)[:80]}); retrying ({attempt}/{attempts})", file=sys.stderr)
 
 
+def _loopback(ray) -> None:
+    """Make the local node's address 127.0.0.1 (so every Ray server binds there) and switch off usage stats.
+
+    Ray reads the switch when it is imported; if it was imported before, its constant is set here too.
+    """
+    os.environ.update(LOCAL_ENV)   # inherited by every process the cluster starts
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _check_loopback(ray) -> None:
+    """Refuse (and stop) a local cluster whose node is reachable from outside this machine."""
+    addresses = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+    if addresses != {"127.0.0.1"}:
+        ray.shutdown()
+        raise ClusterError(f"the local Ray node came up on {sorted(addresses)}, not 127.0.0.1 only; "
+                           "refusing to run a cluster others could reach (start one yourself and pass --ray-address)")
+
+
 @contextmanager
 def local_cluster(cpus: int) -> Iterator[None]:
-    """A local cluster (:func:`start_local`) for the block; executors inside share it and leave it running."""
+    """A local cluster (:func:`start_local`) for the block; executors inside share it and leave it running.
+    Inside a running cluster (``ray.is_initialized()``) it uses that one and leaves it running."""
     ray = require_ray()
+    if ray.is_initialized():
+        yield
+        return
     start_local(cpus)
     try:
         yield

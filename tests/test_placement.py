@@ -186,3 +186,18 @@ def test_cli_parses_device_options(tmp_path):
     assert parse_device_map("auto") == "auto" and parse_device_map('{"": 0}') == {"": 0}
     with pytest.raises(InputError, match="JSON"):
         parse_device_map("{nope")
+
+
+def test_the_memory_plan_counts_each_device_of_the_split(offloaded, tiny_llama):
+    from probe.memory import stream_estimate
+    from probe.models.placement import execution_device, memory_plan, paged_bytes
+    from probe.streaming import _split_note
+
+    blocks = offloaded.hf.model.layers
+    layer1 = sum(p.numel() * p.element_size() for p in tiny_llama.hf.model.layers[1].parameters())
+    assert [execution_device(b) for b in blocks] == ["cpu", "cpu"]          # no GPU: disk layers run on the CPU
+    assert (paged_bytes(blocks[0]), paged_bytes(blocks[1])) == (0, layer1)  # layer 1 is paged in from disk
+    est = stream_estimate(2, 4, 4096, 512)
+    assert memory_plan(offloaded.hf, est.work, est.bytes - est.work) == {"cpu": est.bytes + layer1}
+    assert memory_plan(tiny_llama.hf, est.work, est.bytes - est.work) == {"cpu": est.bytes}
+    assert _split_note(tiny_llama, est) == "" and _split_note(offloaded, est).startswith("; split: cpu ~")

@@ -274,3 +274,42 @@ def drop_folder(placement: Placement) -> None:
         import shutil
 
         shutil.rmtree(placement.offload_folder, ignore_errors=True)
+
+
+def execution_device(module: torch.nn.Module) -> str:
+    """Where ``module`` computes: accelerate's execution device for a placed block, else its weights' device.
+
+    With a GPU in the split, blocks mapped to ``"cpu"`` or ``"disk"`` compute on the main GPU (their
+    weights are paged in for each forward); without one, on the CPU.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    hooks = list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+    for h in hooks:
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return _name(dev)
+    p = next((t for t in module.parameters() if t.device.type != "meta"), None)
+    return _name(p.device if p is not None else "cpu")
+
+
+def _name(dev) -> str:
+    return f"cuda:{dev}" if isinstance(dev, int) else str(torch.device(dev))
+
+
+def paged_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s weights that accelerate pages in for each forward (offloaded to the CPU or disk)."""
+    return sum(t.numel() * t.element_size() for t in module.parameters() if t.device.type == "meta")
+
+
+def memory_plan(hf: torch.nn.Module, work_bytes: int, results_bytes: int) -> dict[str, int]:
+    """Bytes each device needs beyond the weights it keeps, for a run whose attention call holds ``work_bytes``
+    (one layer at a time, on the layer's execution device) and whose results (``results_bytes``) gather on the
+    CPU: per device, the largest layer's working set plus the weights paged in for it."""
+    from .. import families
+
+    plan: dict[str, int] = {}
+    for block in families.blocks(hf):
+        dev = execution_device(block)
+        plan[dev] = max(plan.get(dev, 0), work_bytes + paged_bytes(block))
+    plan["cpu"] = plan.get("cpu", 0) + results_bytes
+    return plan
