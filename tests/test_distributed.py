@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def cluster():
     from analyses.distributed import local_cluster
 
-    with local_cluster(2):
+    with local_cluster(8):     # logical CPUs: the module's pool and the workers other tests start must all fit
         yield
 
 
@@ -215,3 +215,18 @@ def _ip(hexaddr: str, v6: bool) -> str:
     if ip.ipv4_mapped:
         return str(ip.ipv4_mapped)
     return "127.0.0.1" if ip.is_loopback else str(ip)      # ::1 is loopback too
+
+
+def test_the_scale_benchmark_quick_run(cluster, tmp_path):
+    """``bench/scale.py --quick``'s measurement: rates for serial, 1 and 2 workers, each run equal unit for unit."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scale_bench", Path(__file__).resolve().parents[1] / "bench" / "scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.bench("tiny-llama", 3, 200, tmp_path)
+    assert out["units"] == 3 and out["workers_1"]["units_equal_to_serial"] and out["workers_2"]["units_equal_to_serial"]
+    assert all(out[k]["units_per_s"] > 0 for k in ("serial", "workers_1", "workers_2")) and out["roundtrip_s"] > 0
+    assert out["efficiency_2"] == pytest.approx(out["workers_2"]["units_per_s"] / (2 * out["workers_1"]["units_per_s"]),
+                                                abs=2e-3)

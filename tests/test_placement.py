@@ -201,3 +201,22 @@ def test_the_memory_plan_counts_each_device_of_the_split(offloaded, tiny_llama):
     assert memory_plan(offloaded.hf, est.work, est.bytes - est.work) == {"cpu": est.bytes + layer1}
     assert memory_plan(tiny_llama.hf, est.work, est.bytes - est.work) == {"cpu": est.bytes}
     assert _split_note(tiny_llama, est) == "" and _split_note(offloaded, est).startswith("; split: cpu ~")
+
+
+def test_every_command_takes_the_device_options(tmp_path, capsys):
+    import json
+
+    from analyses.cli import main
+    from probe import HeadStats
+
+    base = ["stats", "--model", "tiny-llama", "--text", TEXT, "--threads", "1"]
+    assert main(base + ["--out", str(tmp_path / "plain.safetensors")]) == 0
+    assert main(base + ["--device-map", json.dumps(DISK_MAP), "--offload-folder", str(tmp_path / "off"),
+                        "--out", str(tmp_path / "split.safetensors")]) == 0
+    a, b = (HeadStats.load(tmp_path / f"{n}.safetensors") for n in ("plain", "split"))
+    assert torch.equal(a.entropy, b.entropy) and torch.equal(a.received_sum, b.received_sum)
+    capsys.readouterr()
+    assert main(base + ["--max-memory", "cpu=1GiB", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "give device_map" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert main(["scan", "retrieval", "--model", "tiny-llama", "--device-map", "{nope", "--out", str(tmp_path / "r")]) == 2
+    assert "--device-map" in capsys.readouterr().err and not (tmp_path / "r").exists()
