@@ -269,7 +269,7 @@ class RayExecutor:
             except ray.exceptions.RayTaskError as exc:   # the unit's own error: raise it as a serial run would
                 raise exc.as_instanceof_cause() from None
             idle.append(index)
-            yield unit, payload
+            yield unit, _writable(payload)
         if lost:
             raise WorkersLostError(f"{len(lost)} unit(s) were lost with their worker ({', '.join(lost[:3])}"
                                    f"{' ...' if len(lost) > 3 else ''}); every other unit is saved: rerun the same "
@@ -304,6 +304,13 @@ class RayExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _writable(payload: dict) -> dict:
+    """Arrays from Ray's object store are read-only views: copy them, so a reduce may use them as a serial run's."""
+    import numpy as np
+
+    return {k: v.copy() if isinstance(v, np.ndarray) and not v.flags.writeable else v for k, v in payload.items()}
 
 
 def diff_units(a, b) -> list[str]:

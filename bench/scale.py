@@ -38,7 +38,8 @@ from probe import load_model  # noqa: E402
 def config(n_units: int, context: int) -> RetrievalConfig:
     """``n_units`` NIAH cells (one sample each): one needle at evenly spread depths."""
     depths = [round(100.0 * (i + 0.5) / n_units, 2) for i in range(n_units)]
-    return RetrievalConfig(cells=tuple(("code", context, d) for d in depths), mask_cells=(), k=2, seeds=(0,),
+    cells = tuple(("code", context, d) for d in depths)
+    return RetrievalConfig(cells=cells, mask_cells=cells[:1], k=2, seeds=(0,),
                            max_new_tokens=4)
 
 

@@ -82,7 +82,7 @@ def test_grounding_items_equal_the_serial_run_unit_for_unit(pool, tiny_llama, tm
     from analyses.runner import run_stage
     from analyses.units import UnitStore
 
-    cfg, stage = GroundingConfig(limit=4, max_new_tokens=3), GROUNDING.stage("items")
+    cfg, stage = GroundingConfig(limit=4, shard=1, max_new_tokens=3), GROUNDING.stage("items")   # 4 units
     a = run_stage(GROUNDING, stage, tiny_llama, cfg, None, UnitStore(tmp_path / "serial"))
     b = run_stage(GROUNDING, stage, tiny_llama, cfg, None, UnitStore(tmp_path / "ray"), pool)
     assert len(_files(tmp_path / "ray")) == 4 and diff_units(tmp_path / "serial", tmp_path / "ray") == []
