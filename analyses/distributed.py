@@ -252,7 +252,7 @@ class RayExecutor:
         self._pool(model)
         ray = self.ray
         task_ref = ray.put(task)
-        todo, idle, lost = deque((u, 0) for u in units), list(range(len(self._actors))), []
+        todo, idle, lost, failure = deque((u, 0) for u in units), list(range(len(self._actors))), [], None
         self._in_flight.clear()
         while todo or self._in_flight:
             while todo and idle:
@@ -266,10 +266,15 @@ class RayExecutor:
                 self._lost(index, unit, attempt, exc, todo, lost)
                 idle.append(index)
                 continue
-            except ray.exceptions.RayTaskError as exc:   # the unit's own error: raise it as a serial run would
-                raise exc.as_instanceof_cause() from None
+            except ray.exceptions.RayTaskError as exc:   # the unit's own error: raised as a serial run would, once
+                failure = failure or exc.as_instanceof_cause()   # the units in flight are in (and written)
+                todo.clear()
+                idle.append(index)
+                continue
             idle.append(index)
             yield unit, _writable(payload)
+        if failure is not None:
+            raise failure
         if lost:
             raise WorkersLostError(f"{len(lost)} unit(s) were lost with their worker ({', '.join(lost[:3])}"
                                    f"{' ...' if len(lost) > 3 else ''}); every other unit is saved: rerun the same "

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     name = args.model or ("tiny-llama" if args.quick else "smollm2-135m")
     with tempfile.TemporaryDirectory() as root:
-        out = bench(name, args.units or (4 if args.quick else 12), args.context or (200 if args.quick else 1000), Path(root))
+        out = bench(name, args.units or (4 if args.quick else 6), args.context or (200 if args.quick else 500), Path(root))
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
