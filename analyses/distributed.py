@@ -56,7 +56,8 @@ def require_ray():
 
 
 def start_local(cpus: int, attempts: int = 3) -> None:
-    """Start a Ray cluster on this machine only: 127.0.0.1, no dashboard, no usage statistics.
+    """Start a new Ray cluster on this machine only (never joins one already running): 127.0.0.1, no dashboard,
+    no usage statistics.
 
     Ray gives its node 30 s to register; on a machine busy with other work that can pass, so the start is
     tried ``attempts`` times before it fails with the reason.
@@ -65,7 +66,7 @@ def start_local(cpus: int, attempts: int = 3) -> None:
     _loopback(ray)
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(num_cpus=int(cpus), include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+            ray.init(address="local", num_cpus=int(cpus), include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
                      namespace="headwise", log_to_driver=True, configure_logging=False)
             _check_loopback(ray)
             return
