@@ -220,3 +220,16 @@ def test_every_command_takes_the_device_options(tmp_path, capsys):
     assert "give device_map" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert main(["scan", "retrieval", "--model", "tiny-llama", "--device-map", "{nope", "--out", str(tmp_path / "r")]) == 2
     assert "--device-map" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_embedded_model_loads_split_through_from_pretrained(smol, tmp_path):
+    """A folder model is placed by ``from_pretrained(device_map=...)``: weights stream to their devices."""
+    from probe import load_model
+
+    m = load_model("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=str(tmp_path))
+    on_disk = [k for k, v in m.device_map.items() if v == "disk"]
+    assert len(on_disk) >= 10 and "cpu" in m.device_map.values() and m.weights_hash == smol.weights_hash
+    ids = smol.encode("The quick brown fox jumps over the lazy dog.")
+    with torch.no_grad():
+        assert torch.equal(smol.hf(ids).logits, m.hf(ids).logits)
