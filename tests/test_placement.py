@@ -25,8 +25,11 @@ def offloaded(tmp_path_factory):
 
 def test_the_split_is_real_and_the_weights_hash_is_the_plain_one(offloaded, tiny_llama):
     assert offloaded.device_map == DISK_MAP and offloaded.device == torch.device("cpu")
-    on_disk = offloaded.hf.model.layers[1].self_attn.q_proj.weight
-    assert on_disk.device.type == "meta"            # not in memory: accelerate's hook pages it in per forward
+    from probe import families
+
+    on_disk = list(families.block(offloaded, 1).parameters())
+    assert {p.device.type for p in on_disk} == {"meta"}   # not in memory: accelerate's hook pages them in per forward
+    assert {p.device.type for p in families.block(offloaded, 0).parameters()} == {"cpu"}
     assert offloaded.weights_hash == tiny_llama.weights_hash
     assert tiny_llama.device_map is None
 
@@ -193,8 +196,10 @@ def test_the_memory_plan_counts_each_device_of_the_split(offloaded, tiny_llama):
     from probe.models.placement import execution_device, memory_plan, paged_bytes
     from probe.streaming import _split_note
 
-    blocks = offloaded.hf.model.layers
-    layer1 = sum(p.numel() * p.element_size() for p in tiny_llama.hf.model.layers[1].parameters())
+    from probe import families
+
+    blocks = families.blocks(offloaded)
+    layer1 = sum(p.numel() * p.element_size() for p in families.block(tiny_llama, 1).parameters())
     assert [execution_device(b) for b in blocks] == ["cpu", "cpu"]          # no GPU: disk layers run on the CPU
     assert (paged_bytes(blocks[0]), paged_bytes(blocks[1])) == (0, layer1)  # layer 1 is paged in from disk
     est = stream_estimate(2, 4, 4096, 512)
