@@ -1,8 +1,10 @@
 """The ``headwise`` command line, generated from the registry.
 
 ``headwise scan <analysis>`` exists for every registered analysis, with one flag per field of its
-config (typed, with the default in ``--help``) and the shared model group (``--model --device
---dtype --threads``) and ``--out``; the run resumes when repeated with the same ``--out``.
+config (typed, with the default in ``--help``), the shared model group (``--model --device --dtype
+--threads``, and ``--device-map --max-memory --offload-folder`` to split a model over devices) and
+``--out``; the run resumes when repeated with the same ``--out``. ``--workers N`` / ``--ray-address``
+run the units on Ray (:mod:`analyses.distributed`).
 ``headwise models``, ``prepare``, ``capture``, ``stats``, ``generate`` and ``dashboard`` are the
 commands around them; an analysis may add its own (``Analysis.commands``, e.g. ``headwise head L3H1``).
 
@@ -119,6 +121,12 @@ def model_args(parser: argparse.ArgumentParser, out: str | None = None, out_requ
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--threads", type=positive, default=None, help="torch CPU threads (1 is faster on a busy machine)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="split the layers with accelerate: auto, balanced, sequential, or a JSON {module: device} "
+                        "(inline or a file); devices 0, cuda:1, cpu, disk")
+    g.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="per-device limits for --device-map, e.g. 0=20GiB,cpu=64GiB")
+    g.add_argument("--offload-folder", default=None, metavar="DIR", help="where --device-map puts layers sent to disk")
     if out is not None:
         g.add_argument("--out", required=out_required, default=None, help=out)
 
@@ -131,7 +139,15 @@ def load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
+    return load_model(args.model or DEFAULT_MODEL, **load_options(args))
+
+
+def load_options(args) -> dict:
+    """``load_model`` keywords from the shared flags (also what a distributed worker loads with)."""
+    from probe.models.placement import parse_device_map, parse_max_memory
+
+    return dict(device=args.device, dtype=args.dtype, device_map=parse_device_map(args.device_map),
+                max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,8 +210,31 @@ def scan_parser(sub, command: str, analysis, help: str) -> argparse.ArgumentPars
     s.add_argument("--force", action="store_true",
                    help="replace the result of another run (other model or settings) in --out; its units whose "
                         "settings still match are reused (default: such a folder is refused)")
+    d = s.add_argument_group("distributed (Ray: pip install 'headwise[distributed]')")
+    d.add_argument("--workers", type=positive, default=None, metavar="N",
+                   help="compute the units on N Ray workers, each loading the model once (a local cluster on "
+                        "127.0.0.1 unless --ray-address)")
+    d.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join a running Ray cluster (host:port or auto); --out must be on a filesystem the "
+                        "driver writes (workers only compute)")
+    d.add_argument("--worker-gpus", type=float, default=0.0, metavar="G", help="GPUs each Ray worker reserves")
+    d.add_argument("--retries", type=int, default=1,
+                   help="retries of a unit whose worker died (then it is left for the rerun)")
     s.set_defaults(run=lambda args: _scan(args, analysis))
     return s
+
+
+def executor_for(args):
+    """The executor the scan flags ask for: serial, or Ray workers (checked before the model loads)."""
+    if args.workers is None and args.ray_address is None:
+        return None
+    from probe import DEFAULT_MODEL
+
+    from .distributed import ModelRecipe, RayExecutor
+
+    recipe = ModelRecipe(args.model or DEFAULT_MODEL, load_options(args), threads=args.threads or 1)
+    return RayExecutor(recipe, args.workers, address=args.ray_address, retries=args.retries,
+                       gpus_per_worker=args.worker_gpus)
 
 
 def _generate_parser(sub) -> None:
@@ -221,7 +260,12 @@ def _scan(args, analysis) -> int:
 
     config = from_args(analysis.config, args)        # bad flags and an unusable --out fail before the model loads
     out = check_output_folder(args.out)
-    result = run(analysis, load(args), config, store=out, png=args.png, force=args.force)
+    executor = executor_for(args)
+    try:
+        result = run(analysis, load(args), config, store=out, png=args.png, force=args.force, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     print(f"wrote {out}")
     for stat in result.summary().values():
         note = stat.help()

@@ -10,7 +10,8 @@ them: offline). The whole scan holds the folder's writer lock, and the folder is
 run (:mod:`analyses.store`): another run's folder is refused unless ``force=True``.
 
 Executors map :func:`compute` over units: :class:`SerialExecutor` in this process (the default);
-a distributed executor only has to call :func:`compute` where its model lives.
+a distributed executor only has to call :func:`compute` where its model lives and yield the payloads
+back here, in any order (:class:`analyses.distributed.RayExecutor`).
 
 >>> import tempfile
 >>> from probe import load_model
@@ -142,7 +143,7 @@ def _payloads(analysis, stage, model, config, state, units, store, executor, pro
     done, stale = _saved(stage, model, config, units, stamps, store)
     _notice(analysis, stage, store, len(done), len(units), stale)
     todo = [u for u in units if u.id not in done]
-    report = _reporter(analysis, stage, len(units), len(done), progress)
+    report = _reporter(analysis, stage, len(units), len(done), progress, getattr(executor, "label", ""))
     task = ComputeTask(analysis, stage.name, config, state)
     try:
         for unit, payload in executor.map(model, task, todo):
@@ -196,8 +197,8 @@ def _notice(analysis, stage, store, n_done, n_units, stale) -> None:
               file=sys.stderr)
 
 
-def _reporter(analysis, stage, total, done, progress):
-    """A function of the units done so far (None: the stage is over)."""
+def _reporter(analysis, stage, total, done, progress, where: str = ""):
+    """A function of the units done so far (None: the stage is over); ``where``: e.g. " on 2 Ray workers"."""
     if callable(progress):
         progress(Progress(analysis.name, stage.name, done, total))
         return lambda n: progress(Progress(analysis.name, stage.name, n, total)) if n is not None else None
@@ -205,7 +206,7 @@ def _reporter(analysis, stage, total, done, progress):
         return lambda n: None
     from .terminal import bar as progress_bar
 
-    bar = progress_bar(total, f"{analysis.name}: {stage.name}", initial=done)   # one line when finished
+    bar = progress_bar(total, f"{analysis.name}: {stage.name}{where}", initial=done)   # one line when finished
     return lambda n: bar.update(n - bar.n) if n is not None else bar.close()
 
 

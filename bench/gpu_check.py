@@ -21,8 +21,9 @@ Family matrix (every supported family of ``probe.models.tiny.tiny_family``): idl
 greedy tokens agree. Analyses (llama, mistral, gemma2, gpt2, gpt_oss by default): retrieval decode
 statistics, the ACT search, exact patching and EAP, layer similarity and loss, grounding lookback ratios.
 On CUDA the fused Triton kernels run where they apply, so this also checks them against CPU eager.
-The accelerate slot (layers split over cuda:0 and cpu, float32, against the float32 bounds of ``TOL``)
-skips until ``load_model`` takes a device map (issue 17).
+The accelerate slot (issue 17: layers split by ``load_model(device_map=...)`` over cuda:0 and cpu; with
+``--smoke``, over cpu and disk offload) compares logits, an intervention, a rerun from a layer, streaming
+and decode statistics, patterns and two analysis entry points with the float32 bounds of ``TOL``.
 
 Usage: python bench/gpu_check.py [--dtypes bf16 fp16] [--families ...] [--analyses-families ...]
        python bench/gpu_check.py --smoke    # CPU, bf16, one family: what the test suite runs
@@ -31,7 +32,6 @@ Exit status 1 if any check fails. Without CUDA (and without --smoke) it prints {
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import tempfile
@@ -254,8 +254,9 @@ def analyses_check(zoo: Zoo, name: str, device: str, dtype: str, work: Path) -> 
 
 # ----------------------------------------------------------------------------- accelerate: layers over cuda:0 and cpu
 
-def split_device_map(folder: Path) -> dict[str, str]:
-    """A device map putting the embedding and the first half of the blocks on cuda:0, the rest on the CPU."""
+def split_device_map(folder: Path, first: str = "cuda:0", second: str = "cpu") -> dict[str, str]:
+    """Embedding and the first half of the blocks on ``first``; the other blocks, final norm and unembedding on
+    ``second``; any other module (rotary tables, ...) on ``first``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from probe import families
@@ -265,31 +266,76 @@ def split_device_map(folder: Path) -> dict[str, str]:
     path = {id(mod): n for n, mod in hf.named_modules()}
     blocks = families.blocks(hf)
     cut = len(blocks) // 2
-    dmap = {path[id(families.embedding(hf))]: "cuda:0", path[id(families.unembedding(hf))]: "cpu"}
-    dmap |= {path[id(b)]: ("cuda:0" if i < cut else "cpu") for i, b in enumerate(blocks)}
+    dmap = {path[id(families.embedding(hf))]: first, path[id(families.unembedding(hf))]: second}
+    dmap |= {path[id(b)]: (first if i < cut else second) for i, b in enumerate(blocks)}
     norm = families.final_norm(hf)
     if norm is not None:
-        dmap[path[id(norm)]] = "cpu"
+        dmap[path[id(norm)]] = second
+    for name, p in list(hf.named_parameters()) + list(hf.named_buffers()):   # whatever the map leaves out
+        if not any(name == k or name.startswith(k + ".") for k in dmap):
+            owner = name.rpartition(".")[0]
+            dmap[owner] = first
     return dmap
 
 
-def accelerate_check(zoo: Zoo, name: str = "llama") -> dict:
-    """Layers split over cuda:0 and cpu (accelerate ``device_map``) vs CPU fp32: logits and statistics."""
-    from probe import KeyGroup, load_model, stream_stats
+def _split_run(m, ids) -> dict:
+    from probe import InterventionSpec, KeyGroup, ZeroAblate, capture, families, generate_with_stats, intervene
+    from probe import stream_stats
 
-    if "device_map" not in inspect.signature(load_model).parameters:
-        return {"check": "accelerate/split", "ok": True, "skipped": "load_model takes no device_map yet (issue 17)"}
-    if not torch.cuda.is_available():
+    ids = ids.to(m.device)
+    last = m.n_layers - 1                       # a layer on the second device
+    with torch.no_grad():
+        logits = m.hf(ids).logits.float()
+        with intervene(m, InterventionSpec([ZeroAblate(heads=[f"L{last}H0"]), ZeroAblate(heads=["L0H1"])])):
+            ablated = m.hf(ids).logits.float()
+        rec = families.record(m, ids, start=last)
+        rerun = rec.run(last, rec.inputs[last] * 0.5).float()
+    st = stream_stats(m, ids, groups=[KeyGroup("first", 0, 1)], verbose=False)
+    gen = generate_with_stats(m, ids, max_new_tokens=4, groups=[KeyGroup("first", 0, 1)])
+    return {"logits": logits, "ablated": ablated, "rerun": rerun, "stats": st, "gen": gen,
+            "patterns": capture(m, ids).patterns}
+
+
+def accelerate_check(zoo: Zoo, name: str = "llama", device: str = "cuda") -> dict:
+    """Layers split by accelerate vs the one-device fp32 run: logits, an intervention, a rerun from a layer,
+    streaming and decode statistics, captured patterns, a retrieval and a grounding entry point.
+
+    On CUDA the split is cuda:0 + cpu; on the CPU (``--smoke``) it is cpu + disk offload, the same code path
+    with accelerate paging the second half's weights in from disk.
+    """
+    from probe import load_model
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
         return {"check": "accelerate/split", "ok": True, "skipped": "needs CUDA"}
     folder = zoo.folder(name)
-    split = load_model(str(folder), device_map=split_device_map(folder), dtype="float32")
-    ref, ids = zoo.get(name), _ids()
-    with torch.no_grad():
-        a, b = ref.hf(ids).logits, split.hf(ids.to("cuda:0")).logits.float()
-    sa = stream_stats(ref, ids, groups=[KeyGroup("first", 0, 1)], verbose=False)
-    sb = stream_stats(split, ids.to("cuda:0"), groups=[KeyGroup("first", 0, 1)], verbose=False)
-    return _report("accelerate/split", "float32", {"logits": ("logit", _diff(a, b) / float(a.std())),
-                                                   "mass_first": ("prob", _diff(sa.mass("first"), sb.mass("first")))})
+    first, second = ("cuda:0", "cpu") if device.startswith("cuda") else ("cpu", "disk")
+    with tempfile.TemporaryDirectory() as offload:
+        split = load_model(str(folder), device_map=split_device_map(folder, first, second), dtype="float32",
+                           offload_folder=offload)
+        ref, ids = zoo.get(name), _ids()
+        a, b = _split_run(ref, ids), _split_run(split, ids)
+        ra, rb = _retrieval(ref), _retrieval(split)
+        ga, gb = _grounding(ref, Path(offload) / "g-ref"), _grounding(split, Path(offload) / "g-split")
+        devices = sorted({str(v) for v in split.device_map.values()})
+        hashes = (ref.weights_hash, split.weights_hash)
+        del split
+    scale = float(a["logits"].std())
+    same_new = torch.equal(a["gen"].new_ids, b["gen"].new_ids)
+    diffs = {"logits": ("logit", _diff(a["logits"], b["logits"]) / scale),
+             "ablated_logits": ("logit", _diff(a["ablated"], b["ablated"]) / scale),
+             "rerun_from_layer": ("logit", _diff(a["rerun"], b["rerun"]) / scale),
+             "entropy": ("entropy", _diff(a["stats"].entropy, b["stats"].entropy)),
+             "mass_first": ("prob", _diff(a["stats"].mass("first"), b["stats"].mass("first"))),
+             "received_sum": ("prob", _diff(a["stats"].received_sum, b["stats"].received_sum) / ids.shape[1]),
+             "decode_mass_first": ("prob", _diff(a["gen"].stats.mass("first"), b["gen"].stats.mass("first"))
+                                   if same_new else 1.0),
+             "patterns": ("prob", _diff(a["patterns"], b["patterns"])),
+             "retrieval_span_mass": ("prob", _diff(ra, rb)), "grounding_lookback": ("prob", _diff(ga, gb))}
+    out = _report("accelerate/split", "float32", diffs, {"entropy": b["stats"].entropy}, devices=devices,
+                  stats_device=str(b["stats"].entropy.device), same_new_tokens=same_new,
+                  weights_hash_equal=hashes[0] == hashes[1])
+    out["ok"] = out["ok"] and same_new and hashes[0] == hashes[1] and out["stats_device"] == "cpu"
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -308,7 +354,7 @@ def run(args) -> dict:
             checks += [_guarded(f"family/{f}", dtype, lambda f=f, d=dtype: family_check(zoo, f, device, d)) for f in fams]
             for f in ana:
                 checks += analyses_check(zoo, f, device, dtype, Path(tmp))
-        checks.append(_guarded("accelerate/split", "float32", lambda: accelerate_check(zoo)))
+        checks.append(_guarded("accelerate/split", "float32", lambda: accelerate_check(zoo, device=device)))
     return {"device": device, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "dtypes": dtypes,
             "tolerances": TOL, "n_checks": len(checks), "n_failed": sum(not c["ok"] for c in checks),
             "ok": all(c["ok"] for c in checks), "checks": checks}

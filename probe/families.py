@@ -254,8 +254,11 @@ class Resume:
         return h
 
     def run(self, layer: int, hidden: torch.Tensor | None = None, *, keep: int = 0) -> torch.Tensor:
-        """Logits after rerunning blocks ``layer..L-1`` on ``hidden`` (default: block ``layer``'s recorded input)."""
-        return logits(self.hf, self.hidden(layer, hidden), keep)
+        """Logits after rerunning blocks ``layer..L-1`` on ``hidden`` (default: block ``layer``'s recorded input),
+        on the model's input device (a split model's unembedding may sit on another one)."""
+        from .models.placement import input_device
+
+        return logits(self.hf, self.hidden(layer, hidden), keep).to(input_device(self.hf))
 
 
 def record(model, input_ids: torch.Tensor | None = None, *, start: int = 0, layers=None, **forward) -> Resume:

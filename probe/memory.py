@@ -12,6 +12,7 @@ DEFAULT_CAPTURE_BUDGET = 2 * 2**30
 class Estimate:
     what: str
     bytes: int
+    work: int = 0        # the part one attention call holds (on the layer's device); the rest is results
 
     def __str__(self) -> str:
         return f"{self.what}: ~{human(self.bytes)}"
@@ -35,7 +36,7 @@ def stream_estimate(n_layers: int, n_heads: int, n_tokens: int, chunk: int, n_gr
     """Streaming statistics: chunk x T scores per head, plus the per-row and per-key results."""
     work = n_heads * chunk * n_tokens * 4 * 3
     results = n_layers * n_heads * n_tokens * (4 * 3 + 4 * n_groups + 8)
-    return Estimate(f"streaming statistics over {n_tokens} tokens (chunk {chunk})", work + results)
+    return Estimate(f"streaming statistics over {n_tokens} tokens (chunk {chunk})", work + results, work)
 
 
 def check_budget(est: Estimate, budget: int, hint: str) -> None:

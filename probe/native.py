@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .errors import UnsupportedModelError
+from .models.placement import input_device
 
 PREFIX = "headwise_"
 ENGINE_NATIVES = ("sdpa", "eager")  # implementations whose masks the eager engine reads
@@ -122,7 +123,7 @@ def verify(hf, rt, watch: Callable) -> str | None:
     half = next(hf.parameters()).dtype in (torch.float16, torch.bfloat16)
     check = _Check(rt, 5e-2 if half else 1e-4)
     vocab = int(getattr(hf.config, "vocab_size", 0) or 0) or 2
-    ids = ((torch.arange(1, CHECK_TOKENS + 1) * 31) % vocab)[None].to(next(hf.parameters()).device)
+    ids = ((torch.arange(1, CHECK_TOKENS + 1) * 31) % vocab)[None].to(input_device(hf))
     was = hf.training
     try:
         hf.eval()

@@ -182,7 +182,8 @@ class Engine:
     def _eager(self, query, key, value, call: AttentionCall, plan, watchers) -> torch.Tensor:
         """The eager engine with every observer: echo stores, collectors, pattern taps."""
         layer, Tq, K = call.layer, call.n_queries, call.n_keys
-        echo = {h: call.align(*self._echo[src]) for h, src in plan.echo.items()}
+        echo = {h: call.align(*(t.to(query.device) for t in self._echo[src]))   # the source layer may sit on
+                for h, src in plan.echo.items()}                                   # another device of a split
         stores = {h: torch.zeros(query.shape[0], Tq, K, device=query.device)
                   for h in self._echo_sources(layer, call.decoding)}
         probe_taps = self._probe_taps(layer)

@@ -117,4 +117,15 @@ def _announce(model, rt, n_tokens: int, n_groups: int, verbose: bool) -> None:
     chunk = chunk_rows(rt.active().budget, 1, model.n_heads, n_tokens, n_tokens)
     if verbose and n_tokens >= ANNOUNCE_FROM:
         est = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, n_groups)
-        print(f"headwise: {est}", file=sys.stderr, flush=True)
+        print(f"headwise: {est}{_split_note(model, est)}", file=sys.stderr, flush=True)
+
+
+def _split_note(model, est) -> str:
+    """For a model split over devices: what each device needs (working set + paged-in weights; results on the CPU)."""
+    if getattr(model, "device_map", None) is None:
+        return ""
+    from .memory import human
+    from .models.placement import memory_plan
+
+    plan = memory_plan(model.hf, est.work, est.bytes - est.work)
+    return "; split: " + ", ".join(f"{dev} ~{human(n)}" for dev, n in plan.items())

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ContextLengthError, InputError, ModelLoadError, UnknownModelError
+from ..errors import ContextLengthError, InputError, ModelLoadError, UnknownModelError, UnsupportedModelError
 from ..heads import HeadLayout
-from . import embedded, resolve, tiny
+from . import embedded, placement, resolve, tiny
+from .placement import Placement
 
 DEFAULT_MODEL = embedded.NAME
 
@@ -77,13 +78,24 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go (a split model's first GPU, else the CPU; see :mod:`probe.models.placement`)."""
+        return placement.input_device(self.hf)
+
+    @property
+    def device_map(self) -> dict | None:
+        """``{module: device}`` when accelerate split the model (``load_model(device_map=...)``), else None."""
+        return placement.device_map(self.hf)
 
     @cached_property
     def bridge(self):
         """A TransformerLens ``TransformerBridge`` over a weight-sharing twin of ``hf``."""
         from transformer_lens.model_bridge import TransformerBridge
 
+        if self.device_map is not None:
+            raise UnsupportedModelError(
+                f"{self.model_id} is split by a device map ({', '.join(placement.devices(self.hf))}); the "
+                "TransformerLens bridge needs the whole model on one device. capture() uses the engine's "
+                "observer instead (source='observer'), which works across devices")
         twin = share_weights(self.hf)
         return TransformerBridge.boot_transformers(self._bridge_dir or self.source, hf_model=twin,
                                                    tokenizer=self.tokenizer, device=str(self.device),
@@ -116,8 +128,13 @@ class Model:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None) -> Model:
+               dtype: torch.dtype | str | None = None, *, device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | Path | None = None) -> Model:
     """Load a named model, a local HF folder, or (only when named) a hub id; see :func:`list_models`.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``), ``max_memory``
+    (``{0: "20GiB", "cpu": "64GiB"}``) and ``offload_folder`` split the layers over GPUs, the CPU and the
+    disk with accelerate (see :mod:`probe.models.placement`); ``device`` is then not given.
 
     >>> m = load_model("tiny-llama")
     >>> m.n_layers, m.n_heads, m.n_kv_heads
@@ -125,16 +142,29 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     >>> m.str_tokens(m.encode("hi")[0].tolist())
     ['h', 'i']
     """
+    where = Placement(device_map, max_memory, None if offload_folder is None else str(offload_folder))
+    if where.split and device is not None:
+        raise InputError(f"give device={device!r} or device_map={device_map!r}, not both "
+                         "(a device map already says where every layer goes)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(dtype, device)
+    dtype = _dtype(dtype, torch.device("cuda" if where.uses_gpu() else "cpu") if where.split else device)
     from transformers.utils import logging as hf_logging
 
+    where = where.fresh()
     hf_logging.disable_progress_bar()  # one line of ours beats 272 lines of "Loading weights"
     try:
-        hf, tok, source, model_id, bridge_dir = _resolve(str(name_or_path), dtype)
+        hf, tok, source, model_id, bridge_dir = _resolve(str(name_or_path), dtype, where)
+        if not where.split:
+            hf = hf.to(device=device, dtype=dtype)
+        elif getattr(hf, "hf_device_map", None) is None:  # built in memory (tiny models): accelerate places it now
+            hf = placement.dispatch(hf, where, dtype)
+    except BaseException:
+        placement.drop_folder(where)
+        raise
     finally:
         hf_logging.enable_progress_bar()
-    hf = hf.to(device=device, dtype=dtype).eval()
+    placement.own_folder(hf, where)
+    hf = hf.eval()
     from ..runtime import install
 
     install(hf)
@@ -146,11 +176,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
                  n_ctx=int(n_ctx), weights_hash=weights_fingerprint(hf), _bridge_dir=bridge_dir)
 
 
-def _resolve(name: str, dtype: torch.dtype):
+def _resolve(name: str, dtype: torch.dtype, where: Placement | None = None):
     """``(hf, tokenizer, source, model_id, bridge_dir)`` for a named model, a local folder or a hub id.
 
-    A local-looking name never goes to the hub (see :mod:`probe.models.resolve`).
+    A local-looking name never goes to the hub (see :mod:`probe.models.resolve`). Folder and hub models
+    are placed by ``from_pretrained`` when ``where`` splits them; tiny ones come back unplaced.
     """
+    place = (where or Placement()).from_pretrained_kwargs()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = name.lower()
@@ -160,13 +192,13 @@ def _resolve(name: str, dtype: torch.dtype):
         return hf, AutoTokenizer.from_pretrained(folder), key, key, str(folder)
     if key in (embedded.NAME, "smollm2", "default"):
         folder = embedded.cached_dir()
-        return (_from_dir(AutoModelForCausalLM, folder, dtype), AutoTokenizer.from_pretrained(folder),
+        return (_from_dir(AutoModelForCausalLM, folder, dtype, place), AutoTokenizer.from_pretrained(folder),
                 str(folder), embedded.NAME, str(folder))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a folder but has no config.json: point at a Hugging Face model folder")
-        return (_from_dir(AutoModelForCausalLM, path, dtype), AutoTokenizer.from_pretrained(path),
+        return (_from_dir(AutoModelForCausalLM, path, dtype, place), AutoTokenizer.from_pretrained(path),
                 str(path.resolve()), path.name, str(path))
     if path.exists():
         raise ModelLoadError(f"{path} is a file, not a model folder: give the folder that holds it and config.json")
@@ -174,16 +206,16 @@ def _resolve(name: str, dtype: torch.dtype):
     if where == "path":
         raise resolve.missing_path_error(name)
     if where == "hub":
-        hf, tok, snapshot = resolve.load_hub(name, dtype)
+        hf, tok, snapshot = resolve.load_hub(name, dtype, **place)
         return hf, tok, name, name, str(snapshot) if snapshot else name
     known = ", ".join(MODELS)
     raise UnknownModelError(
         f"unknown model {name!r}: use one of {known}, a local Hugging Face folder, or a hub id like org/name")
 
 
-def _from_dir(auto, folder, dtype):
+def _from_dir(auto, folder, dtype, place: dict | None = None):
     try:
-        return auto.from_pretrained(folder, dtype=dtype)
+        return auto.from_pretrained(folder, dtype=dtype, **(place or {}))
     except Exception as exc:  # surface as a typed error with the folder named
         raise ModelLoadError(f"could not load a causal LM from {folder}: {exc}") from exc
 
@@ -219,11 +251,14 @@ def weights_fingerprint(hf: torch.nn.Module) -> str:
     Only exact element values enter it (no float reductions, whose order depends on the thread
     count), so the same weights give the same hash on any machine and thread setting.
     """
-    h = hashlib.sha256()
-    for name, p in sorted(hf.state_dict().items()):
-        flat = p.detach().reshape(-1)
+    samples = {}
+    for name, p in placement.named_state(hf):  # offloaded weights paged in one module at a time
+        flat = p.reshape(-1)
         step = max(1, flat.numel() // 4096)
-        sample = torch.cat([flat[::step][:4096], flat[-1:]]).float().cpu()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(sample.numpy().tobytes())
+        samples[name] = (f"{name}:{tuple(p.shape)}:{p.dtype}".encode(),
+                         torch.cat([flat[::step][:4096], flat[-1:]]).float().cpu().numpy().tobytes())
+    h = hashlib.sha256()
+    for name in sorted(samples):
+        h.update(samples[name][0])
+        h.update(samples[name][1])
     return h.hexdigest()[:16]

@@ -88,8 +88,11 @@ def check_hub(repo_id: str, timeout: float = 10.0) -> None:
                              "(or set HF_HUB_OFFLINE=1 to use only cached models)") from None
 
 
-def load_hub(repo_id: str, dtype):
-    """``(hf, tokenizer, snapshot folder or None)`` for a hub id: from the cache if there, else downloaded."""
+def load_hub(repo_id: str, dtype, **place):
+    """``(hf, tokenizer, snapshot folder or None)`` for a hub id: from the cache if there, else downloaded.
+
+    ``place``: ``device_map``/``max_memory``/``offload_folder`` for ``from_pretrained`` (a split model).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     snapshot = cached_snapshot(repo_id)
@@ -104,7 +107,7 @@ def load_hub(repo_id: str, dtype):
             check_hub(repo_id)
         try:
             kw = {"cache_dir": hub_cache(), "local_files_only": local}
-            hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, **kw)
+            hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, **kw, **place)
             return hf, AutoTokenizer.from_pretrained(repo_id, **kw), cached_snapshot(repo_id)
         except Exception as exc:  # a partial cache falls through to the download
             error = exc
