@@ -52,9 +52,8 @@ def js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def js_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What :func:`cross_js` needs of maps ``x [n, w, K]``: ``(x + tiny) / 2`` and ``½ (x + tiny) log(x + tiny)``."""
-    half = (x + _TINY).mul_(0.5)
-    whole = half + half
-    return half, torch.log(whole).mul_(whole).mul_(0.5)
+    whole = x + _TINY
+    return whole * 0.5, torch.log(whole).mul_(whole).mul_(0.5)  # half + half == whole exactly
 
 
 def cross_js(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
@@ -211,8 +210,9 @@ def pattern_block(seen: dict, n_layers: int, rows: slice, scratch=None) -> torch
         probs = eager._chunk_probs(q, k_rep, _first_keys(call, stops[layer]), eager.LayerPlan(), rows,
                                    scratch=scratch)[0][0]
         if block is None:
-            block = torch.zeros(n_layers, *probs.shape[:-1], max(stops), dtype=probs.dtype, device="cpu")
+            block = torch.empty(n_layers, *probs.shape[:-1], max(stops), dtype=probs.dtype, device="cpu")
         block[layer, ..., :stops[layer]] = probs
+        block[layer, ..., stops[layer]:] = 0.0
     return block
 
 
