@@ -186,7 +186,9 @@ def _first_keys(call, stop: int):
     """``call`` restricted to its first ``stop`` keys (the rows at hand see none after them)."""
     if stop >= call.n_keys:
         return call
-    cut = (lambda t: None if t is None else t[..., :stop])
+
+    def cut(t):
+        return None if t is None else t[..., :stop]
     return dataclasses.replace(call, n_keys=stop, k_pos=call.k_pos[:, :stop], mask=cut(call.mask),
                                bias=cut(call.bias))
 
