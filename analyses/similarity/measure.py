@@ -67,7 +67,7 @@ def cross_js(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
     """
     (ha, sa), (hb, sb) = a, b
     na, nb = ha.shape[0], hb.shape[0]
-    out = torch.zeros(na, nb, dtype=torch.float64)
+    out = torch.zeros(na, nb, dtype=torch.float64, device="cpu")
     mid, logs, terms = torch.empty_like(ha), torch.empty_like(ha), torch.empty_like(ha)
     for j in range(nb):
         n = j if upper else na
