@@ -7,7 +7,11 @@ its prompt token equals the emitted token (``+= 1/|span|``; every emitted token 
 token included, as the authors' loop does). Ours: fused prefill, decode rows through the streaming
 statistics (:func:`analyses.retrieval.run.run_sample`). Both greedy, same prompts, same stop tokens.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/retrieval_scan.py [--model smollm2-135m] [--lengths 2000,3000]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/retrieval_scan.py [--lengths 500,1000,2000] [--repeats 3]
+    PYTHONPATH=$PWD python bench/retrieval_scan.py --quick     # tiny model, one cell: a smoke run
+
+Per cell the two run alternately (``--repeats``, medians); ``ours_phases`` splits one of our runs into
+prompt building, prefill and decode, the profile that says where the time goes.
 
 The reference holds every returned pattern (layers x heads x T x T floats for the prefill step), so
 its cost and memory grow with T^2 (about 17 GB at T=4096 for SmolLM2); ours holds none. The prefill
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -55,40 +60,72 @@ def reference_scores(model, p, max_new_tokens: int) -> tuple[torch.Tensor, list[
     return score, [w for w in new if w not in eos]
 
 
+def ours_phases(model, needle, length: int, depth: float, max_new_tokens: int) -> dict:
+    """Where our time goes on one cell: prompt building, the SDPA prefill, the decode steps with statistics."""
+    from analyses.retrieval.decode import decode, prefill
+
+    t0 = time.perf_counter()
+    p = build_prompt(model, needle, length, depth, max_new_tokens=max_new_tokens)
+    t1 = time.perf_counter()
+    past = prefill(model, p.ids)
+    t2 = time.perf_counter()
+    new, _ = decode(model, p.ids, past, max_new_tokens=max_new_tokens, span=(p.start, p.stop))
+    t3 = time.perf_counter()
+    return {"build_s": round(t1 - t0, 3), "prefill_s": round(t2 - t1, 3), "decode_s": round(t3 - t2, 3),
+            "new_tokens": len(new), "decode_per_token_s": round((t3 - t2) / max(len(new), 1), 3)}
+
+
+def cell(model, n, L: int, d: float, max_new_tokens: int, repeats: int) -> dict:
+    """One grid cell: ours and the reference alternately ``repeats`` times (medians), scores compared."""
+    t_ours, t_ref = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rec = run_sample(model, n, L, d, max_new_tokens=max_new_tokens)
+        t1 = time.perf_counter()
+        p = build_prompt(model, n, L, d, max_new_tokens=max_new_tokens)
+        ref, ref_new = reference_scores(model, p, max_new_tokens)
+        t2 = time.perf_counter()
+        t_ours.append(t1 - t0)
+        t_ref.append(t2 - t1)
+    ours = torch.tensor(rec["events"], dtype=torch.float64)
+    o, r = statistics.median(t_ours), statistics.median(t_ref)
+    return {"needle": n.name, "length": L, "depth": d, "prompt_len": rec["prompt_len"], "response": rec["response"],
+            "same_tokens": ref_new == list(rec["new_ids"]),
+            "ours_s": round(o, 3), "reference_s": round(r, 3), "speedup": round(r / o, 2),
+            "max_abs_diff": float((ours - ref).abs().max()),
+            "ours_phases": ours_phases(model, n, L, d, max_new_tokens)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--lengths", default="2000,3000")
+    ap.add_argument("--lengths", default="500,1000,2000")
     ap.add_argument("--depths", default="25,75")
     ap.add_argument("--needles", default="cat")
     ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny model, one 200-token cell, one repeat (a smoke run)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.model, a.lengths, a.depths, a.needles, a.max_new_tokens, a.repeats = "tiny-llama", "200", "50", "code", 3, 1
     torch.manual_seed(0)
     model = load_model(a.model)
-    cells = [(n, int(L), float(d)) for n in select_needles(a.needles.split(","))
-             for L in a.lengths.split(",") for d in a.depths.split(",")]
+    needles = select_needles(a.needles.split(","))
     stop_ids(model, newline=True)  # warm the stop-token cache (shared by both)
-    run_sample(model, cells[0][0], 200, 50, max_new_tokens=2)  # warm-up
-    ours_t = ref_t = 0.0
-    diffs, rows = [], []
-    for n, L, d in cells:
-        t0 = time.perf_counter()
-        rec = run_sample(model, n, L, d, max_new_tokens=a.max_new_tokens)
-        t1 = time.perf_counter()
-        p = build_prompt(model, n, L, d, max_new_tokens=a.max_new_tokens)
-        ref, ref_new = reference_scores(model, p, a.max_new_tokens)
-        t2 = time.perf_counter()
-        ours_t, ref_t = ours_t + t1 - t0, ref_t + t2 - t1
-        ours = torch.tensor(rec["events"], dtype=torch.float64)
-        diffs.append(float((ours - ref).abs().max()))
-        rows.append({"needle": n.name, "length": L, "depth": d, "response": rec["response"],
-                     "same_tokens": ref_new == model.tokenizer(rec["response"], add_special_tokens=False).input_ids
-                     or model.tokenizer.decode(ref_new).strip() == rec["response"],
-                     "ours_s": round(t1 - t0, 3), "reference_s": round(t2 - t1, 3), "max_abs_diff": diffs[-1]})
-    print(json.dumps({"model": model.model_id, "grid": {"lengths": a.lengths, "depths": a.depths,
-                                                          "needles": a.needles},
-                      "threads": torch.get_num_threads(), "ours_s": round(ours_t, 3), "reference_s": round(ref_t, 3),
-                      "speedup": round(ref_t / ours_t, 2), "max_abs_diff": max(diffs), "samples": rows}, indent=1))
+    run_sample(model, needles[0], min(200, int(a.lengths.split(",")[0])), 50, max_new_tokens=2)  # warm-up
+    rows = [cell(model, n, int(L), float(d), a.max_new_tokens, a.repeats)
+            for n in needles for L in a.lengths.split(",") for d in a.depths.split(",")]
+    by_length = {}
+    for r in rows:
+        o, ref = by_length.setdefault(r["length"], [0.0, 0.0])
+        by_length[r["length"]] = [o + r["ours_s"], ref + r["reference_s"]]
+    ours_t, ref_t = sum(r["ours_s"] for r in rows), sum(r["reference_s"] for r in rows)
+    print(json.dumps({"bench": "retrieval_scan", "model": model.model_id,
+                      "grid": {"lengths": a.lengths, "depths": a.depths, "needles": a.needles},
+                      "threads": torch.get_num_threads(), "repeats": a.repeats, "target_speedup": 3.0,
+                      "ours_s": round(ours_t, 3), "reference_s": round(ref_t, 3), "speedup": round(ref_t / ours_t, 2),
+                      "speedup_by_length": {L: round(v[1] / v[0], 2) for L, v in by_length.items()},
+                      "max_abs_diff": max(r["max_abs_diff"] for r in rows), "samples": rows}, indent=1))
     return 0
 
 

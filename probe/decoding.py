@@ -28,12 +28,18 @@ from .compat import output_cache, with_cache
 def stop_ids(model, newline: bool = False) -> set[int]:
     """EOS and end-of-turn token ids; with ``newline`` also every token whose text holds a newline."""
     tok = model.tokenizer
+    return set(_stop_ids(tok, newline))
+
+
+@lru_cache(maxsize=8)
+def _stop_ids(tok, newline: bool) -> frozenset[int]:
+    """Memoised: a pure function of the tokenizer (``get_vocab`` alone costs tens of ms a call, once per sample)."""
     stop = {i for i in (tok.eos_token_id,) if i is not None}
     vocab = tok.get_vocab()
     for special in ("<|im_end|>", "<|endoftext|>"):
         if special in vocab:
             stop.add(vocab[special])
-    return stop | _newline_ids(tok) if newline else stop
+    return frozenset(stop | _newline_ids(tok) if newline else stop)
 
 
 @lru_cache(maxsize=8)

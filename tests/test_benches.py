@@ -1,21 +1,32 @@
-"""The speed benchmarks' --quick modes run and report what they promise (no timing assertions: bench/ owns speed)."""
+"""The benchmarks' ``--quick`` modes as smoke tests (bench/interventions.py, stats_memory.py, similarity.py,
+patching.py, retrieval_scan.py).
+
+No timing is asserted (timings live in the benches' JSON); what is asserted is that each bench runs,
+reports what it promises, and that its fast path computed the same numbers as the baseline it is timed against.
+"""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
 
 
-def _run(script: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+def _run_script(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
 
 
+
+
 def test_interventions_bench_quick():
-    out = _run("interventions.py", "--quick")
+    out = _run_script("interventions.py", "--quick")
     run = out["runs"][0]
     assert out["heads"] == 110 and run["n_tokens"] == 128
     assert set(run["ratio_to_plain"]) == {"act", "act_previous_path", "zero_ablate", "uniform", "temperature"}
@@ -24,9 +35,39 @@ def test_interventions_bench_quick():
 
 def test_stats_memory_ratio_quick():
     """The same-process ratio part of bench/stats_memory.py (the TransformerLens cache comparison is too slow for the suite)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stats_memory.py"), "--ratio-worker", "128", "1"],
+    proc = subprocess.run([sys.executable, str(BENCH / "stats_memory.py"), "--ratio-worker", "128", "1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ratio = json.loads(proc.stdout.strip().splitlines()[-1])["128"]
     assert set(ratio["ratio_to_plain"]) == {"stream", "stream_previous_path"}
     assert all(v > 0 for v in ratio["ratio_to_plain"].values())
+
+
+def _run(name: str, capsys) -> dict:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--quick"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_similarity_bench_quick(capsys):
+    out = _run("similarity", capsys)
+    (row,) = out["rows"]
+    assert out["model"] == "tiny-llama" and row["tokens"] == 64 and row["plain_s"] > 0 and row["ours_s"] > 0
+    assert set(row["phases"]) == {"forward_s", "patterns_s", "products_s", "total_s"}
+
+
+def test_patching_bench_quick(capsys):
+    out = _run("patching", capsys)
+    assert out["max_abs_diff"] < 1e-5                               # resumed == rerun from the embeddings
+    L = 2                                                            # tiny-llama: before = L forwards a batch
+    assert out["forwards_equivalent_per_batch"] == {"before": float(L), "after": 1 + (L + 1) / 2}
+
+
+@pytest.mark.slow
+def test_retrieval_bench_quick(capsys):
+    out = _run("retrieval_scan", capsys)
+    (s,) = out["samples"]
+    assert out["max_abs_diff"] == 0.0 and s["same_tokens"]        # identical scores and tokens to generate()
+    assert s["ours_phases"]["new_tokens"] > 0 and s["reference_s"] > 0

@@ -62,6 +62,29 @@ def test_exact_patching_matches_hand_reference(tiny_llama):
         assert abs(P.patch_one(tiny_llama, task, 2, head, z_corr) - float(ref[2])) < 1e-4
 
 
+def test_exact_patching_resumes_from_the_patched_layer(tiny_llama):
+    """Same numbers as rerunning the whole model per layer; block l runs l + 2 times per prompt batch, not L."""
+    from probe import families
+
+    task = _toy_task(tiny_llama)
+    z_corr = P.record_z(tiny_llama, task.corrupt)
+    calls = {l: 0 for l in range(tiny_llama.n_layers)}
+    hooks = [blk.register_forward_pre_hook(lambda m, a, l=l: calls.__setitem__(l, calls[l] + 1))
+             for l, blk in enumerate(families.blocks(tiny_llama))]
+    try:
+        fast = P.exact_patching(tiny_llama, task, z_corr, rows=8)
+        resumed = dict(calls)
+        full = P.exact_patching(tiny_llama, task, z_corr, rows=8, resume=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(fast, full, atol=1e-5) and not fast.isnan().any()
+    n_batches = -(-task.n // (8 // tiny_llama.n_heads))
+    # resumed: block l runs in the recording and in the patches of layers 0..l; the old path: L times each
+    assert resumed == {l: (l + 2) * n_batches for l in calls}
+    assert {l: calls[l] - resumed[l] for l in calls} == {l: tiny_llama.n_layers * n_batches for l in calls}
+
+
 def test_normalised_score_hand_case():
     patched = torch.tensor([[[3.0, 1.0]], [[5.0, 1.0]]])  # [N=2, L=1, H=2]
     clean, corr = torch.tensor([1.0, 1.0]), torch.tensor([5.0, 5.0])

@@ -146,6 +146,15 @@ def test_similarity_on_five_families(family_model, name, tmp_path):
     avg = eager_patterns(m, ids).double().mean(1).flatten(1)          # head-averaged maps [L, T*T]
     cos = (avg @ avg.T) / (avg.norm(dim=1)[:, None] * avg.norm(dim=1)[None])
     assert np.allclose(r.layer_cos, cos.numpy(), atol=1e-5) and np.allclose(np.diag(r.layer_cos), 1.0)
+    P = eager_patterns(m, ids).double()                                 # [L, H, T, T]: the other three matrices
+    heads = P.flatten(2).reshape(-1, P.shape[-1] ** 2)
+    hcos = (heads @ heads.T) / (heads.norm(dim=1)[:, None] * heads.norm(dim=1)[None])
+    js = lambda p, q: (0.5 * (torch.xlogy(p, 2 * p / (p + q)) + torch.xlogy(q, 2 * q / (p + q)))  # noqa: E731
+                       ).nan_to_num().sum(-1).mean(-1) / np.log(2)
+    avg_maps = P.mean(1)
+    assert np.allclose(r.head_cos, hcos.numpy(), atol=1e-5)
+    assert np.allclose(r.layer_js, js(avg_maps[:, None], avg_maps[None]).numpy(), atol=1e-5)
+    assert np.allclose(r.head_js, js(P[:-1, :, None], P[1:, None]).numpy(), atol=1e-5)
     held = m.tokenizer(texts[1], return_tensors="pt").input_ids
     with torch.no_grad():
         logits = m.hf(held).logits[0, :-1].float()

@@ -99,20 +99,23 @@ def test_windowed_accumulation_equals_direct_from_captured_patterns(tiny_llama, 
     np.testing.assert_allclose(m["head_js"], hjs, atol=1e-5)
 
 
-def test_window_passes_hold_only_window_rows(tiny_llama, monkeypatch):
+def test_one_forward_and_blocks_of_window_rows(tiny_llama, monkeypatch):
+    """The prompt runs once; each block holds at most L x H x window x T (its keys end at its last row)."""
     import analyses.similarity.measure as measure
 
-    shapes = []
-
-    class Spy(measure.WindowTap):
-        def __init__(self, *a):
-            super().__init__(*a)
-            shapes.append(tuple(self.buf.shape))
-
-    monkeypatch.setattr(measure, "WindowTap", Spy)
-    ids = tiny_llama.encode("ten tokens")
-    measure.accumulate_prompt(tiny_llama, ids, Accumulator(2, 4), window=4)
-    assert shapes == [(2, 4, 4, 10), (2, 4, 4, 10), (2, 4, 2, 10)]  # L x H x window x T per pass
+    shapes, forwards = [], []
+    real = measure.Accumulator.add_window
+    monkeypatch.setattr(measure.Accumulator, "add_window", lambda self, p: (shapes.append(tuple(p.shape)),
+                                                                              real(self, p))[1])
+    hook = tiny_llama.hf.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        ids = tiny_llama.encode("ten tokens")
+        measure.accumulate_prompt(tiny_llama, ids, Accumulator(2, 4), window=4)
+    finally:
+        hook.remove()
+    assert ids.shape[1] == 10 and len(forwards) == 1
+    assert shapes == [(2, 4, 4, 4), (2, 4, 4, 8), (2, 4, 2, 10)]  # L x H x window x (keys up to the block's last row)
+    assert all(s[2] <= 4 and s[3] <= 10 for s in shapes)
 
 
 # ----------------------------------------------------------------------------- echo == hand substitution

@@ -3,7 +3,9 @@
 **Exact patching.** Run the corrupted prompts and record every head's output ``z`` (before
 ``o_proj``) with a :func:`probe.tap` ``on_output`` observer. Then, for each head ``h``, run the clean
 prompts with ``z_h`` replaced by its corrupted value at every position and measure
-``LD_patched``. The normalised score is ``(LD_patched - LD_clean) / (LD_corr - LD_clean)``
+``LD_patched``; the forward resumes at the patched layer from the cached residual stream
+(:func:`probe.families.record`), so layers below it are computed once per prompt batch, not once per
+layer. The normalised score is ``(LD_patched - LD_clean) / (LD_corr - LD_clean)``
 (means over prompts): 1 means the head alone carries the whole clean/corrupted difference.
 For one prompt this is exactly ``MeanAblate(heads=[h], values=[z_corr[T, d_head]])`` (the engine's
 per-position patch form, see :func:`patch_one`); to batch different prompts, whose corrupted values
@@ -120,23 +122,29 @@ class _Patch:
 
 
 def exact_patching(model, task: TaskBatch, z_corr: HeadOutputs | None = None, rows: int = 96,
-                   layers=None) -> PromptEffects:
+                   layers=None, resume: bool = True) -> PromptEffects:
     """``LD_patched [N, L, H]`` (host): clean run with one head's output set to its corrupted value.
 
-    ``layers`` restricts the work to some layers (the others stay NaN).
+    ``layers`` restricts the work to some layers (the others stay NaN). With ``resume`` (default)
+    each prompt batch runs once through :func:`probe.families.record`, which keeps the residual
+    stream entering every block, and the patch of layer ``l`` reruns only blocks ``l..L-1`` from it
+    (:meth:`probe.families.Resume.run`): the layers below the patch compute nothing that changes.
+    ``resume=False`` reruns the whole model per layer (the reference; same numbers).
     """
     L, H, N = model.n_layers, model.n_heads, task.n
     z_corr = record_z(model, task.corrupt) if z_corr is None else z_corr
     out = torch.full((N, L, H), float("nan"), device="cpu")
+    todo = sorted(range(L) if layers is None else {int(l) for l in layers})
     per = max(1, rows // H)  # prompts per forward; the batch holds (head x prompt) copies
     with torch.no_grad():
-        for layer in (range(L) if layers is None else layers):
-            for sl in _chunks(N, per):
-                b = sl.stop - sl.start
-                ids = task.clean[sl].repeat(H, 1)
+        for sl in _chunks(N, per):
+            b = sl.stop - sl.start
+            ids, good, bad = task.clean[sl].repeat(H, 1), task.good[sl].repeat(H, 1), task.bad[sl].repeat(H, 1)
+            ref = families.record(model, ids, start=todo[0], layers=todo, logits_to_keep=1) if resume else None
+            for layer in todo:
                 with tap(model, _Patch(layer, list(range(H)), z_corr[layer, sl])):
-                    ld = logit_diff(_last_logits(model, ids), task.good[sl].repeat(H, 1), task.bad[sl].repeat(H, 1))
-                out[sl, layer] = ld.view(H, b).T.cpu()
+                    logits = ref.run(layer, keep=1)[:, -1].float() if resume else _last_logits(model, ids)
+                out[sl, layer] = logit_diff(logits, good, bad).view(H, b).T.cpu()
     return out
 
 

@@ -7,7 +7,7 @@ sharing needs head realignment across layers, and shallow layers are fragile. Se
 
 The analysis (:data:`SIMILARITY`, stages in :mod:`.run`) measures layer x layer (head-averaged,
 causal lower-triangle maps) and head x head similarity over a prompt set (cosine and row-wise
-Jensen–Shannon, accumulated window by window, :mod:`.measure`), matches heads between adjacent
+Jensen–Shannon, from one forward per prompt, block by block, :mod:`.measure`), matches heads between adjacent
 layers (Hungarian) and clusters heads into families; then on held-out text it reuses layer l's
 pattern in layer l+1 (``PatternEcho``; same-index, matched and random-permutation heads) and
 measures the loss increase, rank-correlates it with similarity, and grows a sharing plan greedily

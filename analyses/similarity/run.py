@@ -1,8 +1,8 @@
 """The similarity scan as stages: prompts -> echo trials -> sharing plan -> result.
 
-``prompts``: one unit per prompt, its windowed similarity sums (:mod:`.measure`); the reduce
-averages them, matches heads across adjacent layers and clusters head families. ``echo``: the
-held-out baseline loss and, per variant and adjacent pair, the loss when layer l+1 reuses layer
+``prompts``: one unit per prompt, its similarity sums (one forward, block-wise products,
+:mod:`.measure`); the reduce averages them, matches heads across adjacent layers and clusters head
+families. ``echo``: the held-out baseline loss and, per variant and adjacent pair, the loss when layer l+1 reuses layer
 l's pattern (:mod:`.echo`). ``plan``: the greedy sharing plan, one measured trial a unit (each
 trial depends on the ones before, so the stage repeats until the search ends). ``report``
 assembles the :class:`SimilarityResult`. Methods: docs/methods.md §4.
@@ -33,14 +33,14 @@ SUMS = ("layer_cos_sum", "head_cos_sum", "layer_js_sum", "head_js_sum")
 
 @dataclass(frozen=True)
 class SimilarityConfig(Config):
-    """Prompt and held-out sets, the windowed measure, the echo variants and the plan search."""
+    """Prompt and held-out sets, the block-wise measure, the echo variants and the plan search."""
 
     prompts: str = opt("prompts", "text set in data/similarity (or a file of blank-line separated paragraphs)")
     heldout: str = opt("heldout", "held-out text set for the echo loss")
     n_prompts: int | None = opt(None, "use only the first N prompts", min=1)
     n_heldout: int | None = opt(None, "use only the first N held-out texts", min=1)
     max_tokens: int = opt(128, "tokens per text (longer texts are cut)", min=2)
-    window: int = opt(64, "query rows per pass (memory O(L*H*window*T))", min=1)
+    window: int = opt(64, "query rows per block of products (memory O(L*H*window*T))", min=1)
     head_js: Literal["adjacent", "all", "none"] = opt("adjacent", "head pairs with a Jensen-Shannon divergence")
     variants: tuple[Literal["same", "matched", "random"], ...] = opt(VARIANTS, "echo variants (random: the control)")
     n_clusters: int = opt(8, "head families (agglomerative clusters)", min=1)
