@@ -7,4 +7,4 @@ bash scripts/setup.sh --browser
 . .venv/bin/activate
 export TRITON_INTERPRET=1 PYTHONUNBUFFERED=1
 ruff check .
-python -m pytest "$@"
+python -m pytest --durations=15 "$@"

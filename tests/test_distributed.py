@@ -146,7 +146,8 @@ def test_the_cli_runs_a_scan_on_workers_and_resumes_a_serial_one(cluster, tmp_pa
     assert main(flags + ["--out", str(tmp_path / "serial")]) == 0
     assert main(flags + ["--out", str(tmp_path / "mixed"), "--cells", "code:200:25", "--mask-cells", "code:200:25"]) == 0
     capsys.readouterr()
-    assert main(flags + ["--out", str(tmp_path / "mixed"), "--workers", "2"]) == 0     # resumes the serial unit
+    more = ["--out", str(tmp_path / "mixed"), "--workers", "2", "--force"]      # more cells: --force, a stamped folder
+    assert main(flags + more) == 0                                              # resumes the serial unit
     err = capsys.readouterr().err
     assert "starting 2 Ray worker(s)" in err and "resumed 1 of 2" in err
     assert diff_units(tmp_path / "serial", tmp_path / "mixed") == []
