@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 20
-_done = False
 
 
+@functools.cache                      # a process-wide libc setting: applied once, no flag to keep
 def tune() -> bool:
     """Fix the mmap threshold once per process; returns whether it was applied."""
-    global _done
-    if _done:
-        return True
-    _done = True
     if not sys.platform.startswith("linux"):
         return False
     try:
