@@ -7,6 +7,15 @@ import pytest
 import torch
 
 
+# The suite runs on two workers (pytest-xdist, scripts/test.sh): the minute-long tests (notebooks, the
+# headless browser) start first, so that no worker is left with one of them at the end.
+LONG_FIRST = ("tests/test_notebooks.py::test_notebook_runs", "tests/test_dashboard_browser.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))   # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from probe import load_model
