@@ -49,6 +49,12 @@ def test_random_controls_never_draw_a_selected_head():
 
     assert control_pool(cands, sel) == ([h for h in cands if h not in sel], True)
     assert control_pool(cands, cands[:6]) == (cands, False)
+    # 4 of 8 kept: the 4 outside are one set, whatever the seed (an old run's 10 "random" controls were
+    # all that complement, hence one accuracy for every seed)
+    assert control_pool(cands, cands[:4]) == (cands, False)
+    with pytest.raises(InputError, match="same set"):
+        random_outside(cands, cands[:4], 4, 0)
+    assert len({tuple(random_outside(cands, cands[:3], 3, s)) for s in range(10)}) > 1
 
 
 def _trimmed(name, n):
