@@ -351,3 +351,14 @@ def test_the_shipped_study_opens_and_names_the_largest_relative_drop():
                        "drop_hi": 1.0, "drop_random": 0.0, "excess": 0.9, "relative": 1.0, "beyond_random": True}])
     cell = dataclasses.replace(res, transfer=t).summary()["cell"]
     assert "knock out b -> niah" in cell.label and cell.value == 0.9 and cell.ci == (0.7, 1.0)
+
+
+def test_the_act_task_of_a_shipped_sinks_result_is_the_task_file_it_carries(tmp_path):
+    from analyses.atlas.run import act_task_of
+
+    assert act_task_of("sentiment@large", tmp_path) == "sentiment@large"
+    gone = str(tmp_path / "elsewhere" / "task.json")
+    assert act_task_of(gone, tmp_path) == gone                      # nothing carried: the error names the path
+    (tmp_path / "task.json").write_text("{}")
+    assert act_task_of(gone, tmp_path) == str(tmp_path / "task.json")
+    assert act_task_of("data/sinks/smollm2-135m/task.json", tmp_path) == "data/sinks/smollm2-135m/task.json"
