@@ -26,6 +26,17 @@ def test_generated_splits_ship_reproducibly_with_enough_distinct_items(name):
     assert len(words) >= 150                                          # lexical variety, not one frame
 
 
+@pytest.mark.parametrize("name", ["sentiment", "topic"])
+def test_a_limited_generated_task_keeps_every_label(name):
+    # the file lists one label's items first: --limit N once gave a one-label search and held-out split
+    t = load_task(f"{name}@large")
+    n = 8 * len(t.labels)
+    for s in ("calib", "heldout"):
+        per_label = [sum(i.label == k for i in t.limited(n).split(s)) for k in range(len(t.labels))]
+        assert per_label == [8] * len(t.labels)
+        assert sorted(i.text for i in t.split(s)) == sorted(r[2].strip() for r in items.read(name) if r[1] == s)
+
+
 def test_random_controls_never_draw_a_selected_head():
     cands = [HeadId(l, h) for l in range(2) for h in range(4)]
     sel = [HeadId(0, 1), HeadId(1, 2)]
@@ -38,6 +49,12 @@ def test_random_controls_never_draw_a_selected_head():
 
     assert control_pool(cands, sel) == ([h for h in cands if h not in sel], True)
     assert control_pool(cands, cands[:6]) == (cands, False)
+    # 4 of 8 kept: the 4 outside are one set, whatever the seed (an old run's 10 "random" controls were
+    # all that complement, hence one accuracy for every seed)
+    assert control_pool(cands, cands[:4]) == (cands, False)
+    with pytest.raises(InputError, match="same set"):
+        random_outside(cands, cands[:4], 4, 0)
+    assert len({tuple(random_outside(cands, cands[:3], 3, s)) for s in range(10)}) > 1
 
 
 def _trimmed(name, n):

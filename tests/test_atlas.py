@@ -335,3 +335,30 @@ def test_atlas_page_and_its_head_card(results, monkeypatch):
     app.text_input(key="atlas:tool:card:head").set_value("L1H0")
     app.button(key="atlas:tool:card").click().run()
     assert not app.exception and "L1H0" in app.text_area(key="atlas:tool:card:text:card").value
+
+
+def test_the_shipped_study_opens_and_names_the_largest_relative_drop():
+    # the embedded model's study ships in data/atlas (issue 19); its headline cell compares tasks by the
+    # drop beyond random relative to plain: raw drops mix units (IOI logits vs accuracies)
+    from analyses import registry
+    from analyses.data import data_dir
+
+    res = registry.load_result(data_dir() / "atlas" / "smollm2-135m")
+    assert res.model_id == "smollm2-135m" and len(res.transfer) and len(res.agreement)
+    t = pd.DataFrame([{"role": "a", "task": "ioi", "n_items": 16, "plain": 5.0, "drop_top": 2.0, "drop_lo": 1.0,
+                       "drop_hi": 3.0, "drop_random": 0.5, "excess": 1.5, "relative": 0.3, "beyond_random": True},
+                      {"role": "b", "task": "niah", "n_items": 10, "plain": 0.9, "drop_top": 0.9, "drop_lo": 0.7,
+                       "drop_hi": 1.0, "drop_random": 0.0, "excess": 0.9, "relative": 1.0, "beyond_random": True}])
+    cell = dataclasses.replace(res, transfer=t).summary()["cell"]
+    assert "knock out b -> niah" in cell.label and cell.value == 0.9 and cell.ci == (0.7, 1.0)
+
+
+def test_the_act_task_of_a_shipped_sinks_result_is_the_task_file_it_carries(tmp_path):
+    from analyses.atlas.run import act_task_of
+
+    assert act_task_of("sentiment@large", tmp_path) == "sentiment@large"
+    gone = str(tmp_path / "elsewhere" / "task.json")
+    assert act_task_of(gone, tmp_path) == gone                      # nothing carried: the error names the path
+    (tmp_path / "task.json").write_text("{}")
+    assert act_task_of(gone, tmp_path) == str(tmp_path / "task.json")
+    assert act_task_of("data/sinks/smollm2-135m/task.json", tmp_path) == "data/sinks/smollm2-135m/task.json"

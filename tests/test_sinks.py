@@ -197,7 +197,12 @@ def test_search_picks_the_head_that_helps(tiny_llama, tmp_path):
     assert res.heldout["calibrated"]["accuracy"] > res.heldout["plain"]["accuracy"]
     assert len(res.heldout["random"]) == 5 and all(len(r["heads"]) == len(res.selected) for r in res.heldout["random"])
     kept = {str(h) for h in res.selected}                    # the control draws outside the kept set (issue 18)
-    assert all(r["outside"] and not kept & set(r["heads"]) for r in res.heldout["random"])
+    draws = res.heldout["random"]
+    if 8 - len(kept) > len(kept):                            # room for random sets outside: drawn there
+        assert all(r["outside"] and not kept & set(r["heads"]) for r in draws)
+    else:                   # the complement is one set: every seed would draw it, so all 8 candidates, flagged
+        assert not any(r["outside"] for r in draws)
+    assert len({tuple(r["heads"]) for r in draws}) > 1       # a control, not one set five times
     assert SinksConfig().n_random == 10
     df = res.to_frame()
     assert set(df.metric) >= {"accuracy", "delta_accuracy", "selected"} and res.plot() is not None

@@ -104,9 +104,11 @@ class AtlasResult(Result):
                                     float(r["value"]), n=int(r["n_heads"]), ci=(r["lo"], r["hi"]), fmt=".2f")
         if len(t):
             out["beyond"] = Stat("transfer cells beyond random", f"{int(t['beyond_random'].sum())} of {len(t)}")
-            r = t.loc[t["excess"].abs().idxmax()] if t["excess"].notna().any() else None
+            # relative excess (excess / |plain|, the heat map's colour): the tasks' units differ (logits, accuracy)
+            r = t.loc[t["relative"].idxmax()] if t["relative"].notna().any() else None
             if r is not None:
-                out["cell"] = Stat(f"largest excess drop: knock out {r['role']} -> {r['task']}", float(r["drop_top"]),
+                out["cell"] = Stat(f"largest drop beyond the random sets (relative to plain): knock out {r['role']} -> "
+                                   f"{r['task']} (random sets: {r['drop_random']:.3g})", float(r["drop_top"]),
                                    n=int(r["n_items"]), ci=(r["drop_lo"], r["drop_hi"]))
         return out
 

@@ -248,9 +248,18 @@ def reduce_means(model, cfg: AtlasConfig, payloads: dict, state: dict) -> dict:
 
 # ----------------------------------------------------------------------------- stage 5: transfer
 
+def act_task_of(task: str, folder) -> str:
+    """The ACT task a sinks result names; a task file named by a path that is gone (a shipped or moved
+    result) is read from the ``task.json`` its result folder carries, when it does."""
+    carried = Path(folder) / "task.json"
+    return str(carried) if task.endswith(".json") and not Path(task).exists() and carried.exists() else task
+
+
 def _settings(cfg: AtlasConfig, state: dict) -> TaskSettings:
     sinks = state["results"].get("sinks")
-    act = {"act_task": sinks.search.config.get("task", "sentiment"),
+    folder = dict(zip(state["sources"]["analysis"], state["sources"]["folder"])).get("sinks", ".") \
+        if len(state["sources"]) else "."
+    act = {"act_task": act_task_of(sinks.search.config.get("task", "sentiment"), folder),
            "act_shots": int(sinks.search.config.get("shots", 0))} if sinks is not None else {}
     return TaskSettings(**{f: getattr(cfg, f) for f in TASK_FIELDS}, **act)
 

@@ -13,6 +13,7 @@ is unchanged. Load it with ``load_task("<task>@large")``. Method notes: docs/met
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from pathlib import Path
@@ -227,6 +228,13 @@ def read(task: str, folder: Path | None = None) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _interleave(items: list, n_labels: int) -> tuple:
+    """The items label by label in turn (order kept within a label), so that every prefix, e.g.
+    ``--limit N``, is balanced across labels rather than all of the file's first label."""
+    by_label = [[it for it in items if it.label == k] for k in range(n_labels)]
+    return tuple(it for group in itertools.zip_longest(*by_label) for it in group if it is not None)
+
+
 def large_task(name: str, demo_per_label: int = 2, seed: int = 0):
     """The task ``name`` with the generated splits: demonstrations from the hand-written file,
     calibration and held-out items from ``data/sinks/large/<name>.tsv`` (disjoint, fixed split)."""
@@ -240,5 +248,6 @@ def large_task(name: str, demo_per_label: int = 2, seed: int = 0):
     unknown = sorted({r[0] for r in rows} - set(index))
     if unknown:
         raise InputError(f"data/sinks/large/{name}.tsv has labels {unknown} the task does not know")
-    split = {s: tuple(Item(t.strip(), index[lab]) for lab, sp, t in rows if sp == s) for s in ("calib", "heldout")}
+    split = {s: _interleave([Item(t.strip(), index[lab]) for lab, sp, t in rows if sp == s], len(index))
+             for s in ("calib", "heldout")}
     return dataclasses.replace(small, name=f"{name}@large", items={"demo": small.items["demo"], **split})

@@ -88,6 +88,17 @@ card.to_frame().head(8)
 again = AtlasResult.load(out)
 again.transfer.equals(res.transfer), sorted(p.name for p in out.iterdir())
 # %% [md]
+# ## The study of the embedded model, as shipped
+# `data/atlas/smollm2-135m/` holds the README's run (retrieval, induction and ACT roles x NIAH,
+# induction, IOI, ACT-task and loss; command in `data/atlas/README.md`): it opens without a rerun.
+# %%
+from analyses import registry
+from analyses.data import data_dir
+
+shipped = registry.load_result(data_dir() / "atlas" / "smollm2-135m")
+shipped.transfer[["role", "task", "n_items", "plain", "drop_top", "drop_lo", "drop_hi", "p_value", "drop_random",
+                  "random_lo", "random_hi", "beyond_random"]].round(3)
+# %% [md]
 # ## The same from the command line
 # ```
 # headwise scan atlas --model smollm2-135m --results results --out results/atlas   # reuses the saved runs
