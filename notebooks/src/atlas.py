@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 from probe import load_model
-from analyses import run
+from analyses import registry, run
+from analyses.data import data_dir
 from analyses.atlas import ATLAS, AtlasConfig, AtlasResult
 
 model = load_model("smollm2-135m")
@@ -92,9 +93,6 @@ again.transfer.equals(res.transfer), sorted(p.name for p in out.iterdir())
 # `data/atlas/smollm2-135m/` holds the README's run (retrieval, induction and ACT roles x NIAH,
 # induction, IOI, ACT-task and loss; command in `data/atlas/README.md`): it opens without a rerun.
 # %%
-from analyses import registry
-from analyses.data import data_dir
-
 shipped = registry.load_result(data_dir() / "atlas" / "smollm2-135m")
 shipped.transfer[["role", "task", "n_items", "plain", "drop_top", "drop_lo", "drop_hi", "p_value", "drop_random",
                   "random_lo", "random_hi", "beyond_random"]].round(3)
