@@ -173,7 +173,8 @@ def power_stats(power: ActPower) -> dict[str, Stat]:
             g, k = v["gain"], v["control"]
             out[f"{rule}_{m}_gain"] = Stat(f"{tag}: change in {m} (paired; p = {v['p_value']:.3g}, "
                                            f"{v['test']})", g["estimate"], n=g["n"], ci=(g["lo"], g["hi"]), fmt=".4f")
-            out[f"{rule}_{m}_random"] = Stat(f"{tag}: change in {m}, {v['n_draws']} random sets outside",
+            where = "outside" if r.get("outside", True) else "of all candidates (too few outside)"
+            out[f"{rule}_{m}_random"] = Stat(f"{tag}: change in {m}, {v['n_draws']} random sets {where}",
                                              k["estimate"], n=k["n"], ci=(k["lo"], k["hi"]), fmt=".4f")
             out[f"{rule}_{m}_verdict"] = Stat(f"{tag}: {m} gain?", "gain" if v["is_gain"] else "no gain: "
                                               + v["reason"])
