@@ -65,3 +65,49 @@ def was_cancelled(key: str) -> bool:
         st.info("Cancelled. Finished work is kept: run it again to resume from there.")
         return True
     return False
+
+
+# ----------------------------------------------------------------------------- forwards a page runs by itself
+
+class _LayerTicks:
+    """A tap that sees each layer's attention call (``on_call``: observes nothing, so no path changes)."""
+
+    layers = None
+
+    def __init__(self, tick):
+        self.tick = tick
+
+    def on_call(self, module, *args) -> None:
+        self.tick()
+
+
+def live(table, key, label: str, page: str, model, compute, calls: int):
+    """``table.get(key, compute)`` (a :class:`dashboards.memo.Memo`), with progress, ETA and Cancel while it runs.
+
+    For the forwards a page starts by itself (the explorer's overview and rows, the token view): the bar
+    counts attention calls (``calls``: how many the run makes, one per layer per forward). A cancelled
+    run is not restarted by the rerun the click causes: the page stops with a *Run it* button until it is
+    pressed or the inputs change (another ``key``).
+    """
+    value = table.peek(key)
+    if value is not None:
+        return value
+    held, mark = f"{page}:held", hash(key)
+    if st.session_state.pop(f"{page}:cancelled", False):
+        st.session_state[held] = mark
+    if st.session_state.get(held) == mark:
+        st.info(f"{label}: cancelled. Nothing is computed until you ask again (or change the inputs).")
+        st.button("Run it", key=f"{page}:again", on_click=st.session_state.pop, args=(held, None))
+        st.stop()
+    st.session_state.pop(held, None)
+    from probe.runtime import tap
+
+    with LiveProgress(label, page) as bar:
+        seen = [0]
+
+        def tick():
+            seen[0] += 1
+            bar.update(min(seen[0], calls), calls, "layers")
+
+        with tap(model, _LayerTicks(tick)):
+            return table.get(key, compute)
