@@ -9,6 +9,7 @@ it (a run's units are on disk: running again resumes).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import streamlit as st
 
@@ -49,6 +50,11 @@ class LiveProgress:
         frac = min(1.0, done / total) if total else 1.0
         text = eta_text(done, total, time.monotonic() - self.start, done - first)
         self.bar.progress(frac, text=f"{self.label}{f' — {what}' if what else ''}: {text}")
+
+    def count(self, done: int, what: str) -> None:
+        """A run of unknown length: ``done`` steps so far and the elapsed time (no estimate to give)."""
+        self.bar.progress(0.0, text=f"{self.label}: {done} {what} · {duration(time.monotonic() - self.start)} elapsed "
+                                    "(no estimate: its length depends on what it generates)")
 
     def __exit__(self, *exc) -> None:
         self.bar.empty()
@@ -100,14 +106,24 @@ def live(table, key, label: str, page: str, model, compute, calls: int):
         st.button("Run it", key=f"{page}:again", on_click=st.session_state.pop, args=(held, None))
         st.stop()
     st.session_state.pop(held, None)
+    with LiveProgress(label, page) as bar, layer_ticks(model, bar, calls):
+        return table.get(key, compute)
+
+
+@contextmanager
+def layer_ticks(model, bar: LiveProgress, calls: int | None):
+    """Feed ``bar`` one step per attention call of ``model`` in this block (``calls``: how many; None: unknown,
+    then the bar counts them with the elapsed time and gives no estimate)."""
     from probe.runtime import tap
 
-    with LiveProgress(label, page) as bar:
-        seen = [0]
+    seen = [0]
 
-        def tick():
-            seen[0] += 1
+    def tick():
+        seen[0] += 1
+        if calls:
             bar.update(min(seen[0], calls), calls, "layers")
+        else:
+            bar.count(seen[0], "layer calls")
 
-        with tap(model, _LayerTicks(tick)):
-            return table.get(key, compute)
+    with tap(model, _LayerTicks(tick)):
+        yield
