@@ -39,9 +39,9 @@ class LiveProgress:
     def __enter__(self) -> "LiveProgress":
         cols = st.columns([6, 1])
         self.bar = cols[0].progress(0.0, text=f"{self.label}…")
-        cols[1].button("Cancel", key=f"{self.key}:cancel", on_click=cancelled, args=(self.key,),
-                       help="stop after the current step; what is finished stays saved")
-        self.cancel = cols[1]
+        self.cancel = cols[1].empty()           # a placeholder: emptied when the run ends (a column is not)
+        self.cancel.button("Cancel", key=f"{self.key}:cancel", on_click=cancelled, args=(self.key,),
+                           help="stop after the current step; what is finished stays saved")
         return self
 
     def update(self, done: float, total: float, what: str = "") -> None:

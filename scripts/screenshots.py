@@ -3,8 +3,8 @@
 Serves the dashboard with ``tests/browser.py``'s harness (headless Debian chromium), opens each page
 with the saved results under ``--root`` (plus the runs shipped in data/), waits until its charts are
 drawn and saves ``docs/dashboard_<page>.png`` (the viewport, not the whole scroll: what a user sees
-first). Pages without a saved result show their hint; ``bench/dashboard.py --root DIR`` writes the
-small run of every analysis first.
+first). Pages without a saved result are skipped (and say so); ``bench/dashboard.py --root DIR``
+writes the small run of every analysis first.
 
 Run: PYTHONPATH=$PWD python scripts/screenshots.py --root results/bench [--out docs] [--only token_view,...]
 """
@@ -26,7 +26,7 @@ PAGES = [("?head=L18H6", "Head atlas", 2, None),
          ("pattern_explorer?head=L18H6", "Pattern explorer", 2, None),
          ("interventions?head=L18H6", "Interventions", 0, "intervene"),
          ("retrieval", "Retrieval heads", 2, None),
-         ("sinks", "Sinks and calibration", 2, None),
+         ("sinks", "Sinks and calibration", 1, None),
          ("circuits", "Circuits", 1, None),
          ("similarity", "Layer similarity", 1, None),
          ("grounding", "Grounding", 1, None),
@@ -43,6 +43,8 @@ def before(page, action) -> None:
         page.get_by_role("button", name="Run the intervention").click()
         page.get_by_text("KL(plain").wait_for(timeout=300_000)
         idle(page)
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .svg-container').length >= 1")
+        page.wait_for_timeout(500)
 
 
 def main() -> None:
@@ -62,10 +64,12 @@ def main() -> None:
             if only and name not in only:
                 continue
             page.goto(f"{url}/{path}")
-            try:
-                wait_for_page(page, title, charts, timeout_ms=300_000)
-            except Exception as exc:  # noqa: BLE001  (a page without a saved result: its hint is the picture)
-                print(f"{name}: {charts} chart(s) not drawn ({type(exc).__name__}); shot as it is", flush=True)
+            page.get_by_role("heading", name=title).wait_for(timeout=300_000)
+            idle(page)
+            if "No saved" in page.locator('[data-testid="stMain"]').inner_text():
+                print(f"{name}: no saved result under {a.root}; skipped (run bench/dashboard.py --root first)")
+                continue
+            wait_for_page(page, title, charts, timeout_ms=300_000)
             before(page, action)
             shot = out / f"dashboard_{name}.png"
             page.screenshot(path=str(shot))
