@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from browser import chromium, idle, serve, wait_for_page  # noqa: E402
 
 # url path (with the view's query), title, plotly charts to wait for, what to do before the shot
-PAGES = [("?head=L18H6", "Head atlas", 2, None),
+PAGES = [("?head=L18H6", "Head atlas", 2, "grid"),
          ("top_heads?head=L18H6", "Top heads", 0, None),
          ("head_card?head=L18H6", "Head card", 1, None),
          ("token_view?head=L18H6&tv_heads=L18H6&tv_heads=L3H0&tv_text=When+Mary+and+John+went+to+the+store%2C+"
@@ -34,7 +34,10 @@ PAGES = [("?head=L18H6", "Head atlas", 2, None),
 
 
 def before(page, action) -> None:
-    if action == "hover":                       # a token hovered: what it attends to is coloured
+    if action == "grid":                        # the grid itself, under the prompt and the sources
+        page.locator(".js-plotly-plot").first.evaluate("e => e.scrollIntoView({block: 'center'})")
+        page.wait_for_timeout(500)
+    elif action == "hover":                       # a token hovered: what it attends to is coloured
         frame = page.frame_locator("iframe").first
         frame.locator(".hw-tok").nth(20).wait_for(timeout=120_000)
         frame.locator(".hw-tok").nth(20).hover()
