@@ -153,6 +153,8 @@ def test_workbench_follows_a_clicked_head_offline(results):
     assert not outside, f"requests that left localhost: {sorted(set(outside))}"
 
 
+@pytest.mark.skipif(not __import__("os").environ.get("HEADWISE_DASHBOARD_BENCH"),
+                    reason="~230 s on the shared 2 cores, over the suite's budget: HEADWISE_DASHBOARD_BENCH=1 runs it")
 def test_dashboard_bench_quick(results):
     """bench/dashboard.py --quick as a smoke test: every timing it promises is measured (none asserted)."""
     import json
