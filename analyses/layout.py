@@ -76,6 +76,7 @@ class Tool:
     label: str
     inputs: Any
     run: Callable[[Any, Any], ToolOutput]
+    forwards: Callable[[Any], int] | None = None    # forward passes a run of these inputs makes (an ETA); None: unknown
 
 
 @dataclass(frozen=True, eq=False)

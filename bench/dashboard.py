@@ -12,6 +12,8 @@ window_move_s: the pattern explorer's zoom window: the first window (its row ban
 intervention_s: the interventions page's Run (zero-ablate the selected head; plain vs edited next-token
   distributions and 20 generated tokens each), click to the KL metric.
 Run: PYTHONPATH=$PWD python bench/dashboard.py --root results/bench [--no-runs] [--only sinks,circuits]
+--quick: a smoke run on tiny-llama (no scans; each page opened once, one round of switches, one window
+  move, the intervention), with whatever results are under --root; the suite runs it, no timing asserted.
 """
 import argparse
 import json
@@ -25,6 +27,7 @@ from analyses import registry, run
 from tests.browser import chromium, idle, serve, wait_for_page
 
 MODEL = "smollm2-135m"
+QUICK_MODEL = "tiny-llama"
 PAGES = [("", "Head atlas", 2), ("top_heads", "Top heads", 0), ("head_card", "Head card", 1),
          ("token_view", "Token view", 0), ("interventions", "Interventions", 0),
          ("pattern_explorer", "Pattern explorer", 2), ("retrieval", "Retrieval heads", 6),
@@ -70,14 +73,14 @@ def timed_open(browser, url, path, title, charts) -> float | str:
     return round(dt, 2)
 
 
-def switch_times(browser, url) -> dict:
+def switch_times(browser, url, pages=PAGES, rounds: int = 2) -> dict:
     """One tab, the way a user moves: click each page in the sidebar; until its charts are drawn."""
     page = browser.new_page(viewport={"width": 1400, "height": 2000})
     page.goto(url)
     wait_for_page(page, "Head atlas", 2)
     out = {}
-    for _ in range(2):                                 # the second round: every result already opened
-        for path, title, charts in PAGES[1:] + PAGES[:1]:
+    for _ in range(rounds):                            # the second round: every result already opened
+        for path, title, charts in pages[1:] + pages[:1]:
             t = time.perf_counter()
             page.get_by_role("link", name=title).click()
             try:
@@ -94,33 +97,33 @@ def _settled(page, t: float) -> float:
     return round(time.perf_counter() - t, 2)
 
 
-def window_moves(browser, url) -> dict:
+def window_moves(browser, url, layer: int = 3, steps=(8, 16, 24)) -> dict:
     """The explorer on the default long text: first window, moves inside the cached band, a head change."""
     page = browser.new_page(viewport={"width": 1400, "height": 2000})
     t = time.perf_counter()
-    page.goto(f"{url}/pattern_explorer?head=L3H0")
+    page.goto(f"{url}/pattern_explorer?head=L{layer}H0")
     wait_for_page(page, "Pattern explorer", 2, timeout_ms=300_000)
     out = {"first_open_s": round(time.perf_counter() - t, 2)}
     box = page.get_by_label("Query window start")
     start = int(box.input_value())
     moves = []
-    for step in (8, 16, 24):                            # stays inside the 64-row band of the first window
+    for step in steps:                                  # stays inside the 64-row band of the first window
         box.fill(str(max(0, start - step)))
         t = time.perf_counter()
         box.press("Enter")
         moves.append(_settled(page, t))
     out["move_inside_band_s"] = moves
     t = time.perf_counter()
-    page.get_by_role("combobox", name="Selected head (every page)").fill("L3H1")
+    page.get_by_role("combobox", name="Selected head (every page)").fill(f"L{layer}H1")
     page.keyboard.press("Enter")
     out["head_change_same_layer_s"] = _settled(page, t)
     page.close()
     return out
 
 
-def intervention_time(browser, url) -> float:
+def intervention_time(browser, url, layer: int = 3) -> float:
     page = browser.new_page(viewport={"width": 1400, "height": 2000})
-    page.goto(f"{url}/interventions?head=L3H0")
+    page.goto(f"{url}/interventions?head=L{layer}H0")
     page.get_by_role("heading", name="Interventions").wait_for(timeout=300_000)
     idle(page, 300_000)
     t = time.perf_counter()
@@ -136,19 +139,22 @@ def main() -> None:
     ap.add_argument("--root", default="results/bench")
     ap.add_argument("--no-runs", action="store_true")
     ap.add_argument("--only", default=",".join(registry.names()))
+    ap.add_argument("--quick", action="store_true", help="smoke run on tiny-llama (see the module docstring)")
     a = ap.parse_args()
-    out = {"model": MODEL, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    model, pages, layer = (QUICK_MODEL, PAGES[:6], 1) if a.quick else (MODEL, PAGES, 3)
+    out = {"model": model, "quick": a.quick, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_avg_1m_start": round(os.getloadavg()[0], 2)}
-    if not a.no_runs:
+    if not (a.no_runs or a.quick):
         out["first_run"] = first_runs(a.root, a.only.split(","))
     t = time.perf_counter()
-    with serve(MODEL, results=a.root) as url, chromium() as browser:
+    with serve(model, results=a.root) as url, chromium() as browser:
         out["server_up_s"] = round(time.perf_counter() - t, 2)
-        out["page_open_first_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
-        out["page_open_again_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in PAGES}
-        out["page_switch_s"] = switch_times(browser, url)
-        out["window_move_s"] = window_moves(browser, url)
-        out["intervention_s"] = intervention_time(browser, url)
+        out["page_open_first_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in pages}
+        if not a.quick:
+            out["page_open_again_s"] = {title: timed_open(browser, url, p, title, c) for p, title, c in pages}
+        out["page_switch_s"] = switch_times(browser, url, pages, 1 if a.quick else 2)
+        out["window_move_s"] = window_moves(browser, url, layer, (8,) if a.quick else (8, 16, 24))
+        out["intervention_s"] = intervention_time(browser, url, layer)
     out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 

@@ -17,6 +17,7 @@ from analyses.atlas import head_grid
 from analyses.data import data_dir
 from analyses.explorer import Explorer, Rows
 from dashboards import memo
+from dashboards.progress import live
 from probe import DEFAULT_MODEL, HeadId, HeadwiseError, capture, load_model
 
 MODEL_ENV = "HEADWISE_DASHBOARD_MODEL"
@@ -72,9 +73,11 @@ def get_model(name: str):
     return load_model(name)
 
 
-@st.cache_data(show_spinner="Streaming per-head statistics…", max_entries=32)
 def cached_grid(name: str, text: str):
-    return head_grid(get_model(name), text)
+    """Per-head statistics of ``text`` (memoised per server), with progress, ETA and Cancel while they stream."""
+    model = get_model(name)
+    return live(memo.table("grid", 32), (name, text), "Streaming per-head statistics of the prompt", "grid", model,
+                lambda: head_grid(model, text), calls=model.n_layers)
 
 
 @st.cache_data(show_spinner="Capturing the pattern…", max_entries=64)
@@ -89,27 +92,23 @@ def open_explorer(name: str, text: str) -> Explorer:
     return memo.table("explorer", 4).get((name, text), lambda: Explorer.open(get_model(name), text))
 
 
-def explorer_rows(name: str, text: str, layer: int, queries: tuple[int, int]) -> Rows:
-    """Exact rows of ``layer`` holding ``queries``: one run per cached band (moves inside it are free)."""
+def explorer_rows(name: str, text: str, layer: int, queries: tuple[int, int], page: str = "rows") -> Rows:
+    """Exact rows of ``layer`` holding ``queries``: one run per cached band (moves inside it are free);
+    while it runs, progress with an ETA and a Cancel button (``page``: the key of that bar)."""
     ex = open_explorer(name, text)
     band = ex.band(queries)
-    return memo.table("rows", 8).get((name, text, layer, band), lambda: _run_rows(ex, layer, band))
-
-
-def _run_rows(ex: Explorer, layer: int, band: tuple[int, int]) -> Rows:
-    with st.spinner(f"Computing layer {layer}'s rows {band[0]}..{band[1] - 1} of {ex.n_tokens} tokens "
-                    "(once per band; later window moves inside it are instant)…"):
-        return ex.rows(layer, *band)
+    return live(memo.table("rows", 8), (name, text, layer, band),
+                f"Layer {layer}'s rows {band[0]}..{band[1] - 1} of {ex.n_tokens} tokens (once per band; window "
+                "moves inside it are then instant)", f"{page}:{layer}", ex.model, lambda: ex.rows(layer, *band),
+                calls=layer + 1)
 
 
 def explorer_overview(name: str, text: str, layer: int, mode: str, cells: int):
+    """The pooled overview of ``layer`` (once per layer and pooling), with progress, ETA and Cancel."""
     ex = open_explorer(name, text)
-
-    def run():
-        with st.spinner(f"Pooling layer {layer} over {ex.n_tokens} tokens (once per layer)…"):
-            return ex.overview(layer, cells, mode)
-
-    return memo.table("overview", 16).get((name, text, layer, mode, cells), run)
+    return live(memo.table("overview", 16), (name, text, layer, mode, cells),
+                f"Pooling layer {layer} over {ex.n_tokens} tokens (once per layer)", "overview", ex.model,
+                lambda: ex.overview(layer, cells, mode), calls=ex.model.n_layers)
 
 
 # ----------------------------------------------------------------------------- saved results

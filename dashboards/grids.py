@@ -17,6 +17,7 @@ from dashboards.common import figure_downloads, get_model, model_name, selected_
 from probe import HeadId
 
 HEAD_KEY = "head"
+OPENS_CARD = "click_opens_card"      # the sidebar's toggle: a click also opens the head card page
 
 
 def set_head(head: HeadId | None) -> None:
@@ -26,8 +27,15 @@ def set_head(head: HeadId | None) -> None:
         st.session_state[HEAD_KEY] = HeadId(head.layer, head.head)
 
 
+def _clicked(head: HeadId | None) -> None:
+    """A click on a head: select it, and ask ``app.py`` to open its card when the sidebar says so."""
+    set_head(head)
+    if head is not None and st.session_state.get(OPENS_CARD):
+        st.session_state["open_card"] = True
+
+
 def _chart_clicked(key: str) -> None:
-    set_head(clicked_head(st.session_state.get(key)))
+    _clicked(clicked_head(st.session_state.get(key)))
 
 
 def show_figure(fig, name: str, key: str | None = None, downloads: bool = True):
@@ -48,7 +56,7 @@ def _table_clicked(key: str, frame) -> None:
     rows = st.session_state[key].selection.rows
     if rows:
         row = frame.iloc[rows[0]]
-        set_head(HeadId(int(row["layer"]), int(row["head_index"])))
+        _clicked(HeadId(int(row["layer"]), int(row["head_index"])))
 
 
 def head_table(frame, name: str, key: str, **column_config) -> None:

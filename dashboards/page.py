@@ -18,7 +18,7 @@ from dashboards.common import (get_model, label_of, model_name, open_result, rep
                                run_folder, saved_results, selected_head, show_table, source_caption)
 from dashboards.forms import config_form
 from dashboards.grids import show_figure
-from dashboards.progress import LiveProgress, was_cancelled
+from dashboards.progress import LiveProgress, layer_ticks, was_cancelled
 from probe import HeadwiseError
 
 
@@ -184,9 +184,13 @@ def draw_tool(tool: Tool, ctx) -> None:
     except HeadwiseError as exc:
         st.error(str(exc))
         return
+    was_cancelled(key)
     if st.button(tool.label, key=key):
+        model = ctx["model"]
+        calls = tool.forwards(inputs) * model.n_layers if tool.forwards else None
         try:
-            st.session_state[f"{key}:output"] = tool.run(ctx["model"], inputs)
+            with LiveProgress(tool.label, key) as bar, layer_ticks(model, bar, calls):
+                st.session_state[f"{key}:output"] = tool.run(model, inputs)
         except HeadwiseError as exc:
             st.error(str(exc))
     out = st.session_state.get(f"{key}:output")

@@ -260,8 +260,64 @@ def test_top_heads_and_the_head_card_follow_the_selected_head(app):
     assert len(mine) and set(mine["source"]) <= set(ranked["source"])
     app.switch_page("views/head_card.py").run()
     assert not app.exception and app.subheader[0].value.startswith("L0H3 · KV group 1")
-    card = app.dataframe[0].value
-    assert "retrieval_score" in set(card["metric"]) and card["percentile"].between(0, 100).all()
+    assert any("cross-analysis study's card, from `atlas-tiny-llama`" in c.value for c in app.caption)
+    card = app.dataframe[0].value                                   # the study's card: every score ranked
+    assert any(m.startswith("retrieval: ") for m in card["metric"]) and card["percentile"].dropna().between(0, 100).all()
+    assert {"rank", "n", "source"} <= set(card.columns)
+    assert "saved_card('L0H3'" in _code(app)
     app.button(key="card_next").click().run()                       # the next head: L1H0 (wraps to the next layer)
     assert app.sidebar.selectbox(key="head").value == HeadId(1, 0)
     assert app.subheader[0].value.startswith("L1H0 · KV group 0")
+
+
+def test_head_card_falls_back_without_a_saved_study(app, results, tmp_path):
+    import shutil
+
+    for folder in results.iterdir():                                # every result but the cross-analysis study
+        if folder.is_dir() and not folder.name.startswith("atlas"):
+            shutil.copytree(folder, tmp_path / folder.name)
+    app.sidebar.text_input(key="results_root").set_value(str(tmp_path)).run()
+    app.switch_page("views/head_card.py").run()
+    assert not app.exception and not app.error
+    assert any("No saved cross-analysis study" in c.value for c in app.caption)
+    card = app.dataframe[0].value
+    assert "retrieval_score" in set(card["metric"]) and card["percentile"].between(0, 100).all()
+
+
+def _live_page():
+    """A page running one forward through ``dashboards.progress.live`` (what the explorer's runs use)."""
+    import streamlit as st
+
+    from dashboards import memo
+    from dashboards.progress import live
+    from probe import load_model
+
+    model = load_model("tiny-llama")
+
+    def compute():
+        st.session_state["forwards"] = st.session_state.get("forwards", 0) + 1
+        model.hf(model.encode("the cat sat on the mat"), use_cache=False)
+        return "computed"
+
+    key = ("live-test", st.session_state.get("text", "a"))
+    st.write(live(memo.table("live-test", 4), key, "One forward", "lt", model, compute, calls=model.n_layers))
+
+
+def test_live_runs_show_progress_per_layer_and_a_cancel_holds_the_run(monkeypatch):
+    from dashboards import memo
+    from dashboards.progress import LiveProgress
+
+    memo.table("live-test", 4).items.clear()
+    ticks = []
+    monkeypatch.setattr(LiveProgress, "update", lambda self, d, t, what="": ticks.append((d, t)))
+    at = AppTest.from_function(_live_page, default_timeout=60)
+    at.session_state["lt:cancelled"] = True                       # as the Cancel button's callback leaves it
+    at.run()
+    assert not at.exception and "forwards" not in at.session_state       # held: the rerun did not restart it
+    assert any("cancelled" in i.value for i in at.info) and not ticks
+    at.button(key="lt:again").click().run()                          # "Run it": computed, a tick per layer
+    assert not at.exception and at.markdown[-1].value == "computed" and at.session_state["forwards"] == 1
+    n = len(ticks)
+    assert n >= 2 and ticks == [(i + 1, n) for i in range(n)]
+    at.run()                                                         # memoised: no second forward, no bar
+    assert at.session_state["forwards"] == 1 and len(ticks) == n

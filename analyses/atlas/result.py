@@ -135,7 +135,7 @@ class AtlasResult(Result):
                         (Note("The transfer matrix was not run (transfer=False, or no role had heads)."),)),
                 Section("Every score per head", (Figure("scores", choices={"score": names} if names else {},
                                                         selects_head=True),)),
-                Section("Head card", (Tool("card", "Open the head card", CardInputs(), self.card_tool),)),
+                Section("Head card", (Tool("card", "Open the head card", CardInputs(), self.card_tool, lambda i: 1),)),
                 Section("Sources", (Table("saved results used", self.sources),), "expander")]
 
     def card(self, head, model=None, text: str | None = None):

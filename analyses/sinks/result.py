@@ -121,7 +121,8 @@ class SinksResult(Result):
                     Note("Apply it at inference: `headwise generate --calibration calib.json \"prompt\"` or "
                          "`apply_calibration(model, \"calib.json\")` on a plain Hugging Face model."))),
                 Section("Before/after on your prompt", (Tool("compare", "Generate with and without calibration",
-                                                             ComparePrompt(), self.compare),)),
+                                                             ComparePrompt(), self.compare,
+                                                             lambda i: 2 * i.max_new_tokens),)),   # plain + calibrated
                 Section("Per-candidate table", (Table("act search", self.search.to_frame()),), "expander")]
 
     def compare(self, model, inputs: ComparePrompt) -> ToolOutput:

@@ -58,7 +58,7 @@ fig = board.grid.plot(metric, roles=board.roles)
 head = selected_head()
 show_figure(fig, f"head_atlas_{metric.replace(':', '_').replace(' ', '_')}", key="grid_chart")
 st.caption(f"**{LABELS.get(metric, metric)}** — from " + (f"`{source}`" if source else "the prompt above")
-           + ". Click a cell to select its head on every page.")
+           + ". Click a cell to select its head on every page (to open its card as well: the sidebar's toggle).")
 with st.expander("Per-head table (every score shown in the atlas)"):
     show_table(board.grid.to_frame(), "head_atlas")
 

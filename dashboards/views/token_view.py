@@ -54,7 +54,7 @@ focus = st.session_state.get("tv_focus")
 focus = focus - start if focus is not None and start <= focus < stop else None
 st.caption(f"{T} tokens · window {start}..{stop - 1} · exact attention among the window's tokens "
            "(the mass a row puts before the window is shown with its top keys)")
-rows = {l: explorer_rows(name, text, l, (start, stop)) for l in sorted({h.layer for h in heads})}
+rows = {l: explorer_rows(name, text, l, (start, stop), page="tv") for l in sorted({h.layer for h in heads})}
 win = ex.token_window(heads, start, stop, rows=rows)
 st.iframe(token_view_html(win, mode if len(heads) == 2 else "side", focus), height=560)
 st.download_button("Token view as HTML (works offline)", token_view_html(win, mode, focus),
