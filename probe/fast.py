@@ -22,6 +22,14 @@ import torch
 from .call import AttentionCall
 from .eager import LayerPlan, Scratch, _edit_outputs, masked_value
 
+# ``exp`` of float32 arguments below about -87.3 (results under the smallest normal, 1.2e-38, and
+# exact underflows) takes libm's slow path here: 10-50x the vectorised cost. Scores ``x = log p``
+# are floored here first, so a probability below e^-87 = 1.6e-38 reads as 1.6e-38 (an absolute
+# change under 2e-38 per key, far below float32 resolution of any row sum); masked keys stay 0.
+FLOOR = -87.0
+CACHE_BYTES = 4 * 2**20  # scores per chunk of the statistics pass (see cache_rows)
+MIN_ROWS = 16
+
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall,
               plan: LayerPlan) -> bool:
@@ -53,42 +61,83 @@ def stats_attend(query, key, value, call: AttentionCall, plan: LayerPlan, groups
     k = key if rep == 1 else key.repeat_interleave(rep, dim=1)
     v = value if rep == 1 else value.repeat_interleave(rep, dim=1)
     out, lse = flash(query, k, v, call.scaling)
-    q32, k32 = query, k
+    B, T, D = query.shape[0], query.shape[2], query.shape[3]
+    q3, k3, neg_lse = query.reshape(B * H, T, D), k.reshape(B * H, T, D), lse.reshape(B * H, T, 1).neg()
     ranges = _index_ranges(groups, call.k_pos[0])
-    T = call.n_queries
     stats = {"entropy": torch.empty(1, H, T), "max_prob": torch.empty(1, H, T),
              "argmax": torch.empty(1, H, T, dtype=torch.long), "group_mass": torch.zeros(1, H, T, len(ranges))}
     col = torch.zeros(1, H, call.n_keys) if received else None
     row0 = int(torch.searchsorted(call.q_pos[0], torch.tensor(received_from)))  # first row at or after from_pos
+    chunk = min(chunk, cache_rows(H, T))
     for r0 in range(0, T, chunk):
-        r1 = min(r0 + chunk, T)
-        _chunk(q32, k32, lse, call.scaling, r0, r1, ranges, stats, col, row0, scratch)
+        _chunk(q3, k3, neg_lse, call.scaling, r0, min(r0 + chunk, T), ranges, stats, col, row0, scratch)
     if plan.zero or plan.mean:
         _edit_outputs(out, plan, call.q_pos)
     return out.transpose(1, 2), stats, col
 
 
-def _chunk(q, k, lse, scale: float, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
-    """Rows ``r0:r1`` over keys ``0:r1`` (a causal prefill: query ``i`` sees keys ``0..i``)."""
-    B, H, _, _ = q.shape
+def cache_rows(n_heads: int, n_keys: int) -> int:
+    """Rows per chunk so that one chunk's scores stay near :data:`CACHE_BYTES` (at least :data:`MIN_ROWS`).
+
+    The passes over a chunk (argmax, exp, the entropy dot, sums) are memory-bound: a chunk that
+    stays in the cache between them runs them several times faster than one that streams from RAM.
+    """
+    return max(MIN_ROWS, CACHE_BYTES // (4 * n_heads * max(n_keys, 1)))
+
+
+def _chunk(q, k, neg_lse, scale: float, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
+    """Rows ``r0:r1`` over keys ``0:r1`` (a causal prefill: query ``i`` sees keys ``0..i``).
+
+    ``q, k [B*H, T, D]``, ``neg_lse [B*H, T, 1]`` (minus each row's log-sum-exp ``L``).
+
+    ``x = scale q.k - L`` comes from one ``baddbmm``; the argmax from block maxima (:func:`row_argmax`);
+    ``x`` is floored at :data:`FLOOR` before ``exp`` (see there); the future keys of the diagonal
+    block are exact zeros in ``p``.
+    """
+    B, H = stats["entropy"].shape[:2]
     c, n = r1 - r0, r1
-    x = torch.matmul(q[:, :, r0:r1], k[:, :, :n].transpose(-1, -2), out=scratch.get("scores", (B, H, c, n),
-                                                                                      torch.float32, q.device))
-    x.mul_(scale).sub_(lse[:, :, r0:r1, None])  # x = s - L = log p
+    x = scratch.get("scores", (B * H, c, n), torch.float32, q.device)
+    torch.baddbmm(neg_lse[:, r0:r1], q[:, r0:r1], k[:, :n].transpose(-1, -2), alpha=scale, out=x)
+    x = x.view(B, H, c, n)
     future = scratch.get("future", (c, c), torch.bool, q.device)
-    torch.ones(c, c, out=future)
-    future.triu_(1)
-    x[..., r0:r1].masked_fill_(future, masked_value(x.dtype))
-    best, arg = x.max(-1)
+    torch.ones(c, c, out=future).triu_(1)
+    x[..., r0:r1].masked_fill_(future, FLOOR)  # below every visible row maximum (>= -log n > FLOOR)
+    best, arg = row_argmax(x, scratch)
     stats["max_prob"][:, :, r0:r1] = best.exp_()
     stats["argmax"][:, :, r0:r1] = arg
+    x.clamp_(min=FLOOR)
     p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, q.device))
+    p[..., r0:r1].masked_fill_(future, 0.0)
     stats["entropy"][:, :, r0:r1] = torch.linalg.vecdot(p, x).neg_().clamp_(min=0.0)
     for gi, (a, b) in enumerate(ranges):
         if b > a and a < n:
             stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1)
     if col is not None and r1 > row0:
         col[..., :n] += p[:, :, max(row0 - r0, 0):].sum(2)
+
+
+def row_argmax(x: torch.Tensor, scratch: Scratch | None = None, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, argmax)`` over the last dim of ``x``, equal to ``x.max(-1)`` (the first index of a tie).
+
+    The maxima of ``block``-key blocks (a vectorised ``amax``) pick the first block holding the
+    row's maximum; ``argmax`` then runs inside that block alone. Index-tracking reductions are
+    several times slower than ``amax`` on the CPU, so this costs about one ``amax`` pass.
+    """
+    n = x.shape[-1]
+    n0 = n - n % block
+    if n0 == 0:
+        return x.max(-1)
+    xb = x[..., :n0].unflatten(-1, (n0 // block, block))
+    bmax = torch.amax(xb, -1)
+    bi = bmax.argmax(-1, keepdim=True)                                         # first block with the max
+    inner = xb.gather(-2, bi[..., None].expand(*bi.shape, block)).squeeze(-2)  # [..., block]
+    best, wi = inner.max(-1)
+    arg = bi.squeeze(-1) * block + wi
+    if n0 < n:                                                                 # the tail comes after: only a
+        tb, ti = x[..., n0:].max(-1)                                           # strictly greater value wins
+        later = tb > best
+        best, arg = torch.where(later, tb, best), torch.where(later, ti + n0, arg)
+    return best, arg
 
 
 def _index_ranges(groups, k_pos: torch.Tensor) -> list[tuple[int, int]]:
