@@ -108,12 +108,12 @@ def _chunk(q, k, neg_lse, scale: float, r0: int, r1: int, ranges, stats, col, ro
     x.clamp_(min=FLOOR)
     p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, q.device))
     p[..., r0:r1].masked_fill_(future, 0.0)
-    stats["entropy"][:, :, r0:r1] = torch.linalg.vecdot(p, x).neg_().clamp_(min=0.0)
     for gi, (a, b) in enumerate(ranges):
         if b > a and a < n:
             stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1)
     if col is not None and r1 > row0:
         col[..., :n] += p[:, :, max(row0 - r0, 0):].sum(2)
+    stats["entropy"][:, :, r0:r1] = x.mul_(p).sum(-1).neg_().clamp_(min=0.0)  # -sum p log p, x's last use
 
 
 def row_argmax(x: torch.Tensor, scratch: Scratch | None = None, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +162,8 @@ def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: i
                scratch: Scratch | None = None) -> torch.Tensor:
     """The ACT heads of one layer (methods.md §2): ``out [B, T, H, D]`` for the heads of ``query``.
 
-    Sinks come from the column sums of each head's pattern (one causal pass over ``exp(s - L)``
-    with ``L`` from a flash call; skipped when the sinks are given). The calibrated output never
+    Sinks come from the column sums of each head's pattern (one causal pass, :func:`_column_sums`;
+    skipped when the sinks are given). The calibrated output never
     touches the whole pattern: ``O' = beta P_S + (1 - beta m) O_N`` where ``P_S = A[:, S] v_S`` and
     the sink mass ``m`` come from the |S| sink columns and ``O_N`` is attention over the non-sink
     keys alone (a second flash call with the sinks masked through one extra q/k dimension). That
@@ -181,8 +181,8 @@ def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: i
     heads = sorted(plan.act)
     col = None
     if any(plan.act[h].sinks is None for h in heads):
-        _, lse = flash(query[:, heads], k[:, heads], v[:, heads], call.scaling)
-        col = _column_sums(query[:, heads], k[:, heads], lse, call, chunk, scratch)
+        every = heads == list(range(H))
+        col = _column_sums(query if every else query[:, heads], k if every else k[:, heads], call, chunk, scratch)
     count = call.visible_counts()[0]
     sinks = {h: torch.nonzero(detect_sinks(None if col is None else col[i], count, plan.act[h], call.k_pos[0])
                               ).flatten() for i, h in enumerate(heads)}
@@ -199,20 +199,31 @@ def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: i
     return out.transpose(1, 2)
 
 
-def _column_sums(q, k, lse, call: AttentionCall, chunk: int, scratch: Scratch) -> torch.Tensor:
-    """``[h, K]`` column sums of the heads' causal pattern ``exp(scale q.k - L)``."""
-    n_h = q.shape[1]
-    col = torch.zeros(n_h, call.n_keys)
-    T = call.n_queries
+def _column_sums(q, k, call: AttentionCall, chunk: int, scratch: Scratch) -> torch.Tensor:
+    """``[h, K]`` column sums of the heads' causal pattern, one pass over row chunks (no flash call).
+
+    A chunk holds its rows' whole visible range (keys ``0..i``), so each row's softmax is finished
+    inside it: ``p' = exp(s - max)`` (floored like the statistics pass, future keys exact zeros) and
+    the columns get ``sum_i p'_ij / l_i`` as one matrix-vector product with ``1 / l``.
+    """
+    n_h, T, D = q.shape[1], call.n_queries, q.shape[-1]
+    q3, k3 = q.reshape(n_h, T, D), k.reshape(n_h, T, D)
+    col = torch.zeros(n_h, 1, call.n_keys)
+    chunk = min(chunk, cache_rows(n_h, T))
     for r0 in range(0, T, chunk):
         r1 = min(r0 + chunk, T)
         c = r1 - r0
-        x = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2),
-                         out=scratch.get("scores", (1, n_h, c, r1), torch.float32, q.device))
-        x.mul_(call.scaling).sub_(lse[:, :, r0:r1, None])
-        x[..., r0:r1].masked_fill_(torch.ones(c, c, dtype=torch.bool).triu_(1), masked_value(x.dtype))
-        col[:, :r1] += x.exp_().sum(2)[0]
-    return col
+        x = scratch.get("scores", (n_h, c, r1), torch.float32, q.device)
+        torch.bmm(q3[:, r0:r1], k3[:, :r1].transpose(-1, -2), out=x).mul_(call.scaling)
+        future = scratch.get("future", (c, c), torch.bool, q.device)
+        torch.ones(c, c, out=future).triu_(1)
+        x[..., r0:r1].masked_fill_(future, -torch.inf)
+        x.sub_(torch.amax(x, -1, keepdim=True)).clamp_(min=FLOOR)
+        p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, q.device))
+        p[..., r0:r1].masked_fill_(future, 0.0)
+        inv = p.sum(-1, keepdim=True).reciprocal_().transpose(-1, -2)   # [h, 1, c]: 1 / l_i (l >= 1)
+        col[..., :r1] += torch.bmm(inv, p)
+    return col[:, 0]
 
 
 MASKED = -1e30  # added to a sink key's score (through the extra dimension): exp underflows to exactly 0

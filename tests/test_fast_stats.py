@@ -125,3 +125,15 @@ def test_floored_scores_keep_masked_keys_exact_zeros():
     assert torch.equal(stats["group_mass"][0, :, :T - 1, 1], torch.zeros(H, T - 1))   # the last key: future to all
     ent = -(p * torch.log(p.clamp(min=1e-300))).sum(-1)
     torch.testing.assert_close(stats["entropy"], ent.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_act_column_sums_equal_the_pattern_columns():
+    """ACT's sink statistic (column sums of the causal pattern, each chunk finishing its rows' softmax)
+    equals the float64 pattern's columns, peaked rows and several chunks included."""
+    T, H, D = 90, 3, 8
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, H, T, D, generator=g) * 6, torch.randn(1, H, T, D, generator=g) * 6
+    call = AttentionCall.plain(D ** -0.5, T, T)
+    col = fast._column_sums(q, k, call, 16, eager.Scratch())
+    s = (q.double() @ k.double().transpose(-1, -2) * D ** -0.5).masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf)
+    torch.testing.assert_close(col, torch.softmax(s, -1).sum(2)[0].float(), atol=1e-4, rtol=1e-5)
