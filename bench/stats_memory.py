@@ -56,15 +56,12 @@ def worker(mode: str, n_tokens: int, out: str) -> None:
     import torch
 
     from probe import load_model, stream_stats
-    from probe.active import DEFAULT_BUDGET
-    from probe.memory import stream_estimate
-    from probe.runtime import chunk_rows
+    from probe.streaming import plan_stream
 
     torch.set_grad_enabled(False)
     model = load_model(MODEL, device="cpu")
     ids = text_of(n_tokens, model)
-    chunk = chunk_rows(DEFAULT_BUDGET, 1, model.n_heads, n_tokens, n_tokens)
-    predicted = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, 0).bytes
+    predicted = plan_stream(model, n_tokens, 0, timed=False).memory.bytes
     before = _rss()
     if mode == "cache":
         _ = model.bridge  # build before timing, like stream mode's install
