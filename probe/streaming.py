@@ -19,7 +19,7 @@ from .compat import output_cache
 from .checks import check_generation
 from .decoding import greedy, stop_ids
 from .interventions import InterventionSpec
-from .memory import Estimate, forward_bytes, stream_estimate
+from .memory import Estimate, activation_bytes, stream_estimate
 from .planner import calibrate, human_seconds
 from .records import run_metadata
 from .runtime import chunk_rows, collect_stats, install, intervene, memory_budget, paused
@@ -139,7 +139,7 @@ def plan_stream(model, n_tokens: int, n_groups: int, rt=None, timed: bool = True
     chunk = chunk_rows(rt.active().budget, 1, model.n_heads, n_tokens, n_tokens)
     chunk = min(chunk, fast.cache_rows(model.n_heads, n_tokens))  # the fast path's cache-sized chunks
     est = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, n_groups, d_head=model.d_head,
-                          forward=forward_bytes(model.hf.config, n_tokens))
+                          activations=activation_bytes(model.hf.config, n_tokens))
     return StreamPlan(est, calibrate(model).stream(n_tokens) if timed else None)
 
 

@@ -2,7 +2,7 @@
 from pytest import approx
 
 from probe import planner
-from probe.memory import forward_bytes, stream_estimate
+from probe.memory import activation_bytes, stream_estimate
 from probe.streaming import plan_stream
 
 
@@ -22,7 +22,9 @@ def test_calibration_measures_this_machine_once_per_process(tiny_llama):
 def test_the_announced_plan_holds_the_forward_and_the_results(tiny_llama, capsys):
     plan = plan_stream(tiny_llama, 4096, 2)
     cfg = tiny_llama.hf.config
-    assert plan.memory.work >= forward_bytes(cfg, 4096) > 0     # the model's own activations are counted
+    mlp, attention = activation_bytes(cfg, 4096)
+    assert plan.memory.work >= attention > 0 and mlp > 0            # the model's own activations are counted
+    assert plan.memory.bytes >= max(plan.memory.work, mlp)
     bare = stream_estimate(tiny_llama.n_layers, tiny_llama.n_heads, 4096, 1, 2).bytes
     assert plan.memory.bytes > bare
     assert plan.seconds == planner.calibrate(tiny_llama).stream(4096)
