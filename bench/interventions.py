@@ -9,6 +9,7 @@ before/after in the same run. Rounds interleave every condition; each figure is 
     python bench/interventions.py                 # 2,048 tokens, medians of 3
     python bench/interventions.py --lengths 2048,8192
     python bench/interventions.py --quick         # 128 tokens, one round: a smoke run (the suite runs it)
+    python bench/interventions.py --conditions act --repeats 3   # the plain forward and ACT only
 """
 from __future__ import annotations
 
@@ -69,9 +70,9 @@ def _nothing():
     yield
 
 
-def run(model, n_tokens: int, repeats: int, heads: list[str]) -> dict:
+def run(model, n_tokens: int, repeats: int, heads: list[str], only: list[str] | None = None) -> dict:
     ids = torch.randint(100, model.hf.config.vocab_size - 100, (1, n_tokens), generator=torch.Generator().manual_seed(0))
-    conds = conditions(heads)
+    conds = {k: v for k, v in conditions(heads).items() if k == "plain" or not only or k in only}
     timed(model, ids, None, False)  # warm-up
     times = {name: [] for name in conds}
     for _ in range(repeats):
@@ -88,12 +89,18 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--conditions", default="", help="comma-separated subset (the plain forward always runs), "
+                                                     f"of {','.join(conditions([]))}")
     args = ap.parse_args()
+    only = [c for c in args.conditions.split(",") if c]
+    unknown = set(only) - set(conditions([]))
+    if unknown:
+        ap.error(f"unknown conditions {sorted(unknown)}; choose from {', '.join(conditions([]))}")
     lengths, repeats = ([128], 1) if args.quick else ([int(x) for x in args.lengths.split(",")], args.repeats)
     model = load_model(MODEL, device="cpu")
     heads = heads_of(model, N_HEADS)
     out = {"model": MODEL, "heads": len(heads), "threads": torch.get_num_threads(),
-           "load_average": [round(x, 2) for x in os.getloadavg()], "runs": [run(model, n, repeats, heads) for n in lengths]}
+           "load_average": [round(x, 2) for x in os.getloadavg()], "runs": [run(model, n, repeats, heads, only) for n in lengths]}
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out, indent=2))
 
