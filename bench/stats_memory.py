@@ -12,6 +12,7 @@ medians of ``--repeats``. Prints one JSON object.
 
     python bench/stats_memory.py            # T = 1024, 2048 for both; 4096, 8192 streaming only; ratios at 2048, 8192
     python bench/stats_memory.py --quick    # T = 256 (a smoke run; ratio at 256, one round)
+    python bench/stats_memory.py --ratio-worker 2048 3 --no-previous   # the ratio alone, without the eager path
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def worker(mode: str, n_tokens: int, out: str) -> None:
     print(json.dumps(res))
 
 
-def ratio_worker(lengths: list[int], repeats: int) -> None:
+def ratio_worker(lengths: list[int], repeats: int, previous: bool = True) -> None:
     """Plain forward vs streaming statistics (and the previous all-eager path), interleaved, medians."""
     import statistics
 
@@ -112,9 +113,11 @@ def ratio_worker(lengths: list[int], repeats: int) -> None:
                 fast.supported = orig
 
         plain()
-        times = {"plain": [], "stream": [], "stream_previous_path": []}
+        runs = (("plain", plain), ("stream", stream)) + ((("stream_previous_path", lambda: stream(True)),)
+                                                          if previous else ())
+        times = {name: [] for name, _ in runs}
         for _ in range(repeats):
-            for name, fn in (("plain", plain), ("stream", stream), ("stream_previous_path", lambda: stream(True))):
+            for name, fn in runs:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -153,12 +156,13 @@ def main() -> None:
     ap.add_argument("--ratio-worker", nargs=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ratio-lengths", default="2048,8192")
+    ap.add_argument("--no-previous", action="store_true", help="ratio worker: skip the previous all-eager path")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.worker[2])
         return
     if args.ratio_worker:
-        ratio_worker([int(x) for x in args.ratio_worker[0].split(",")], int(args.ratio_worker[1]))
+        ratio_worker([int(x) for x in args.ratio_worker[0].split(",")], int(args.ratio_worker[1]), not args.no_previous)
         return
     both, stream_only = ([256], []) if args.quick else ([1024, 2048], [4096, 8192])
     result = {"model": MODEL, "runs": {}}
