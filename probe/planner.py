@@ -13,6 +13,7 @@ estimate is as good as the machine is steady: on a shared machine it reads the l
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -42,13 +43,16 @@ class TimeModel:
 _CALIBRATED: dict[tuple, TimeModel] = {}
 
 
-def _best_of(fn, repeats: int = 2) -> float:
-    best = float("inf")
+def _median_of(fn, repeats: int = 3) -> float:
+    """The median wall time of ``repeats`` calls after one warm-up: the machine as a long run will see it
+    (a minimum would describe its quietest moment, and under-predict on a shared machine)."""
+    fn()
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def calibrate(model) -> TimeModel:
@@ -66,12 +70,12 @@ def calibrate(model) -> TimeModel:
     call = AttentionCall.plain(D ** -0.5, T1, T1)
     scratch = Scratch()
     with torch.no_grad():
-        t_flash = _best_of(lambda: fast.flash(q, k, v, call.scaling))
-        t_stats = _best_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), [(0, 1), (T1 // 2, T1 // 2 + 32)],
+        t_flash = _median_of(lambda: fast.flash(q, k, v, call.scaling))
+        t_stats = _median_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), [(0, 1), (T1 // 2, T1 // 2 + 32)],
                                                      scratch=scratch))
         ids = torch.randint(0, model.hf.config.vocab_size, (1, FORWARD_TOKENS), generator=g)
         kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model.hf) else {}
-        t_fwd = _best_of(lambda: model.hf(ids, use_cache=False, **kw))
+        t_fwd = _median_of(lambda: model.hf(ids, use_cache=False, **kw))
     attention = t_flash / T1 ** 2
     linear = max(t_fwd - model.n_layers * attention * FORWARD_TOKENS ** 2, 0.0) / FORWARD_TOKENS
     tm = TimeModel(linear=linear, attention=attention, stats=max(t_stats - t_flash, 0.0) / T1 ** 2,
