@@ -4,7 +4,8 @@ For each prompt length: a plain forward (the model's SDPA), then the same forwar
 110 heads (detected sinks, the calibration at inference), zero-ablation, Uniform and Temperature
 on the same 110 heads, and ACT through the previous engine path (eager separate accumulators) for a
 before/after in the same run. Rounds interleave every condition; each figure is the median of
-``--repeats`` rounds and its ratio to the plain median. Prints one JSON object.
+``--repeats`` rounds and its ratio to the plain median, for the wall time and for the process CPU
+time (with one thread on a shared machine, the steadier figure). Prints one JSON object.
 
     python bench/interventions.py                 # 2,048 tokens, medians of 3
     python bench/interventions.py --lengths 2048,8192
@@ -58,11 +59,12 @@ def previous_path(on: bool):
         fast.act_supported = orig
 
 
-def timed(model, ids, spec, previous: bool) -> float:
+def timed(model, ids, spec, previous: bool) -> tuple[float, float]:
+    """``(wall, process CPU)`` seconds of one forward under ``spec``."""
     with torch.no_grad(), previous_path(previous), (intervene(model, spec) if spec else _nothing()):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.hf(ids, use_cache=False, logits_to_keep=1)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 @contextmanager
@@ -75,13 +77,19 @@ def run(model, n_tokens: int, repeats: int, heads: list[str], only: list[str] | 
     conds = {k: v for k, v in conditions(heads).items() if k == "plain" or not only or k in only}
     timed(model, ids, None, False)  # warm-up
     times = {name: [] for name in conds}
+    cpu = {name: [] for name in conds}
     for _ in range(repeats):
         for name, spec in conds.items():
-            times[name].append(timed(model, ids, spec, name == "act_previous_path"))
+            wall, used = timed(model, ids, spec, name == "act_previous_path")
+            times[name].append(wall)
+            cpu[name].append(used)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"n_tokens": n_tokens, "median_s": {k: round(v, 3) for k, v in med.items()},
             "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items() if k != "plain"},
-            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+            "cpu_ratio_to_plain": {k: round(v / med_cpu["plain"], 3) for k, v in med_cpu.items() if k != "plain"},
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "all_cpu_s": {k: [round(x, 3) for x in v] for k, v in cpu.items()}}
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ reports the planner's memory estimate (what ``stream_stats`` prints before a lon
 the measured growth of the process. Then, in one more subprocess, the time ratio to the floor:
 a plain forward (the model's SDPA) and streaming statistics (every layer, all statistics,
 received sums, two key groups), plus the previous engine path (all-eager chunks), interleaved,
-medians of ``--repeats``. Prints one JSON object.
+medians of ``--repeats``; the process CPU time beside the wall time (on a shared machine, with one
+thread, the CPU-time ratio is the steadier figure). Prints one JSON object.
 
     python bench/stats_memory.py            # T = 1024, 2048 for both; 4096, 8192 streaming only; ratios at 2048, 8192
     python bench/stats_memory.py --quick    # T = 256 (a smoke run; ratio at 256, one round)
@@ -116,15 +117,20 @@ def ratio_worker(lengths: list[int], repeats: int, previous: bool = True) -> Non
         runs = (("plain", plain), ("stream", stream)) + ((("stream_previous_path", lambda: stream(True)),)
                                                           if previous else ())
         times = {name: [] for name, _ in runs}
+        cpu = {name: [] for name, _ in runs}
         for _ in range(repeats):
             for name, fn in runs:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         out[n] = {"median_s": {k: round(v, 3) for k, v in med.items()},
                   "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items() if k != "plain"},
-                  "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+                  "cpu_ratio_to_plain": {k: round(v / med_cpu["plain"], 3) for k, v in med_cpu.items() if k != "plain"},
+                  "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                  "all_cpu_s": {k: [round(x, 3) for x in v] for k, v in cpu.items()}}
     print(json.dumps(out))
 
 
