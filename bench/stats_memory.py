@@ -8,10 +8,12 @@ reports the planner's memory estimate (what ``stream_stats`` prints before a lon
 the measured growth of the process. Then, in one more subprocess, the time ratio to the floor:
 a plain forward (the model's SDPA) and streaming statistics (every layer, all statistics,
 received sums, two key groups), plus the previous engine path (all-eager chunks), interleaved,
-medians of ``--repeats``. Prints one JSON object.
+medians of ``--repeats``; the process CPU time beside the wall time (on a shared machine, with one
+thread, the CPU-time ratio is the steadier figure). Prints one JSON object.
 
     python bench/stats_memory.py            # T = 1024, 2048 for both; 4096, 8192 streaming only; ratios at 2048, 8192
     python bench/stats_memory.py --quick    # T = 256 (a smoke run; ratio at 256, one round)
+    python bench/stats_memory.py --ratio-worker 2048 3 --no-previous   # the ratio alone, without the eager path
 """
 from __future__ import annotations
 
@@ -56,15 +58,12 @@ def worker(mode: str, n_tokens: int, out: str) -> None:
     import torch
 
     from probe import load_model, stream_stats
-    from probe.active import DEFAULT_BUDGET
-    from probe.memory import stream_estimate
-    from probe.runtime import chunk_rows
+    from probe.streaming import plan_stream
 
     torch.set_grad_enabled(False)
     model = load_model(MODEL, device="cpu")
     ids = text_of(n_tokens, model)
-    chunk = chunk_rows(DEFAULT_BUDGET, 1, model.n_heads, n_tokens, n_tokens)
-    predicted = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, 0).bytes
+    predicted = plan_stream(model, n_tokens, 0, timed=False).memory.bytes
     before = _rss()
     if mode == "cache":
         _ = model.bridge  # build before timing, like stream mode's install
@@ -89,7 +88,7 @@ def worker(mode: str, n_tokens: int, out: str) -> None:
     print(json.dumps(res))
 
 
-def ratio_worker(lengths: list[int], repeats: int) -> None:
+def ratio_worker(lengths: list[int], repeats: int, previous: bool = True) -> None:
     """Plain forward vs streaming statistics (and the previous all-eager path), interleaved, medians."""
     import statistics
 
@@ -115,16 +114,23 @@ def ratio_worker(lengths: list[int], repeats: int) -> None:
                 fast.supported = orig
 
         plain()
-        times = {"plain": [], "stream": [], "stream_previous_path": []}
+        runs = (("plain", plain), ("stream", stream)) + ((("stream_previous_path", lambda: stream(True)),)
+                                                          if previous else ())
+        times = {name: [] for name, _ in runs}
+        cpu = {name: [] for name, _ in runs}
         for _ in range(repeats):
-            for name, fn in (("plain", plain), ("stream", stream), ("stream_previous_path", lambda: stream(True))):
-                t0 = time.perf_counter()
+            for name, fn in runs:
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         out[n] = {"median_s": {k: round(v, 3) for k, v in med.items()},
                   "ratio_to_plain": {k: round(v / med["plain"], 3) for k, v in med.items() if k != "plain"},
-                  "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+                  "cpu_ratio_to_plain": {k: round(v / med_cpu["plain"], 3) for k, v in med_cpu.items() if k != "plain"},
+                  "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                  "all_cpu_s": {k: [round(x, 3) for x in v] for k, v in cpu.items()}}
     print(json.dumps(out))
 
 
@@ -156,12 +162,13 @@ def main() -> None:
     ap.add_argument("--ratio-worker", nargs=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ratio-lengths", default="2048,8192")
+    ap.add_argument("--no-previous", action="store_true", help="ratio worker: skip the previous all-eager path")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.worker[2])
         return
     if args.ratio_worker:
-        ratio_worker([int(x) for x in args.ratio_worker[0].split(",")], int(args.ratio_worker[1]))
+        ratio_worker([int(x) for x in args.ratio_worker[0].split(",")], int(args.ratio_worker[1]), not args.no_previous)
         return
     both, stream_only = ([256], []) if args.quick else ([1024, 2048], [4096, 8192])
     result = {"model": MODEL, "runs": {}}

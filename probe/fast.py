@@ -20,7 +20,15 @@ from __future__ import annotations
 import torch
 
 from .call import AttentionCall
-from .eager import LayerPlan, Scratch, _edit_outputs, masked_value
+from .eager import LayerPlan, Scratch, _edit_outputs
+
+# ``exp`` of float32 arguments below about -87.3 (results under the smallest normal, 1.2e-38, and
+# exact underflows) takes libm's slow path here: 10-50x the vectorised cost. Scores ``x = log p``
+# are floored here first, so a probability below e^-87 = 1.6e-38 reads as 1.6e-38 (an absolute
+# change under 2e-38 per key, far below float32 resolution of any row sum); masked keys stay 0.
+FLOOR = -87.0
+CACHE_BYTES = 4 * 2**20  # scores per chunk of the statistics pass (see cache_rows)
+MIN_ROWS = 16
 
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall,
@@ -53,42 +61,92 @@ def stats_attend(query, key, value, call: AttentionCall, plan: LayerPlan, groups
     k = key if rep == 1 else key.repeat_interleave(rep, dim=1)
     v = value if rep == 1 else value.repeat_interleave(rep, dim=1)
     out, lse = flash(query, k, v, call.scaling)
-    q32, k32 = query, k
+    B, T, D = query.shape[0], query.shape[2], query.shape[3]
+    q3, k3, neg_lse = query.reshape(B * H, T, D), k.reshape(B * H, T, D), lse.reshape(B * H, T, 1).neg()
     ranges = _index_ranges(groups, call.k_pos[0])
-    T = call.n_queries
     stats = {"entropy": torch.empty(1, H, T), "max_prob": torch.empty(1, H, T),
              "argmax": torch.empty(1, H, T, dtype=torch.long), "group_mass": torch.zeros(1, H, T, len(ranges))}
     col = torch.zeros(1, H, call.n_keys) if received else None
     row0 = int(torch.searchsorted(call.q_pos[0], torch.tensor(received_from)))  # first row at or after from_pos
+    chunk = min(chunk, cache_rows(H, T))
     for r0 in range(0, T, chunk):
-        r1 = min(r0 + chunk, T)
-        _chunk(q32, k32, lse, call.scaling, r0, r1, ranges, stats, col, row0, scratch)
+        _chunk(q3, k3, neg_lse, call.scaling, r0, min(r0 + chunk, T), ranges, stats, col, row0, scratch)
     if plan.zero or plan.mean:
         _edit_outputs(out, plan, call.q_pos)
     return out.transpose(1, 2), stats, col
 
 
-def _chunk(q, k, lse, scale: float, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
-    """Rows ``r0:r1`` over keys ``0:r1`` (a causal prefill: query ``i`` sees keys ``0..i``)."""
-    B, H, _, _ = q.shape
+def cache_rows(n_heads: int, n_keys: int) -> int:
+    """Rows per chunk so that one chunk's scores stay near :data:`CACHE_BYTES` (at least :data:`MIN_ROWS`).
+
+    The passes over a chunk (argmax, exp, the entropy dot, sums) are memory-bound: a chunk that
+    stays in the cache between them runs them several times faster than one that streams from RAM.
+    """
+    return max(MIN_ROWS, CACHE_BYTES // (4 * n_heads * max(n_keys, 1)))
+
+
+def _chunk(q, k, neg_lse, scale: float, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
+    """Rows ``r0:r1`` over keys ``0:r1`` (a causal prefill: query ``i`` sees keys ``0..i``).
+
+    ``q, k [B*H, T, D]``, ``neg_lse [B*H, T, 1]`` (minus each row's log-sum-exp ``L``).
+
+    ``x = scale q.k - L`` comes from one ``baddbmm``; the argmax from block maxima (:func:`row_argmax`);
+    ``x`` is floored at :data:`FLOOR` before ``exp`` (see there); the future keys of the diagonal
+    block (:func:`_future`) are exact zeros in ``p``.
+    """
+    B, H = stats["entropy"].shape[:2]
     c, n = r1 - r0, r1
-    x = torch.matmul(q[:, :, r0:r1], k[:, :, :n].transpose(-1, -2), out=scratch.get("scores", (B, H, c, n),
-                                                                                      torch.float32, q.device))
-    x.mul_(scale).sub_(lse[:, :, r0:r1, None])  # x = s - L = log p
-    future = scratch.get("future", (c, c), torch.bool, q.device)
-    torch.ones(c, c, out=future)
-    future.triu_(1)
-    x[..., r0:r1].masked_fill_(future, masked_value(x.dtype))
-    best, arg = x.max(-1)
+    x = scratch.get("scores", (B * H, c, n), torch.float32, q.device)
+    torch.baddbmm(neg_lse[:, r0:r1], q[:, r0:r1], k[:, :n].transpose(-1, -2), alpha=scale, out=x)
+    x = x.view(B, H, c, n)
+    hide, keep = _future(c, q.device)
+    x[..., r0:r1].add_(hide)  # -inf: below every visible row maximum
+    best, arg = row_argmax(x, scratch)
     stats["max_prob"][:, :, r0:r1] = best.exp_()
     stats["argmax"][:, :, r0:r1] = arg
+    x.clamp_(min=FLOOR)
     p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, q.device))
-    stats["entropy"][:, :, r0:r1] = torch.linalg.vecdot(p, x).neg_().clamp_(min=0.0)
+    p[..., r0:r1].mul_(keep)  # the future keys: exact zeros
     for gi, (a, b) in enumerate(ranges):
         if b > a and a < n:
             stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1)
     if col is not None and r1 > row0:
         col[..., :n] += p[:, :, max(row0 - r0, 0):].sum(2)
+    stats["entropy"][:, :, r0:r1] = x.mul_(p).sum(-1).neg_().clamp_(min=0.0)  # -sum p log p, x's last use
+
+
+def _future(c: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hide, keep) [c, c]`` float masks of a chunk's diagonal block: ``-inf`` / ``0`` where key ``j > row i``.
+
+    Added and multiplied (vectorised) rather than ``masked_fill_``: on a strided block of the
+    chunk that is an order of magnitude slower here.
+    """
+    hide = torch.full((c, c), -torch.inf, device=device).triu_(1)
+    return hide, torch.ones(c, c, device=device).tril_()
+
+
+def row_argmax(x: torch.Tensor, scratch: Scratch | None = None, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, argmax)`` over the last dim of ``x``, equal to ``x.max(-1)`` (the first index of a tie).
+
+    The maxima of ``block``-key blocks (a vectorised ``amax``) pick the first block holding the
+    row's maximum; ``argmax`` then runs inside that block alone. Index-tracking reductions are
+    several times slower than ``amax`` on the CPU, so this costs about one ``amax`` pass.
+    """
+    n = x.shape[-1]
+    n0 = n - n % block
+    if n0 == 0:
+        return x.max(-1)
+    xb = x[..., :n0].unflatten(-1, (n0 // block, block))
+    bmax = torch.amax(xb, -1)
+    bi = bmax.argmax(-1, keepdim=True)                                         # first block with the max
+    inner = xb.gather(-2, bi[..., None].expand(*bi.shape, block)).squeeze(-2)  # [..., block]
+    best, wi = inner.max(-1)
+    arg = bi.squeeze(-1) * block + wi
+    if n0 < n:                                                                 # the tail comes after: only a
+        tb, ti = x[..., n0:].max(-1)                                           # strictly greater value wins
+        later = tb > best
+        best, arg = torch.where(later, tb, best), torch.where(later, ti + n0, arg)
+    return best, arg
 
 
 def _index_ranges(groups, k_pos: torch.Tensor) -> list[tuple[int, int]]:
@@ -113,8 +171,8 @@ def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: i
                scratch: Scratch | None = None) -> torch.Tensor:
     """The ACT heads of one layer (methods.md §2): ``out [B, T, H, D]`` for the heads of ``query``.
 
-    Sinks come from the column sums of each head's pattern (one causal pass over ``exp(s - L)``
-    with ``L`` from a flash call; skipped when the sinks are given). The calibrated output never
+    Sinks come from the column sums of each head's pattern (one causal pass, :func:`_column_sums`;
+    skipped when the sinks are given). The calibrated output never
     touches the whole pattern: ``O' = beta P_S + (1 - beta m) O_N`` where ``P_S = A[:, S] v_S`` and
     the sink mass ``m`` come from the |S| sink columns and ``O_N`` is attention over the non-sink
     keys alone (a second flash call with the sinks masked through one extra q/k dimension). That
@@ -132,8 +190,8 @@ def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: i
     heads = sorted(plan.act)
     col = None
     if any(plan.act[h].sinks is None for h in heads):
-        _, lse = flash(query[:, heads], k[:, heads], v[:, heads], call.scaling)
-        col = _column_sums(query[:, heads], k[:, heads], lse, call, chunk, scratch)
+        every = heads == list(range(H))
+        col = _column_sums(query if every else query[:, heads], k if every else k[:, heads], call, chunk, scratch)
     count = call.visible_counts()[0]
     sinks = {h: torch.nonzero(detect_sinks(None if col is None else col[i], count, plan.act[h], call.k_pos[0])
                               ).flatten() for i, h in enumerate(heads)}
@@ -150,20 +208,30 @@ def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: i
     return out.transpose(1, 2)
 
 
-def _column_sums(q, k, lse, call: AttentionCall, chunk: int, scratch: Scratch) -> torch.Tensor:
-    """``[h, K]`` column sums of the heads' causal pattern ``exp(scale q.k - L)``."""
-    n_h = q.shape[1]
-    col = torch.zeros(n_h, call.n_keys)
-    T = call.n_queries
+def _column_sums(q, k, call: AttentionCall, chunk: int, scratch: Scratch) -> torch.Tensor:
+    """``[h, K]`` column sums of the heads' causal pattern, one pass over row chunks (no flash call).
+
+    A chunk holds its rows' whole visible range (keys ``0..i``), so each row's softmax is finished
+    inside it: ``p' = exp(s - max)`` (floored like the statistics pass, future keys exact zeros) and
+    the columns get ``sum_i p'_ij / l_i`` as one matrix-vector product with ``1 / l``.
+    """
+    n_h, T, D = q.shape[1], call.n_queries, q.shape[-1]
+    q3, k3 = q.reshape(n_h, T, D), k.reshape(n_h, T, D)
+    col = torch.zeros(n_h, 1, call.n_keys)
+    chunk = min(chunk, cache_rows(n_h, T))
     for r0 in range(0, T, chunk):
         r1 = min(r0 + chunk, T)
         c = r1 - r0
-        x = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2),
-                         out=scratch.get("scores", (1, n_h, c, r1), torch.float32, q.device))
-        x.mul_(call.scaling).sub_(lse[:, :, r0:r1, None])
-        x[..., r0:r1].masked_fill_(torch.ones(c, c, dtype=torch.bool).triu_(1), masked_value(x.dtype))
-        col[:, :r1] += x.exp_().sum(2)[0]
-    return col
+        x = scratch.get("scores", (n_h, c, r1), torch.float32, q.device)
+        torch.bmm(q3[:, r0:r1], k3[:, :r1].transpose(-1, -2), out=x).mul_(call.scaling)
+        hide, keep = _future(c, q.device)
+        x[..., r0:r1].add_(hide)
+        x.sub_(torch.amax(x, -1, keepdim=True)).clamp_(min=FLOOR)
+        p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, q.device))
+        p[..., r0:r1].mul_(keep)
+        inv = p.sum(-1, keepdim=True).reciprocal_().transpose(-1, -2)   # [h, 1, c]: 1 / l_i (l >= 1)
+        col[..., :r1] += torch.bmm(inv, p)
+    return col[:, 0]
 
 
 MASKED = -1e30  # added to a sink key's score (through the extra dimension): exp underflows to exactly 0

@@ -19,7 +19,8 @@ from .compat import output_cache
 from .checks import check_generation
 from .decoding import greedy, stop_ids
 from .interventions import InterventionSpec
-from .memory import stream_estimate
+from .memory import Estimate, activation_bytes, stream_estimate
+from .planner import calibrate, human_seconds
 from .records import run_metadata
 from .runtime import chunk_rows, collect_stats, install, intervene, memory_budget, paused
 from .stats import HeadStats, StatsRequest
@@ -85,7 +86,7 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
     from_pos = ids.shape[1] - 1 if stats_in_prefill == "last" else 0
     request = StatsRequest(layers=None if layers is None else tuple(layers), groups=tuple(groups), from_pos=from_pos)
     rt = install(model.hf)
-    _announce(model, rt, ids.shape[1] + max_new_tokens, len(request.groups), verbose)
+    _announce(model, rt, ids.shape[1] + max_new_tokens, len(request.groups), verbose, timed=False)
     eos = stop_ids(model, newline=stop_at_newline)
     with ExitStack() as stack:
         if budget:
@@ -113,11 +114,39 @@ def _maybe_spec(model, spec):
     return intervene(model, spec) if spec else ExitStack()
 
 
-def _announce(model, rt, n_tokens: int, n_groups: int, verbose: bool) -> None:
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a streaming run will cost, said before it starts: memory, time (calibrated here), one line."""
+
+    memory: Estimate
+    seconds: float | None  # None: not estimated (decoding)
+
+    @property
+    def line(self) -> str:
+        if self.seconds is None:
+            return str(self.memory)
+        return f"{self.memory}, ~{human_seconds(self.seconds)} (time calibrated on this machine)"
+
+
+def plan_stream(model, n_tokens: int, n_groups: int, rt=None, timed: bool = True) -> StreamPlan:
+    """The estimate of a prefill with statistics on every layer (:mod:`probe.planner` for the time model).
+
+    ``timed=False`` skips the time (and its calibration): decoding's per-step cost is not modelled.
+    """
+    from . import fast
+
+    rt = rt or install(model.hf)
     chunk = chunk_rows(rt.active().budget, 1, model.n_heads, n_tokens, n_tokens)
+    chunk = min(chunk, fast.cache_rows(model.n_heads, n_tokens))  # the fast path's cache-sized chunks
+    est = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, n_groups, d_head=model.d_head,
+                          activations=activation_bytes(model.hf.config, n_tokens))
+    return StreamPlan(est, calibrate(model).stream(n_tokens) if timed else None)
+
+
+def _announce(model, rt, n_tokens: int, n_groups: int, verbose: bool, timed: bool = True) -> None:
     if verbose and n_tokens >= ANNOUNCE_FROM:
-        est = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, n_groups)
-        print(f"headwise: {est}{_split_note(model, est)}", file=sys.stderr, flush=True)
+        plan = plan_stream(model, n_tokens, n_groups, rt, timed)
+        print(f"headwise: {plan.line}{_split_note(model, plan.memory)}", file=sys.stderr, flush=True)
 
 
 def _split_note(model, est) -> str:

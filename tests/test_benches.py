@@ -1,5 +1,5 @@
-"""The benchmarks' ``--quick`` modes as smoke tests (bench/interventions.py, stats_memory.py, similarity.py,
-patching.py, retrieval_scan.py).
+"""The benchmarks' ``--quick`` modes as smoke tests (bench/interventions.py, stats_memory.py, planner.py,
+similarity.py, patching.py, retrieval_scan.py).
 
 No timing is asserted (timings live in the benches' JSON); what is asserted is that each bench runs,
 reports what it promises, and that its fast path computed the same numbers as the baseline it is timed against.
@@ -41,6 +41,15 @@ def test_stats_memory_ratio_quick():
     ratio = json.loads(proc.stdout.strip().splitlines()[-1])["128"]
     assert set(ratio["ratio_to_plain"]) == {"stream", "stream_previous_path"}
     assert all(v > 0 for v in ratio["ratio_to_plain"].values())
+
+
+def test_planner_bench_quick():
+    """bench/planner.py: the announced estimate (time calibrated here, memory) beside the measured run."""
+    out = _run_script("planner.py", "--quick")
+    run = out["runs"][0]
+    assert run["n_tokens"] == 256 and "time calibrated on this machine" in run["announced"]
+    assert run["time_s"]["predicted"] > 0 and run["time_s"]["measured"] > 0
+    assert run["memory_mib"]["predicted"] > 0 and run["memory_mib"]["measured_growth"] >= 0
 
 
 def _run(name: str, capsys) -> dict:

@@ -93,3 +93,47 @@ def test_fast_act_equals_the_eager_act(fixture, request, monkeypatch):
     assert not torch.allclose(ref, plain, atol=1e-3)
     scale = float(ref.abs().max())  # 30 layers of float32 rounding: compare relative to the logits' size
     torch.testing.assert_close(got, ref, atol=4e-6 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [5, 64, 130, 300])
+def test_blockwise_argmax_equals_max_with_ties_and_tails(n):
+    """row_argmax (block maxima, then argmax inside the first block holding the max) equals
+    ``x.max(-1)``: same values, same (first) index on ties, in the block part and the tail."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-3, 4, (2, 3, 7, n), generator=g).float()   # few distinct values: many ties
+    x[0, 0, 0] = 3.0                                                # a row that is all one value
+    x[1, 2, 3, -1] = 9.0                                            # the maximum in the tail only
+    best, arg = fast.row_argmax(x, block=32)
+    ref_best, ref_arg = x.max(-1)
+    assert torch.equal(best, ref_best) and torch.equal(arg, ref_arg)
+
+
+def test_floored_scores_keep_masked_keys_exact_zeros():
+    """Peaked rows (probabilities that underflow, log p far below FLOOR) give the eager statistics;
+    keys in a row's future (the diagonal block of each chunk) carry exactly zero mass."""
+    T, H, D = 70, 2, 8
+    q = torch.randn(1, H, T, D, generator=torch.Generator().manual_seed(0)) * 8   # very peaked rows
+    k = torch.randn(1, H, T, D, generator=torch.Generator().manual_seed(1)) * 8
+    v = torch.randn(1, H, T, D)
+    call = AttentionCall.plain(D ** -0.5, T, T)
+    _, stats, recv = fast.stats_attend(q, k, v, call, eager.LayerPlan(), [(0, 1), (T - 1, T)], chunk=16)
+    s = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf)
+    p = torch.softmax(s.double(), -1)
+    assert float(p.min()) == 0.0 and float(torch.log(p[p > 0]).min()) < fast.FLOOR   # underflows and tiny p
+    torch.testing.assert_close(recv, p.sum(2).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats["group_mass"][..., 0], p[..., 0].float(), atol=1e-30, rtol=1e-4)
+    assert torch.equal(stats["group_mass"][0, :, :T - 1, 1], torch.zeros(H, T - 1))   # the last key: future to all
+    ent = -(p * torch.log(p.clamp(min=1e-300))).sum(-1)
+    torch.testing.assert_close(stats["entropy"], ent.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_act_column_sums_equal_the_pattern_columns():
+    """ACT's sink statistic (column sums of the causal pattern, each chunk finishing its rows' softmax)
+    equals the float64 pattern's columns, peaked rows and several chunks included."""
+    T, H, D = 90, 3, 8
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, H, T, D, generator=g) * 6, torch.randn(1, H, T, D, generator=g) * 6
+    call = AttentionCall.plain(D ** -0.5, T, T)
+    col = fast._column_sums(q, k, call, 16, eager.Scratch())
+    s = (q.double() @ k.double().transpose(-1, -2) * D ** -0.5).masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf)
+    torch.testing.assert_close(col, torch.softmax(s, -1).sum(2)[0].float(), atol=1e-4, rtol=1e-5)
