@@ -55,7 +55,8 @@ def item_outcomes(model, task, cfg: "SinksConfig", heads, split: str = "heldout"
 
 def random_outside(candidates: list[HeadId], selected, k: int, seed: int) -> list[HeadId]:
     """``k`` heads drawn (seeded) from ``candidates`` outside ``selected``."""
-    pool = [h for h in candidates if h not in set(selected)]
+    kept = set(selected)
+    pool = [h for h in candidates if h not in kept]
     if len(pool) <= k:          # k of k: every seed would draw the same set (no random control at all)
         raise InputError(f"only {len(pool)} candidate heads lie outside the {k} selected ones, so every seed "
                          "draws the same set: widen the candidate layers (first_layer/last_layer) for a random "

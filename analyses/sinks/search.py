@@ -108,7 +108,8 @@ def control_pool(candidates: list[HeadId], selected) -> tuple[list[HeadId], bool
     """Where the random-head control draws from: the candidates outside ``selected`` (``True``), or all
     candidates (``False``, flagged in the result) when no more than ``len(selected)`` lie outside: with
     exactly that many, every seed would draw the same complement set (a constant, not a control)."""
-    outside = [h for h in candidates if h not in set(selected)]
+    kept = set(selected)
+    outside = [h for h in candidates if h not in kept]
     return (outside, True) if len(outside) > len(selected) else (list(candidates), False)
 
 
