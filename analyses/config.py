@@ -302,11 +302,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for o in options(cls):
         shown = format_value(o, o.default)
         if o.kind == "bool":
+            text = f"{o.help} (default: {o.default})"
             parser.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{o.help} (default: {o.default})")
+                                help=text.replace("%", "%%"))    # argparse %-formats help texts
         else:
-            parser.add_argument(o.flag, dest=o.name, default=None, metavar=_metavar(o),
-                                help=f"{o.help} (default: {shown or 'none'})")
+            text = f"{o.help} (default: {shown or 'none'})"
+            parser.add_argument(o.flag, dest=o.name, default=None, metavar=_metavar(o), help=text.replace("%", "%%"))
 
 
 def _metavar(o: Option) -> str:

@@ -117,6 +117,18 @@ def test_a_registered_analysis_appears_in_the_cli_the_dashboard_and_the_atlas(tm
     assert "toy" not in registry.names()
 
 
+@pytest.mark.parametrize("name", registry.names())
+def test_every_scan_prints_its_help(name, capsys):
+    """argparse %-formats help texts: an option help with a bare % (e.g. "top 2%") crashed ``--help``."""
+    from analyses.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["scan", name, "--help"])
+    assert done.value.code == 0
+    h = capsys.readouterr().out
+    assert all(o.flag in h for o in options(registry.get(name).config))
+
+
 def test_registry_refuses_a_second_entry_of_a_name_or_format():
     with pytest.raises(InputError, match="already registered"):
         registry.register(registry.get("retrieval"))
