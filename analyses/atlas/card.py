@@ -12,6 +12,8 @@ texts work; exact when the text is shorter). ``to_frame()`` and ``plot(kind)`` l
 >>> c = card_of([Score("x: s", "x", np.arange(8.0).reshape(2, 4))], {}, HeadId(1, 3), "m")
 >>> c.scores[["rank", "n", "percentile"]].values.tolist()      # mid-rank percentile: (7 below + 1/2 tie) / 8
 [[1.0, 8.0, 93.75]]
+
+Methods: docs/methods.md §7.
 """
 from __future__ import annotations
 

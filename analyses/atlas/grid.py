@@ -13,6 +13,8 @@ each result's ``head_scores()``, roles come from each result's ``roles()`` (its 
 >>> g = head_grid(load_model("tiny-llama"), "hello")
 >>> sorted(g.metrics()), g.column_labels()
 (['entropy', 'mass:first', 'max_prob'], ['kv0:h0', 'kv0:h1', 'kv1:h2', 'kv1:h3'])
+
+Methods: docs/methods.md §7.
 """
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Plotly figures of the study (never Streamlit): the agreement and overlap matrices, the transfer matrix,
-any score per head, and the head card's figures."""
+any score per head, and the head card's figures.
+
+Methods: docs/methods.md §7.
+"""
 from __future__ import annotations
 
 import numpy as np

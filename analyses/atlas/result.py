@@ -4,6 +4,8 @@ Files (atomic): ``summary.json`` (format ``headwise.atlas``: sources, roles and 
 settings), ``scores.safetensors`` (every score ``[layer, head]`` and its per-item values),
 ``agreement.parquet``, ``transfer.parquet``, ``outcomes.parquet`` (per role, condition, task and
 item: the performance behind each cell) and the figures.
+
+Methods: docs/methods.md §7.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ task        items                                                            per
 token is prefilled, the last token is the first decode step), so a knock-out restricted to decoding
 (retrieval's uniform attention, §1) acts exactly on the rows that produce the answer; every other
 knock-out acts on the whole forward. For ``loss`` every row emits, so ``decode_only`` does not apply.
+
+Methods: docs/methods.md §7.
 """
 from __future__ import annotations
 

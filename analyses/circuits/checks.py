@@ -1,5 +1,8 @@
 """Checks on the circuits analysis' saved task units (``Stage.check``): logit differences and head
-effects finite, effects one per head of the model, accuracies in ``[0, 1]``."""
+effects finite, effects one per head of the model, accuracies in ``[0, 1]``.
+
+Methods: docs/methods.md §3.
+"""
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,8 @@
 """Range checks on the grounding analysis' saved units (``Stage.check``): every answer token's
-lookback ratios lie in ``[0, 1]``, one per head of the model."""
+lookback ratios lie in ``[0, 1]``, one per head of the model.
+
+Methods: docs/methods.md §5.
+"""
 from __future__ import annotations
 
 from ..units import first_problem, out_of_range

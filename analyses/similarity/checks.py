@@ -4,6 +4,8 @@ A prompt unit holds one prompt's cosines (in ``[-1, 1]``, one per layer/head pai
 Jensen-Shannon sums (bits, each row in ``[0, 1]``, so a sum lies in ``[0, n_rows]``); a loss unit
 one mean loss in nats (finite, >= 0). A unit outside these (a damaged file: a cosine of 333334, a
 loss of NaN) is recomputed by the runner, so it never reaches the sharing plan.
+
+Methods: docs/methods.md §4.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The shipped text sets (data/similarity/): prompts for similarity, held-out text for the echo loss."""
+"""The shipped text sets (data/similarity/): prompts for similarity, held-out text for the echo loss.
+
+Methods: docs/methods.md §4.
+"""
 from __future__ import annotations
 
 from pathlib import Path

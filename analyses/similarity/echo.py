@@ -11,6 +11,8 @@ A *sharing plan* is a list of blocks of consecutive layers; every later layer of
 echoes the block's first layer. :func:`greedy_plan` grows blocks greedily, most similar
 merge first, keeping a merge only if the measured loss increase of the whole plan stays
 within ``budget`` nats.
+
+Methods: docs/methods.md §4.
 """
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ divergences are averaged over all query rows of all prompts.
 **JS per pair of maps: one log per key.** ``½ p log p`` is computed once per map (:func:`js_terms`);
 each pair adds ``-m log m`` per key (:func:`cross_js`). The sums are float32 within a block and
 float64 across blocks (error ~1e-7, far below the 1e-5 the tests hold them to).
+
+Methods: docs/methods.md §4.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Plotly figures for :class:`SimilarityResult` (no Streamlit here)."""
+"""Plotly figures for :class:`SimilarityResult` (no Streamlit here).
+
+Methods: docs/methods.md §4.
+"""
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,8 @@ correlations), ``results.parquet`` (the tidy frame, for pandas users).
 Frame convention: ``scope`` says what a row compares (``layer``: layer pairs with ``head = -1``;
 ``head``/``match``: head pairs, the second head in ``layer2, head2``; ``echo``: adjacent layer pairs;
 ``family``: one row per head).
+
+Methods: docs/methods.md §4.
 """
 from __future__ import annotations
 
