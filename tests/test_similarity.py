@@ -242,3 +242,53 @@ def test_smol_windowed_similarity_matches_eager_patterns(smol, reference_pattern
     np.testing.assert_allclose(m["layer_cos"], lc, atol=1e-4)
     np.testing.assert_allclose(m["head_cos"], hc, atol=1e-4)
     np.testing.assert_allclose(m["layer_js"], ljs, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- intervals (issue 18, Deliver 5)
+
+def test_loss_intervals_pool_like_the_estimate_and_pair_baseline_and_echo():
+    from analyses.similarity.intervals import difference_ci, increase_ci
+
+    base = np.array([[10.0, 10], [30.0, 20], [8.0, 4]])             # per text: loss sum, tokens
+    echo = base + np.array([[1.0, 0], [2.0, 0], [0.4, 0]])          # +0.1 nats/token on every text
+    i = increase_ci(echo, base)
+    assert i.estimate == pytest.approx(3.4 / 34) and i.n == 3
+    assert i.lo == pytest.approx(0.1) and i.hi == pytest.approx(0.1)   # the same increase on every text: no spread
+    pairs = np.stack([echo, base + np.array([[3.0, 0], [0.0, 0], [0.0, 0]])])   # 2 pairs; the 2nd varies by text
+    j = increase_ci(pairs, base)
+    assert j.estimate == pytest.approx((3.4 / 34 + 3.0 / 34) / 2) and j.lo < j.estimate < j.hi
+    d = difference_ci(echo, base)                                    # paired: equals the increase
+    assert (d.estimate, d.lo, d.hi) == pytest.approx((i.estimate, i.lo, i.hi))
+
+
+def test_spearman_interval_is_over_pairs_and_a_perfect_rank_order_stays_one():
+    from analyses.similarity.intervals import adjacent_cis, spearman_ci
+
+    x = np.arange(12.0)
+    s = spearman_ci(x, -x ** 3)
+    assert (s.estimate, s.lo, s.hi) == pytest.approx((-1.0, -1.0, -1.0)) and s.n == 12
+    a = adjacent_cis(np.array([[0.8, 0.9, 0.9, 0.95], [0.9, 0.9, 0.92, 0.97]]))
+    assert a["first"].estimate == pytest.approx(0.85) and a["first"].n == 2 and a["first"].lo >= 0.8
+    assert a["inner"].estimate == pytest.approx((0.9 + 0.91) / 2) and a["last"].hi <= 0.97
+
+
+def test_a_saved_result_keeps_what_its_intervals_resample(tiny_llama, tmp_path):
+    cfg = SimilarityConfig(prompts=_texts(tmp_path, "p", "the cat sat on the mat", "numbers: 1 2 3 4 5 6",
+                                          "a third prompt of words"),
+                           heldout=_texts(tmp_path, "h", "some held out words", "and two more held out lines"),
+                           window=4, variants=("same", "matched"), max_trials=2)
+    r = run(SIMILARITY, tiny_llama, cfg, progress=False)
+    assert r.prompt_adjacent.shape == (3, tiny_llama.n_layers - 1) and r.base_texts.shape == (2, 2)
+    assert np.allclose(r.prompt_adjacent.mean(0), r.adjacent("layer"))          # each prompt's own cosines
+    assert r.baseline_loss == pytest.approx(r.base_texts[:, 0].sum() / r.base_texts[:, 1].sum())
+    assert np.allclose(r.echo["same"], r.echo_texts["same"][..., 0].sum(-1) / r.echo_texts["same"][..., 1].sum(-1)
+                       - r.baseline_loss)
+    s = r.summary()
+    assert s["first_pair_cos"].n == 3 and s["first_pair_cos"].ci[0] <= s["first_pair_cos"].value <= s["first_pair_cos"].ci[1]
+    assert s["echo_matched_minus_same"].n == 2 and s["plan_cost"].ci is not None
+    back = SimilarityResult.load(r.save(tmp_path / "out"))
+    assert {k: repr((v.value, v.ci, v.n)) for k, v in back.summary().items()} == \
+        {k: repr((v.value, v.ci, v.n)) for k, v in s.items()}           # repr: a 2-layer model's rho is NaN
+    old = SimilarityResult(**{f: getattr(r, f) for f in r.__dataclass_fields__
+                              if f not in ("prompt_adjacent", "base_texts", "echo_texts", "plan_texts")})
+    assert old.summary()["first_pair_cos"].ci is None                           # a version-1 result: no interval

@@ -2,14 +2,15 @@
 
 A prompt unit holds one prompt's cosines (in ``[-1, 1]``, one per layer/head pair) and its
 Jensen-Shannon sums (bits, each row in ``[0, 1]``, so a sum lies in ``[0, n_rows]``); a loss unit
-one mean loss in nats (finite, >= 0). A unit outside these (a damaged file: a cosine of 333334, a
-loss of NaN) is recomputed by the runner, so it never reaches the sharing plan.
+one mean loss in nats (finite, >= 0) and its per-text loss sums and token counts. A unit outside
+these (a damaged file: a cosine of 333334, a loss of NaN) is recomputed by the runner, so it never reaches the sharing plan.
 
 Methods: docs/methods.md §4.
 """
 from __future__ import annotations
 
 from ..units import first_problem, out_of_range, wrong_shape
+from .data import load_texts
 
 
 def check_prompt(model, cfg, payload: dict) -> str | None:
@@ -30,4 +31,9 @@ def check_prompt(model, cfg, payload: dict) -> str | None:
 
 
 def check_loss(model, cfg, payload: dict) -> str | None:
-    return out_of_range("loss", payload["loss"], 0, None)
+    if "texts" not in payload:
+        return "no per-text losses (a unit of an older version): it is recomputed"
+    n = len(load_texts(cfg.heldout)[:cfg.n_heldout])
+    return first_problem(out_of_range("loss", payload["loss"], 0, None),
+                         wrong_shape("texts", payload["texts"], (n, 2)),
+                         out_of_range("texts (loss sums, token counts)", payload["texts"], 0, None))

@@ -27,10 +27,13 @@ from probe import HeadId, InterventionSpec, PatternEcho, intervene
 from .measure import match_heads
 
 
-def mean_loss(model, texts: Sequence[torch.Tensor], spec: InterventionSpec | None = None) -> float:
-    """Mean next-token cross-entropy (nats per predicted token, pooled over ``texts``)."""
-    total, count = 0.0, 0
-    for ids in texts:
+def text_losses(model, texts: Sequence[torch.Tensor], spec: InterventionSpec | None = None) -> np.ndarray:
+    """Per text ``[n_texts, 2]``: the summed next-token cross-entropy (nats) and the number of predicted tokens.
+
+    Kept per text so every loss figure can be resampled over the held-out texts (its interval).
+    """
+    out = np.zeros((len(texts), 2))
+    for i, ids in enumerate(texts):
         with torch.no_grad():
             if spec:
                 with intervene(model, spec):
@@ -38,9 +41,19 @@ def mean_loss(model, texts: Sequence[torch.Tensor], spec: InterventionSpec | Non
             else:
                 logits = model.hf(ids).logits
         ce = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-        total += float(ce)
-        count += int(ids.shape[1]) - 1
-    return total / max(count, 1)
+        out[i] = float(ce), int(ids.shape[1]) - 1
+    return out
+
+
+def pooled(texts: np.ndarray) -> float:
+    """Mean loss per predicted token of ``[.., n_texts, 2]`` (sum, count) rows, pooled over the texts."""
+    t = np.asarray(texts, dtype=np.float64)
+    return t[..., 0].sum(-1) / np.maximum(t[..., 1].sum(-1), 1)
+
+
+def mean_loss(model, texts: Sequence[torch.Tensor], spec: InterventionSpec | None = None) -> float:
+    """Mean next-token cross-entropy (nats per predicted token, pooled over ``texts``)."""
+    return float(pooled(text_losses(model, texts, spec)))
 
 
 def echo_edits(src: int, dst: int, perm: Sequence[int]) -> list[PatternEcho]:

@@ -33,6 +33,8 @@ ARRAYS = ("layer_cos", "layer_js", "head_cos", "head_js", "perms", "families")
 @dataclass(frozen=True, eq=False)
 class SimilarityResult(Result):
     FORMAT = FORMAT
+    VERSION = 2
+    READS = (1, 2)
 
     model_id: str
     n_layers: int
@@ -54,6 +56,11 @@ class SimilarityResult(Result):
     plan_cost: float = 0.0
     plan_log: tuple = ()
     n_heldout_tokens: int = 0
+    # what the intervals resample (version 2; None in results saved by version 1)
+    prompt_adjacent: np.ndarray | None = None   # [prompt, layer-1] each prompt's adjacent-layer cosines
+    base_texts: np.ndarray | None = None        # [text, 2] held-out loss sum (nats) and predicted tokens
+    echo_texts: dict | None = None              # variant -> [layer-1, text, 2]
+    plan_texts: np.ndarray | None = None        # [text, 2] under the final sharing plan
 
     # ------------------------------------------------------------------ derived numbers
     def adjacent(self, kind: str = "layer") -> np.ndarray:
@@ -94,7 +101,8 @@ class SimilarityResult(Result):
                 "echo_loss_increase": {k: np.asarray(v).tolist() for k, v in self.echo.items()},
                 "spearman": self.correlations(), "plan_variant": self.plan_variant, "plan_budget": self.plan_budget,
                 "plan_blocks": [list(b) for b in self.plan_blocks], "plan_cost": self.plan_cost,
-                "plan_shared_layers": int(sum(len(b) - 1 for b in self.plan_blocks)), "plan_log": list(self.plan_log)}
+                "plan_shared_layers": int(sum(len(b) - 1 for b in self.plan_blocks)), "plan_log": list(self.plan_log),
+                "intervals": {k: i.to_dict() for k, i in self.intervals().items()}}
 
     # ------------------------------------------------------------------ tidy frame
     def to_frame(self) -> pd.DataFrame:
@@ -145,18 +153,56 @@ class SimilarityResult(Result):
     def n_samples(self) -> int:
         return self.n_prompts
 
+    def intervals(self) -> dict:
+        """Every headline with its interval (``analyses.similarity.intervals``); empty for a version-1 result."""
+        from . import intervals as iv
+
+        if self.prompt_adjacent is None or self.base_texts is None:
+            return {}
+        out = {f"{k}_pair_cos": i for k, i in iv.adjacent_cis(self.prompt_adjacent).items()}
+        for v, t in (self.echo_texts or {}).items():
+            out[f"echo_{v}"] = iv.increase_ci(t, self.base_texts)
+            for kind in ("layer",) + ((v,) if v in ("same", "matched") else ()):
+                out[f"spearman {v}~{kind}"] = iv.spearman_ci(self.adjacent(kind), np.asarray(self.echo[v]))
+        e = self.echo_texts or {}
+        for a, b in (("matched", "same"), ("matched", "random"), ("same", "random")):
+            if a in e and b in e:
+                out[f"echo_{a}_minus_{b}"] = iv.difference_ci(e[a], e[b])
+        if self.plan_texts is not None:
+            out["plan_cost"] = iv.increase_ci(self.plan_texts, self.base_texts)
+        return out
+
     def summary(self) -> dict[str, Stat]:
         adj = self.adjacent("layer")
         inner = adj[1:-1] if len(adj) > 2 else adj
-        out = {"first_pair_cos": Stat("adjacent layers, first pair (cos)", float(adj[0]), n=self.n_prompts),
-               "inner_pairs_mean_cos": Stat("inner pairs, mean (cos)", float(inner.mean()), n=self.n_prompts),
-               "last_pair_cos": Stat("adjacent layers, last pair (cos)", float(adj[-1]), n=self.n_prompts),
+        ci = self.intervals()
+
+        def stat(key, label, value, n, fmt=".3f"):
+            i = ci.get(key)
+            return Stat(label, value if i is None else i.estimate, n=n if i is None else i.n,
+                        ci=None if i is None else (i.lo, i.hi), fmt=fmt)
+
+        out = {"first_pair_cos": stat("first_pair_cos", "adjacent layers, first pair (cos; prompts)", float(adj[0]),
+                                      self.n_prompts),
+               "inner_pairs_mean_cos": stat("inner_pair_cos", "inner pairs, mean (cos; prompts)", float(inner.mean()),
+                                            self.n_prompts),
+               "last_pair_cos": stat("last_pair_cos", "adjacent layers, last pair (cos; prompts)", float(adj[-1]),
+                                     self.n_prompts),
                "plan_shared_layers": Stat("plan: layers shared", int(sum(len(b) - 1 for b in self.plan_blocks)),
                                           fmt="d"),
-               "plan_cost": Stat("plan: measured loss increase (nats)", self.plan_cost, n=self.n_heldout_tokens,
-                                 fmt="+.4f")}
+               "plan_cost": stat("plan_cost", "plan: measured loss increase (nats; held-out texts)", self.plan_cost,
+                                 self.n_heldout_tokens, "+.4f")}
+        for v, loss in self.echo.items():
+            out[f"echo_{v}"] = stat(f"echo_{v}", f"echo cost, {v} heads, mean over pairs (nats; held-out texts)",
+                                    float(np.mean(loss)), self.n_heldout_tokens, "+.4f")
+        for k in ("matched_minus_same", "matched_minus_random", "same_minus_random"):
+            if f"echo_{k}" in ci:
+                a, b = k.split("_minus_")
+                out[f"echo_{k}"] = stat(f"echo_{k}", f"echo cost, {a} minus {b} (nats; held-out texts, paired)", 0.0,
+                                        None, "+.4f")
         for k, c in self.correlations().items():
-            out[f"spearman {k}"] = Stat(f"spearman echo cost ~ similarity ({k})", c["rho"], n=c["n"], fmt="+.3f")
+            out[f"spearman {k}"] = stat(f"spearman {k}", f"spearman echo cost ~ similarity ({k}; layer pairs)",
+                                        c["rho"], c["n"], "+.3f")
         return out
 
     def echo_table(self) -> pd.DataFrame:
@@ -189,11 +235,17 @@ class SimilarityResult(Result):
         out = Path(out_dir)
         arrays = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in ARRAYS}
         arrays.update({f"echo.{k}": torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in self.echo.items()})
-        write_tensors(out / "arrays.safetensors", arrays, {"format": FORMAT, "version": 1})
+        arrays.update({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in self._resampled().items()})
+        write_tensors(out / "arrays.safetensors", arrays, {"format": FORMAT, "version": self.VERSION})
         with atomic_path(out / "results.parquet") as tmp:
             self.to_frame().to_parquet(tmp, index=False)
         self.write_summary(out, self.to_dict())
         return out
+
+    def _resampled(self) -> dict[str, np.ndarray]:
+        """The arrays behind the intervals, as tensors named for ``arrays.safetensors``."""
+        out = {k: getattr(self, k) for k in ("prompt_adjacent", "base_texts", "plan_texts") if getattr(self, k) is not None}
+        return out | {f"echo_texts.{k}": v for k, v in (self.echo_texts or {}).items()}
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "SimilarityResult":
@@ -207,6 +259,8 @@ class SimilarityResult(Result):
                        echo={k[5:]: v.numpy() for k, v in t.items() if k.startswith("echo.")},
                        plan_variant=s["plan_variant"], plan_budget=s["plan_budget"],
                        plan_blocks=tuple(tuple(b) for b in s["plan_blocks"]), plan_cost=s["plan_cost"],
-                       plan_log=tuple(s["plan_log"]), n_heldout_tokens=s["n_heldout_tokens"])
+                       plan_log=tuple(s["plan_log"]), n_heldout_tokens=s["n_heldout_tokens"],
+                       **{k: t[k].numpy() for k in ("prompt_adjacent", "base_texts", "plan_texts") if k in t},
+                       echo_texts={k[11:]: v.numpy() for k, v in t.items() if k.startswith("echo_texts.")} or None)
         except KeyError as exc:
             raise CorruptFileError(f"{out} misses {exc}; rerun the scan to regenerate it") from exc

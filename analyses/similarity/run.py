@@ -23,7 +23,7 @@ from ..config import Config, opt
 from ..contract import Analysis, Stage, Unit, no_units
 from .checks import check_loss, check_prompt
 from .data import load_texts
-from .echo import PlanSearch, echo_edits, mean_loss, next_trial, pair_perm, plan_spec, record_trial
+from .echo import PlanSearch, echo_edits, next_trial, pair_perm, plan_spec, pooled, record_trial, text_losses
 from .measure import Accumulator, accumulate_prompt, head_families, match_heads
 from .result import SimilarityResult
 
@@ -104,7 +104,9 @@ def reduce_prompts(model, cfg: SimilarityConfig, payloads: dict, _) -> dict:
     mats = total.finish()
     L, H = model.n_layers, model.n_heads
     perms = np.stack([match_heads(mats["head_cos"], L, H, l, l + 1) for l in range(L - 1)])
-    return {"mats": mats, "perms": perms, "n_prompts": total.n_prompts, "n_rows": total.n_rows}
+    adjacent = np.stack([np.diag(np.asarray(p["layer_cos_sum"]), 1) for p in payloads.values()])  # [prompt, L-1]
+    return {"mats": mats, "perms": perms, "n_prompts": total.n_prompts, "n_rows": total.n_rows,
+            "prompt_adjacent": adjacent}
 
 
 # ----------------------------------------------------------------------------- stage 2: echo losses
@@ -130,14 +132,18 @@ def plan_echo(model, cfg: SimilarityConfig, state: dict) -> list[Unit]:
 
 def compute_loss(model, cfg: SimilarityConfig, unit: Unit, _) -> dict:
     spec = InterventionSpec.from_dict(unit.spec["spec"])
-    return {"loss": mean_loss(model, _heldout(model, cfg), spec if spec else None)}
+    texts = text_losses(model, _heldout(model, cfg), spec if spec else None)
+    return {"loss": float(pooled(texts)), "texts": texts}
 
 
 def reduce_echo(model, cfg: SimilarityConfig, payloads: dict, state: dict) -> dict:
     base = payloads["baseline"]["loss"]
-    echo = {v: np.array([payloads[f"echo-{v}-{l:03d}"]["loss"] - base for l in range(model.n_layers - 1)])
-            for v in cfg.variants}
-    return state | {"base": base, "echo": echo, "search": PlanSearch.start(model.n_layers)}
+    pairs = range(model.n_layers - 1)
+    echo = {v: np.array([payloads[f"echo-{v}-{l:03d}"]["loss"] - base for l in pairs]) for v in cfg.variants}
+    texts = {v: np.stack([np.asarray(payloads[f"echo-{v}-{l:03d}"]["texts"]) for l in pairs]) for v in cfg.variants}
+    base_texts = np.asarray(payloads["baseline"]["texts"])
+    return state | {"base": base, "echo": echo, "search": PlanSearch.start(model.n_layers), "base_texts": base_texts,
+                    "echo_texts": texts, "plan_texts": base_texts}
 
 
 # ----------------------------------------------------------------------------- stage 3: the plan, one trial a unit
@@ -160,7 +166,8 @@ def reduce_trial(model, cfg: SimilarityConfig, payloads: dict, state: dict) -> d
     (payload,) = payloads.values()
     trial, score, merge = next_trial(state["mats"]["layer_cos"], state["search"])
     search = record_trial(state["search"], trial, score, merge, payload["loss"] - state["base"], cfg.budget)
-    return state | {"search": search}
+    kept = search.log[-1]["accepted"]
+    return state | {"search": search, "plan_texts": np.asarray(payload["texts"]) if kept else state["plan_texts"]}
 
 
 def report(model, cfg: SimilarityConfig, _, state: dict) -> SimilarityResult:
@@ -171,7 +178,9 @@ def report(model, cfg: SimilarityConfig, _, state: dict) -> SimilarityResult:
         head_js=mats["head_js"], perms=state["perms"], families=head_families(mats["head_cos"], cfg.n_clusters),
         baseline_loss=state["base"], echo=state["echo"], plan_variant=cfg.plan_variant, plan_budget=cfg.budget,
         plan_blocks=search.blocks, plan_cost=search.cost, plan_log=search.log,
-        n_heldout_tokens=int(sum(i.shape[1] - 1 for i in _heldout(model, cfg))))
+        n_heldout_tokens=int(sum(i.shape[1] - 1 for i in _heldout(model, cfg))),
+        prompt_adjacent=state["prompt_adjacent"], base_texts=state["base_texts"], echo_texts=state["echo_texts"],
+        plan_texts=state["plan_texts"])
 
 
 SIMILARITY = Analysis(
