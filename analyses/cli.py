@@ -267,9 +267,8 @@ def _scan(args, analysis) -> int:
         if executor is not None:
             executor.close()
     print(f"wrote {out}")
-    for stat in result.summary().values():
-        note = stat.help()
-        print(f"  {stat.label}: {stat.text()}" + (f" ({note})" if note else ""))
+    for stat in result.summary().values():      # text() already shows the interval; add its n
+        print(f"  {stat.label}: {stat.text()}" + (f" (n = {stat.n})" if stat.n is not None else ""))
     return 0
 
 

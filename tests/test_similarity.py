@@ -292,3 +292,14 @@ def test_a_saved_result_keeps_what_its_intervals_resample(tiny_llama, tmp_path):
     old = SimilarityResult(**{f: getattr(r, f) for f in r.__dataclass_fields__
                               if f not in ("prompt_adjacent", "base_texts", "echo_texts", "plan_texts")})
     assert old.summary()["first_pair_cos"].ci is None                           # a version-1 result: no interval
+
+
+def test_the_shipped_run_opens_with_every_headline_interval():
+    from analyses.data import data_path
+
+    r = SimilarityResult.load(data_path("similarity", "smollm2-135m"))
+    assert r.n_prompts >= SIMILARITY.min_samples and r.base_texts.shape[0] == 12
+    s = r.summary()
+    numbers = {k: v for k, v in s.items() if k != "plan_shared_layers"}
+    assert all(v.ci is not None and v.n for v in numbers.values()), [k for k, v in numbers.items() if v.ci is None]
+    assert s["echo_matched_minus_random"].ci[1] < 0             # what the README calls "matching beats the control"

@@ -7,8 +7,8 @@
 # fragile.
 #
 # **What we run:** layer × layer and head × head similarity (cosine of the causal maps and a
-# row-wise Jensen–Shannon divergence) over two short prompts; then the *echo* experiment on one
-# held-out text: layer l+1 reuses layer l's pattern (`PatternEcho`), with heads matched across the
+# row-wise Jensen–Shannon divergence); then the *echo* experiment on held-out text: layer l+1
+# reuses layer l's pattern (`PatternEcho`), with heads matched across the
 # two layers (`matched`) or randomly permuted (`random`, the control), and we measure the loss
 # increase. If similarity predicts shareability, the loss increase falls as similarity rises
 # (negative rank correlation). Finally a greedy sharing plan under a loss budget.
@@ -18,10 +18,27 @@ from pathlib import Path
 
 from probe import load_model
 from analyses import run
+from analyses.data import data_path
 from analyses.similarity import SIMILARITY, SimilarityConfig, SimilarityResult
 
 model = load_model("smollm2-135m")
 out = Path(tempfile.mkdtemp()) / "similarity"
+# %% [md]
+# ## The full run, as shipped
+# `data/similarity/smollm2-135m/` holds the validation run of the embedded model (20 prompts, 12
+# held-out texts, the default settings; command in `data/similarity/README.md`). Every headline
+# carries its n and a 95% interval: prompts resampled for the cosines, held-out texts for the
+# losses (paired with the baseline), layer pairs for the rank correlations.
+# %%
+full = SimilarityResult.load(data_path("similarity", "smollm2-135m"))
+{k: f"{s.text()} (n = {s.n})" for k, s in full.summary().items()}
+# %% [md]
+# Matching heads across the two layers is what makes an echo cheap: the random permutation is the
+# control, and same-index heads are no better than it.
+# %%
+full.plot("echo")
+# %% [md]
+# ## A small run, live
 # %%
 cfg = SimilarityConfig(n_prompts=2, n_heldout=1, max_tokens=32, variants=("matched", "random"), max_trials=2)
 res = run(SIMILARITY, model, cfg, store=out, progress=False)
