@@ -149,6 +149,13 @@ def test_workbench_follows_a_clicked_head_offline(results):
         page.get_by_role("heading", name="Head card").wait_for(timeout=LONG)
         expect(page.locator('[data-testid="stMain"]')).to_contain_text("L0H3 · KV group 1", timeout=LONG)
         expect(page.locator('[data-testid="stMain"]')).to_contain_text("cross-analysis study's card", timeout=LONG)
+        expect(page).to_have_url(re.compile(r"/head_card\?(.+&)?head=L0H3(&|$)"), timeout=LONG)   # the card's URL
+        card = context.new_page()                                    # ... reopens the card on that head
+        card.goto(page.url)
+        card.get_by_role("heading", name="Head card").wait_for(timeout=LONG)
+        idle(card)
+        expect(_head(card)).to_have_value("L0H3", timeout=LONG)
+        expect(card.locator('[data-testid="stMain"]')).to_contain_text("L0H3 · KV group 1", timeout=LONG)
         context.close()
     assert not outside, f"requests that left localhost: {sorted(set(outside))}"
 
