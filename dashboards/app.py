@@ -31,6 +31,16 @@ st.set_page_config(page_title="headwise", layout="wide", page_icon=str(HERE / "c
 
 LOCAL = "local folder…"
 SIDEBAR = ("model_choice", "model_path", "head")      # the sidebar's inputs in the URL (every page shares them)
+OPENED = "opened_with"                                 # the sidebar params open_page carried to the page it opened
+
+
+def restore_opened_params() -> None:
+    """After :func:`open_page`: the rerun drops the params its widgets bound on the page before (and so unbound
+    them), and the browser's URL with them; give them back before the sidebar binds them again (``?head=``)."""
+    keep = st.session_state.pop(OPENED, None) or {}
+    missing = {k: v for k, v in keep.items() if k not in st.query_params}
+    if missing:
+        st.query_params.update(missing)
 
 
 def pick_model() -> str:
@@ -55,11 +65,13 @@ def open_page(target) -> None:
 
     ctx = get_script_run_ctx()
     keep = {k: v for k, v in st.query_params.to_dict().items() if k in SIDEBAR} | {"head": str(st.session_state["head"])}
+    st.session_state[OPENED] = keep
     ctx.script_requests.request_rerun(RerunData(query_string=urlencode(keep), page_script_hash=target._script_hash,
                                                 context_info=ctx.context_info))
     st.empty()                                    # the next element: the runner acts on the rerun here
 
 
+restore_opened_params()
 name = pick_model()
 try:
     model = get_model(name)

@@ -91,7 +91,8 @@ def small_run(analysis, result) -> None:
     n = result.n_samples()
     if n >= analysis.min_samples:
         return
-    cis = [f"{s.label} {s.text()} (n = {s.n})" for s in result.summary().values() if s.ci is not None]
+    cis = [f"{s.label} {s.text()}" + (f" (n = {s.n})" if s.n is not None else "")
+           for s in result.summary().values() if s.ci is not None]
     st.warning(f"**Small run: n = {n}** (below the {analysis.min_samples} {analysis.title.lower()} needs for a "
                "result); treat these numbers as an illustration. "
                + (f"Intervals: {'; '.join(cis)}. " if cis else "No interval can be given at this size. ")

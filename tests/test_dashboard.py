@@ -241,6 +241,7 @@ def test_small_runs_carry_a_warning_with_n_and_ci(app, results, monkeypatch):
         assert len(small) == 1 and f"n = {n}**" in small[0] and f"below the {need}" in small[0], small
         with_ci = [s for s in saved[name].summary().values() if s.ci is not None]
         assert all(s.text() in small[0] for s in with_ci), small[0]           # every interval, with its n
+        assert "n = None" not in small[0], small[0]                           # ... where it has one
     import dataclasses
 
     big = dataclasses.replace(registry.get("circuits"), min_samples=saved["circuits"].n_samples())
