@@ -7,6 +7,10 @@ path before the subset fast path, for reference); greedy generation of ``--new``
 calibrated (``hf.generate``).
 
     PYTHONPATH=$PWD python bench/calibration_overhead.py [--calibration calib.json] [--lengths 512,2048]
+    PYTHONPATH=$PWD python bench/calibration_overhead.py --quick     # 64 tokens, 2 heads: the suite's smoke test
+
+It also reports how far the calibrated logits moved from the plain ones (``logits_max_abs_change``): a
+calibration that changed nothing would time a no-op.
 """
 from __future__ import annotations
 
@@ -51,6 +55,16 @@ def _all_layers_eager():
         runtime.Engine._unobserved = orig
 
 
+def _change(model, spec, ids: torch.Tensor) -> float:
+    """Largest change of any logit when the calibration is applied (all positions)."""
+    plain = model.hf(ids, use_cache=False).logits
+    handle = apply(model, spec)
+    try:
+        return float((model.hf(ids, use_cache=False).logits - plain).abs().max())
+    finally:
+        handle.remove()
+
+
 def _ids(model, n: int) -> torch.Tensor:
     from analyses.data import data_path
 
@@ -70,7 +84,7 @@ def _spec(model, args):
     return Calibration.from_heads(model, heads)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calibration", default=None, help="calibration file (default: --heads random heads)")
@@ -79,7 +93,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=16, help="tokens to generate")
     ap.add_argument("--no-eager-reference", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="64 tokens, 2 heads, one repeat (smoke test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats, args.new, args.heads = "64", 1, 4, 2     # the embedded model: real sinks
     m = load_model(args.model)
     calib = _spec(m, args)
     spec = calib.spec()
@@ -98,6 +115,7 @@ def main() -> None:
             r["forward_calibrated_s"] = min(c for _, c in pairs)
             r["forward_ratio_median_of_pairs"] = sorted(c / p for p, c in pairs)[len(pairs) // 2]
             r["generate_plain_s"], r["generate_calibrated_s"] = _pair(m, spec, gen, 1)
+            r["logits_max_abs_change"] = _change(m, spec, ids)
             if not args.no_eager_reference:
                 handle = apply(m, spec)
                 try:

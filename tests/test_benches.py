@@ -1,5 +1,5 @@
 """The benchmarks' ``--quick`` modes as smoke tests (bench/interventions.py, stats_memory.py, planner.py,
-similarity.py, patching.py, retrieval_scan.py).
+similarity.py, patching.py, retrieval_scan.py, calibration_overhead.py).
 
 No timing is asserted (timings live in the benches' JSON); what is asserted is that each bench runs,
 reports what it promises, and that its fast path computed the same numbers as the baseline it is timed against.
@@ -80,3 +80,11 @@ def test_retrieval_bench_quick(capsys):
     (s,) = out["samples"]
     assert out["max_abs_diff"] == 0.0 and s["same_tokens"]        # identical scores and tokens to generate()
     assert s["ours_phases"]["new_tokens"] > 0 and s["reference_s"] > 0
+
+
+def test_calibration_overhead_bench_quick(capsys):
+    out = _run("calibration_overhead", capsys)
+    r = out["lengths"]["64"]
+    assert out["model"] == "smollm2-135m" and len(out["heads"]) == 2
+    assert r["forward_plain_s"] > 0 and r["forward_calibrated_s"] > 0 and r["generate_ratio"] > 0
+    assert r["logits_max_abs_change"] > 1e-6                     # the timed calibration really acts
