@@ -81,7 +81,9 @@ def _goto(page, title: str) -> str:
 
 
 FOLLOW = {"Top heads": "now L1H2", "Head card": "L1H2 · KV group 1", "Token view": "L1H2",
-          "Pattern explorer": "L1H2: block-", "Interventions": "L1H2", "Retrieval heads": "Selected head L1H2"}
+          "Pattern explorer": "L1H2: block-", "Interventions": "L1H2"} | \
+    {title: "Selected head L1H2" for title in ("Retrieval heads", "Sinks and calibration", "Circuits", "Layer similarity",
+                                             "Grounding", "Cross-analysis study")}    # every analysis page
 
 
 def test_workbench_follows_a_clicked_head_offline(results):
