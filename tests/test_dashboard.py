@@ -139,9 +139,10 @@ def test_grounding_page_roc_and_token_view(app):
 def test_run_button_writes_a_result_the_page_then_shows(app, tmp_path):
     app.sidebar.text_input(key="results_root").set_value(str(tmp_path)).run()
     switch(app, "similarity").run()
-    assert any("No saved" in i.value for i in app.info)           # empty folder: a hint, no traceback
+    assert app.selectbox(key="similarity:pick").options == ["shipped: similarity/smollm2-135m"]   # only data/'s run
     app.button(key="similarity:run").click().run(timeout=120)
     assert not app.exception, app.exception
+    assert app.selectbox(key="similarity:pick").value == "similarity-tiny-llama"      # the page shows the new run
     assert (tmp_path / "similarity-tiny-llama" / "summary.json").exists()
     assert json.loads((tmp_path / "similarity-tiny-llama" / "summary.json").read_text())["model_id"] == "tiny-llama"
     assert len(app.get("plotly_chart")) == 4
