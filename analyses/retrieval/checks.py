@@ -1,6 +1,6 @@
 """Range and shape checks on the retrieval analysis' saved units (``Stage.check``): per-head
 event rates ``[layer, head]`` (copies per needle token: at most one per emitted token, so in
-``[0, max_new_tokens]``), ROUGE-1 recalls in ``[0, 1]``."""
+``[0, max_new_tokens]``), ROUGE-1 recalls in ``[0, 1]``. Method: docs/methods.md §1."""
 from __future__ import annotations
 
 from ..units import first_problem, out_of_range, wrong_shape

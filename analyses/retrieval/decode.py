@@ -5,7 +5,8 @@ the prompt *minus its last token* is prefilled with SDPA (no attention patterns,
 logits), and the last prompt token is the first decode input. Every scored row, including the one
 that produces the first new token, is then a single decode row whose per-head argmax comes from the
 streaming statistics. Masking is decode-only, so every masking condition of a prompt decodes from a
-copy of the one prefilled KV cache (one prefill per prompt, not one per condition).
+copy of the one prefilled KV cache (one prefill per prompt, not one per condition). Method (which
+row is scored, what masking does): docs/methods.md §1.
 """
 from __future__ import annotations
 
