@@ -317,6 +317,27 @@ def test_needle_is_separated_from_the_text_at_every_depth(tiny_llama):
         assert (i == 0 or text[i - 1].isspace() or text[i - 1] == ">") and text[i + len(needle)].isspace()
 
 
+def test_success_per_length_has_wilson_intervals_over_that_lengths_samples():
+    import pandas as pd
+
+    from analyses.inference import wilson
+    from analyses.retrieval.stats import success_by
+
+    rows = [{"needle": n, "length": L, "depth": d, "success": ok}
+            for n in ("a", "b") for L, d, ok in ((500, 0, True), (500, 50, True), (8000, 0, False), (8000, 50, n == "a"))]
+    t = success_by(pd.DataFrame(rows), "length").set_index("length")
+    assert list(t.index) == [500, 8000] and list(t["n"]) == [4, 4] and list(t["k"]) == [4, 1]
+    assert t.loc[8000, "success"] == 0.25 and t.loc[500, "success"] == 1.0
+    w = wilson(1, 4)
+    assert (t.loc[8000, "lo"], t.loc[8000, "hi"]) == (w.lo, w.hi) and t.loc[500, "hi"] == 1.0 > t.loc[500, "lo"]
+    d = success_by(pd.DataFrame(rows), "depth").set_index("depth")
+    assert list(d["k"]) == [2, 3]                                       # depth 0: 500 twice; depth 50: 500 twice + a@8000
+    with pytest.raises(InputError, match="grid column"):
+        success_by(pd.DataFrame(rows), "response")
+    with pytest.raises(InputError):
+        success_by(pd.DataFrame(rows).iloc[:0], "length")
+
+
 def test_sparsity_and_masking_intervals():
     import numpy as np
     import pandas as pd

@@ -21,7 +21,7 @@ from probe.shapes import HeadScores
 
 from ..contract import Result, Stat, head_frame
 from ..layout import Figure, Note, Section, Table
-from .stats import masking_table, sparsity_ci
+from .stats import masking_table, sparsity_ci, success_by
 
 METHODS = "Method, formulas and controls: docs/methods.md §1 (Wu et al. 2024, retrieval heads)."
 
@@ -112,6 +112,10 @@ class RetrievalResult(Result):
             return None
         return sparsity_ci(self.events, self.samples["success"].to_numpy(bool), self.threshold)
 
+    def success_by(self, by: str = "length") -> pd.DataFrame:
+        """Unmasked NIAH success per ``length`` (or ``depth``/``needle``), Wilson interval over its samples."""
+        return success_by(self.samples, by)
+
     def masking_table(self) -> pd.DataFrame:
         """The masking cells' success per condition (``none`` = unmasked), Wilson intervals, paired vs top-K."""
         keys = ["needle", "length", "depth"]
@@ -156,6 +160,10 @@ class RetrievalResult(Result):
             out.append(Section("", (Figure("masking"), Note(f"Masked sets: top = {', '.join(map(str, self.top))}; {sets}"),
                                     Table("masking: success with Wilson intervals over cells; paired vs top-K",
                                           self.masking_table()))))
+        if len(self.samples):
+            out.append(Section("", (Table("NIAH success per length (unmasked; Wilson intervals over samples)",
+                                          self.success_by("length")),
+                                    Table("NIAH success per depth", self.success_by("depth"))), "columns"))
         out.append(Section("", (Table("per-head scores", self.to_frame()), Table("GQA groups", self.grouped()),
                                 Table("samples", self.samples), Table("masking runs", self.masking),
                                 Table("success table", self.success_table())), "tabs"))

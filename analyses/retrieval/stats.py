@@ -5,6 +5,8 @@
 * :func:`masking_table`: NIAH success per condition with a Wilson interval over grid cells, and
   for every random-K seed (and all seeds pooled) the paired difference to top-K over the *same*
   cells: paired bootstrap interval and exact McNemar p-value.
+* :func:`success_by`: unmasked NIAH success per context length (or depth) with a Wilson interval
+  over the samples of that length (a small model may answer short contexts and fail long ones).
 
 >>> import pandas as pd
 >>> m = pd.DataFrame({"needle": ["a"] * 4, "length": [1, 2] * 2, "depth": [0, 0, 0, 0],
@@ -64,4 +66,18 @@ def masking_table(masking: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -
             row["p_vs_top"] = (inf.mcnemar_exact(pair[c], pair["top"]) if binary
                                else inf.sign_flip_test(pair[c], pair["top"], seed=seed))
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def success_by(samples: pd.DataFrame, by: str = "length") -> pd.DataFrame:
+    """Rows per value of ``by`` (``length``, ``depth`` or ``needle``): n samples, successes, rate, Wilson interval."""
+    if by not in CELL:
+        raise InputError(f"success_by: by={by!r} is not a grid column; use one of {CELL}")
+    if samples.empty:
+        raise InputError("no NIAH samples: run the samples stage first")
+    rows = []
+    for key, g in samples.groupby(by, sort=True):
+        k, n = int(g["success"].astype(bool).sum()), int(len(g))
+        w = inf.wilson(k, n)
+        rows.append({by: key, "n": n, "k": k, "success": w.estimate, "lo": w.lo, "hi": w.hi})
     return pd.DataFrame(rows)
