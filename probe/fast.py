@@ -74,7 +74,7 @@ def stats_attend(query, key, value, call: AttentionCall, plan: LayerPlan, groups
     scratch = scratch or Scratch()
     H, KV, T, K, D = query.shape[1], key.shape[1], call.n_queries, call.n_keys, query.shape[3]
     out, lse = flash(query, key, value, call.scaling, causal=T > 1)   # SDPA's own output, GQA in the kernel
-    grouped = Grouped(query.view(KV, H // KV, T, D), key[0], lse.view(KV, H // KV, T).neg(), call.scaling, call.diag)
+    grouped = Grouped(query.view(KV, H // KV, T, D), key[0], lse.reshape(KV, H // KV, T).neg(), call.scaling, call.diag)
     ranges = _index_ranges(groups, call.k_pos[0])
     stats = {"entropy": torch.empty(1, H, T), "max_prob": torch.empty(1, H, T),
              "argmax": torch.empty(1, H, T, dtype=torch.long), "group_mass": torch.zeros(1, H, T, len(ranges))}
