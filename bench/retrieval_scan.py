@@ -10,8 +10,11 @@ statistics (:func:`analyses.retrieval.run.run_sample`). Both greedy, same prompt
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/retrieval_scan.py [--lengths 500,1000,2000] [--repeats 3]
     PYTHONPATH=$PWD python bench/retrieval_scan.py --quick     # tiny model, one cell: a smoke run
 
-Per cell the two run alternately (``--repeats``, medians); ``ours_phases`` splits one of our runs into
-prompt building, prefill and decode, the profile that says where the time goes.
+Per cell the two run alternately (``--repeats``, medians of wall and of process CPU time; on a shared
+machine the CPU-time ratio, ``speedup_cpu``, is the steadier figure); ``ours_phases`` splits one of
+our runs into prompt building, prefill and decode, the profile that says where the time goes.
+``prefill_bound_cpu`` is the reference's CPU time over our prefill's alone: the speedup the scan
+would reach if decoding with statistics cost nothing (every cell must prefill its whole prompt once).
 
 The reference holds every returned pattern (layers x heads x T x T floats for the prefill step), so
 its cost and memory grow with T^2 (about 17 GB at T=4096 for SmolLM2); ours holds none. The prefill
@@ -29,6 +32,7 @@ import time
 import torch
 
 from probe import stop_ids
+from analyses.retrieval.decode import prefill
 from analyses.retrieval.harness import build_prompt, select_needles
 from analyses.retrieval.run import run_sample
 from probe import install, load_model
@@ -62,7 +66,7 @@ def reference_scores(model, p, max_new_tokens: int) -> tuple[torch.Tensor, list[
 
 def ours_phases(model, needle, length: int, depth: float, max_new_tokens: int) -> dict:
     """Where our time goes on one cell: prompt building, the SDPA prefill, the decode steps with statistics."""
-    from analyses.retrieval.decode import decode, prefill
+    from analyses.retrieval.decode import decode
 
     t0 = time.perf_counter()
     p = build_prompt(model, needle, length, depth, max_new_tokens=max_new_tokens)
@@ -77,21 +81,28 @@ def ours_phases(model, needle, length: int, depth: float, max_new_tokens: int) -
 
 def cell(model, n, L: int, d: float, max_new_tokens: int, repeats: int) -> dict:
     """One grid cell: ours and the reference alternately ``repeats`` times (medians), scores compared."""
-    t_ours, t_ref = [], []
+    t_ours, t_ref, c_ours, c_ref, c_prefill = [], [], [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rec = run_sample(model, n, L, d, max_new_tokens=max_new_tokens)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         p = build_prompt(model, n, L, d, max_new_tokens=max_new_tokens)
         ref, ref_new = reference_scores(model, p, max_new_tokens)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
+        prefill(model, p.ids)
+        c_prefill.append(time.process_time() - c2)
         t_ours.append(t1 - t0)
         t_ref.append(t2 - t1)
+        c_ours.append(c1 - c0)
+        c_ref.append(c2 - c1)
     ours = torch.tensor(rec["events"], dtype=torch.float64)
     o, r = statistics.median(t_ours), statistics.median(t_ref)
+    co, cr, cp = statistics.median(c_ours), statistics.median(c_ref), statistics.median(c_prefill)
     return {"needle": n.name, "length": L, "depth": d, "prompt_len": rec["prompt_len"], "response": rec["response"],
             "same_tokens": ref_new == list(rec["new_ids"]),
             "ours_s": round(o, 3), "reference_s": round(r, 3), "speedup": round(r / o, 2),
+            "ours_cpu_s": round(co, 3), "reference_cpu_s": round(cr, 3), "speedup_cpu": round(cr / co, 2),
+            "prefill_cpu_s": round(cp, 3), "prefill_bound_cpu": round(cr / cp, 2),
             "max_abs_diff": float((ours - ref).abs().max()),
             "ours_phases": ours_phases(model, n, L, d, max_new_tokens)}
 
@@ -115,16 +126,20 @@ def main(argv=None) -> int:
     run_sample(model, needles[0], min(200, int(a.lengths.split(",")[0])), 50, max_new_tokens=2)  # warm-up
     rows = [cell(model, n, int(L), float(d), a.max_new_tokens, a.repeats)
             for n in needles for L in a.lengths.split(",") for d in a.depths.split(",")]
-    by_length = {}
+    by_length, cpu_by_length = {}, {}
     for r in rows:
         o, ref = by_length.setdefault(r["length"], [0.0, 0.0])
         by_length[r["length"]] = [o + r["ours_s"], ref + r["reference_s"]]
+        o, ref, pre = cpu_by_length.setdefault(r["length"], [0.0, 0.0, 0.0])
+        cpu_by_length[r["length"]] = [o + r["ours_cpu_s"], ref + r["reference_cpu_s"], pre + r["prefill_cpu_s"]]
     ours_t, ref_t = sum(r["ours_s"] for r in rows), sum(r["reference_s"] for r in rows)
     print(json.dumps({"bench": "retrieval_scan", "model": model.model_id,
                       "grid": {"lengths": a.lengths, "depths": a.depths, "needles": a.needles},
                       "threads": torch.get_num_threads(), "repeats": a.repeats, "target_speedup": 3.0,
                       "ours_s": round(ours_t, 3), "reference_s": round(ref_t, 3), "speedup": round(ref_t / ours_t, 2),
                       "speedup_by_length": {L: round(v[1] / v[0], 2) for L, v in by_length.items()},
+                      "speedup_cpu_by_length": {L: round(v[1] / v[0], 2) for L, v in cpu_by_length.items()},
+                      "prefill_bound_cpu_by_length": {L: round(v[1] / v[2], 2) for L, v in cpu_by_length.items()},
                       "max_abs_diff": max(r["max_abs_diff"] for r in rows), "samples": rows}, indent=1))
     return 0
 

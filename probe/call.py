@@ -285,6 +285,8 @@ def _positions(name: str, kwargs: dict, vis, diag: int, Tq: int, K: int, device)
         raise UnsupportedModelError(f"{name} passes position_ids of shape {tuple(pos.shape)} for {Tq} queries: "
                                     "headwise reads one position per query ([batch, query])")
     lead = own[None] - pos                                   # [B, Tq]: key index minus token position
+    if vis is None and Tq == 1:                              # one row (decoding): its own key fixes the offset
+        return pos, torch.arange(K, device=device)[None] - lead
     if vis is None:
         real = torch.ones_like(lead, dtype=torch.bool)
     else:

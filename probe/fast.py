@@ -1,21 +1,25 @@
-"""Streaming statistics at close to the cost of the model's own attention (CPU, plain causal prefill).
+"""Streaming statistics at close to the cost of the model's own attention (CPU, plain causal calls).
 
 The eager engine (:mod:`probe.eager`) defines every statistic; this path computes the same ones
-for the commonest call (a causal prefill: no mask tensor, softcap, bias or learned sink, no score
-or pattern edit, one sequence) with less work:
+for the commonest calls (a causal prefill, or one decode row against the KV cache: no mask tensor,
+softcap, bias or learned sink, no score or pattern edit, one sequence) with less work:
 
-1. ``out, L = flash(q, k, v)``: torch's CPU flash kernel (what SDPA itself runs) returns the output
-   and each row's log-sum-exp ``L``; the output is bit for bit the model's own.
+1. ``out, L = flash(q, k, v)``: torch's CPU flash kernel (what SDPA itself runs, GQA included)
+   returns the output and each row's log-sum-exp ``L``; the output is bit for bit the model's own.
 2. One pass over row chunks of ``x = scale q.k - L``, only over the keys a chunk can see (the
-   causal lower triangle, about half the work of a full ``T x T`` pass): ``p = exp(x)`` is the
-   pattern itself (no normalising pass), ``max_prob = exp(max x)`` and the argmax come from ``x``,
-   the entropy is ``-sum p x``, group masses are sums over each group's key range and the received
-   attention the column sums of ``p`` (rows from ``from_pos`` on).
+   causal lower triangle, about half the work of a full ``T x T`` pass; a decode row sees every
+   key): ``p = exp(x)`` is the pattern itself (no normalising pass), ``max_prob = exp(max x)`` and
+   the argmax come from ``x``, the entropy is ``-sum p x``, group masses are sums over each group's
+   key range and the received attention the column sums of ``p`` (rows from ``from_pos`` on).
+   Query heads are grouped by their KV head (``[kv, rep * rows, d]`` against ``[kv, keys, d]``),
+   so the keys are never repeated per query head.
 
 Same meaning as :func:`probe.eager.row_stats` and the collector's column sums (tested against the
-eager engine on the tiny families and the embedded model).
+eager engine on the tiny families and the embedded model, prefill and decode).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -29,22 +33,34 @@ from .eager import LayerPlan, Scratch, _edit_outputs
 FLOOR = -87.0
 CACHE_BYTES = 4 * 2**20  # scores per chunk of the statistics pass (see cache_rows)
 MIN_ROWS = 16
+SMALL = 1 << 16  # scores in a chunk below which row_argmax is one max(-1)
 
 
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call: AttentionCall,
               plan: LayerPlan) -> bool:
     """Whether :func:`stats_attend` computes this call exactly (else the eager engine runs it)."""
     return (query.device.type == "cpu" and query.shape[0] == 1 and call.mask is None and not call.all_visible
-            and call.diag == 0 and call.n_queries == call.n_keys and call.softcap is None and call.sinks is None
+            and _causal_shape(call) and call.softcap is None and call.sinks is None
             and call.bias is None and not (plan.edits_scores or plan.act or plan.echo)
             and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.shape[1] % key.shape[1] == 0
             and query.dtype == torch.float32 == key.dtype == value.dtype
             and not (torch.is_grad_enabled() and query.requires_grad))
 
 
-def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention ``out [B, H, T, D]`` and the rows' log-sum-exp ``[B, H, T]`` (float32) from torch's CPU flash kernel."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+def _causal_shape(call: AttentionCall) -> bool:
+    """A causal prefill (query ``i`` sees keys ``0..i``) or one decode row that sees every cached key."""
+    return (call.diag == 0 and call.n_queries == call.n_keys) or (
+        call.n_queries == 1 and call.diag == call.n_keys - 1)
+
+
+def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention ``out [B, H, T, D]`` and the rows' log-sum-exp ``[B, H, T]`` (float32) from torch's CPU flash kernel.
+
+    ``causal``: query ``i`` sees keys ``0..i`` (else every key). ``k, v`` may hold fewer (KV) heads than
+    ``q`` (grouped-query attention, head ``h`` reads KV head ``h // (H / KV)``), as in SDPA.
+    """
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
     return out, lse.float()
 
 
@@ -56,24 +72,43 @@ def stats_attend(query, key, value, call: AttentionCall, plan: LayerPlan, groups
     argmax [B, H, T]`` (argmax a key index) and ``group_mass [B, H, T, G]``.
     """
     scratch = scratch or Scratch()
-    H = query.shape[1]
-    rep = H // key.shape[1]
-    k = key if rep == 1 else key.repeat_interleave(rep, dim=1)
-    v = value if rep == 1 else value.repeat_interleave(rep, dim=1)
-    out, lse = flash(query, k, v, call.scaling)
-    B, T, D = query.shape[0], query.shape[2], query.shape[3]
-    q3, k3, neg_lse = query.reshape(B * H, T, D), k.reshape(B * H, T, D), lse.reshape(B * H, T, 1).neg()
+    H, KV, T, K, D = query.shape[1], key.shape[1], call.n_queries, call.n_keys, query.shape[3]
+    out, lse = flash(query, key, value, call.scaling, causal=T > 1)   # SDPA's own output, GQA in the kernel
+    grouped = Grouped(query.view(KV, H // KV, T, D), key[0], lse.reshape(KV, H // KV, T).neg(), call.scaling, call.diag)
     ranges = _index_ranges(groups, call.k_pos[0])
     stats = {"entropy": torch.empty(1, H, T), "max_prob": torch.empty(1, H, T),
              "argmax": torch.empty(1, H, T, dtype=torch.long), "group_mass": torch.zeros(1, H, T, len(ranges))}
-    col = torch.zeros(1, H, call.n_keys) if received else None
-    row0 = int(torch.searchsorted(call.q_pos[0], torch.tensor(received_from)))  # first row at or after from_pos
-    chunk = min(chunk, cache_rows(H, T))
+    col = torch.zeros(1, H, K) if received else None
+    row0 = min(max(received_from - int(call.q_pos[0, 0]), 0), T)  # first row at or after from_pos (consecutive)
+    chunk = min(chunk, cache_rows(H, K))
     for r0 in range(0, T, chunk):
-        _chunk(q3, k3, neg_lse, call.scaling, r0, min(r0 + chunk, T), ranges, stats, col, row0, scratch)
+        _chunk(grouped, r0, min(r0 + chunk, T), ranges, stats, col, row0, scratch)
     if plan.zero or plan.mean:
         _edit_outputs(out, plan, call.q_pos)
     return out.transpose(1, 2), stats, col
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """One call's queries grouped by KV head: ``q [kv, rep, T, d]``, ``k [kv, K, d]``, ``neg_lse [kv, rep, T]``.
+
+    Row ``i`` sees keys ``0..diag + i``; query head ``h = kv * rep + r`` (the order of ``repeat_interleave``).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    neg_lse: torch.Tensor
+    scale: float
+    diag: int
+
+    def scores(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """``x = scale q.k - L`` of rows ``r0:r1`` over keys ``0:diag + r1``: ``[1, H, c, n]`` in ``out``'s storage."""
+        kv, rep, c, n = self.q.shape[0], self.q.shape[1], r1 - r0, self.diag + r1
+        q = self.q[:, :, r0:r1].reshape(kv, rep * c, -1)                                  # [kv, rep*c, d]
+        lse = self.neg_lse[:, :, r0:r1].reshape(kv, rep * c, 1)                           # [kv, rep*c, 1]
+        x = out.view(kv, rep * c, n)
+        torch.baddbmm(lse, q, self.k[:, :n].transpose(-1, -2), alpha=self.scale, out=x)  # [kv, rep*c, n]
+        return x.view(1, kv * rep, c, n)
 
 
 def cache_rows(n_heads: int, n_keys: int) -> int:
@@ -85,28 +120,26 @@ def cache_rows(n_heads: int, n_keys: int) -> int:
     return max(MIN_ROWS, CACHE_BYTES // (4 * n_heads * max(n_keys, 1)))
 
 
-def _chunk(q, k, neg_lse, scale: float, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
-    """Rows ``r0:r1`` over keys ``0:r1`` (a causal prefill: query ``i`` sees keys ``0..i``).
+def _chunk(g: Grouped, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
+    """Rows ``r0:r1`` over the keys they see, ``0:diag + r1`` (see :class:`Grouped`).
 
-    ``q, k [B*H, T, D]``, ``neg_lse [B*H, T, 1]`` (minus each row's log-sum-exp ``L``).
-
-    ``x = scale q.k - L`` comes from one ``baddbmm``; the argmax from block maxima (:func:`row_argmax`);
-    ``x`` is floored at :data:`FLOOR` before ``exp`` (see there); the future keys of the diagonal
-    block (:func:`_future`) are exact zeros in ``p``.
+    ``x = scale q.k - L`` comes from one ``baddbmm`` per chunk; the argmax from block maxima
+    (:func:`row_argmax`); ``x`` is floored at :data:`FLOOR` before ``exp`` (see there); the future
+    keys of the diagonal block (:func:`_future`) are exact zeros in ``p``.
     """
-    B, H = stats["entropy"].shape[:2]
-    c, n = r1 - r0, r1
-    x = scratch.get("scores", (B * H, c, n), torch.float32, q.device)
-    torch.baddbmm(neg_lse[:, r0:r1], q[:, r0:r1], k[:, :n].transpose(-1, -2), alpha=scale, out=x)
-    x = x.view(B, H, c, n)
-    hide, keep = _future(c, q.device)
-    x[..., r0:r1].add_(hide)  # -inf: below every visible row maximum
+    H = stats["entropy"].shape[1]
+    c, n, d = r1 - r0, g.diag + r1, g.diag
+    x = g.scores(r0, r1, scratch.get("scores", (H * c * n,), torch.float32, g.q.device))  # [1, H, c, n]
+    hide, keep = _future(c, g.q.device) if c > 1 else (None, None)  # one row sees every key up to its own
+    if hide is not None:
+        x[..., d + r0:d + r1].add_(hide)  # -inf: below every visible row maximum
     best, arg = row_argmax(x, scratch)
     stats["max_prob"][:, :, r0:r1] = best.exp_()
     stats["argmax"][:, :, r0:r1] = arg
     x.clamp_(min=FLOOR)
-    p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, q.device))
-    p[..., r0:r1].mul_(keep)  # the future keys: exact zeros
+    p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, g.q.device))
+    if keep is not None:
+        p[..., d + r0:d + r1].mul_(keep)  # the future keys: exact zeros
     for gi, (a, b) in enumerate(ranges):
         if b > a and a < n:
             stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1)
@@ -125,7 +158,8 @@ def _future(c: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return hide, torch.ones(c, c, device=device).tril_()
 
 
-def row_argmax(x: torch.Tensor, scratch: Scratch | None = None, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def row_argmax(x: torch.Tensor, scratch: Scratch | None = None, block: int = 64, small: int = SMALL
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(max, argmax)`` over the last dim of ``x``, equal to ``x.max(-1)`` (the first index of a tie).
 
     The maxima of ``block``-key blocks (a vectorised ``amax``) pick the first block holding the
@@ -134,7 +168,7 @@ def row_argmax(x: torch.Tensor, scratch: Scratch | None = None, block: int = 64)
     """
     n = x.shape[-1]
     n0 = n - n % block
-    if n0 == 0:
+    if n0 == 0 or x.numel() <= small:  # a few rows (decoding): one reduction beats the block passes' overhead
         return x.max(-1)
     xb = x[..., :n0].unflatten(-1, (n0 // block, block))
     bmax = torch.amax(xb, -1)
@@ -151,12 +185,9 @@ def row_argmax(x: torch.Tensor, scratch: Scratch | None = None, block: int = 64)
 
 def _index_ranges(groups, k_pos: torch.Tensor) -> list[tuple[int, int]]:
     """Key-index ranges ``[a, b)`` of position ranges ``(start, stop|None)`` (``k_pos`` increases by one per key)."""
-    out = []
-    for start, stop in groups:
-        a = int(torch.searchsorted(k_pos, torch.tensor(start, dtype=k_pos.dtype)))
-        b = k_pos.numel() if stop is None else int(torch.searchsorted(k_pos, torch.tensor(stop, dtype=k_pos.dtype)))
-        out.append((a, b))
-    return out
+    K = k_pos.numel()
+    k0 = int(k_pos[0]) if K and groups else 0  # key j holds position k0 + j (probe.call: no mask tensor)
+    return [(min(max(start - k0, 0), K), K if stop is None else min(max(stop - k0, 0), K)) for start, stop in groups]
 
 
 # ----------------------------------------------------------------------------- ACT at inference

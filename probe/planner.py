@@ -1,15 +1,17 @@
 """Time estimates made before a long run, calibrated on this machine (never hard-coded figures).
 
-A forward costs ``a T + b T^2``: the linear part (projections, MLP, norms) and the attention
-(causal, ``~T^2 / 2`` scores per head). The statistics pass adds ``s T^2`` (one more causal pass
-over the scores). Calibration measures each part once per process, at the sizes that isolate it:
+A forward costs ``a T + L (c T + b T^2)``: the linear part (projections, MLP, norms) and, per layer,
+the attention (causal, ``~T^2 / 2`` scores per head, plus a per-row part). The statistics pass adds
+``L (r T + s T^2)`` (one more causal pass over the scores). Calibration measures each part once per
+process, at the sizes that isolate it:
 
-- ``b`` and ``s``: the model's attention shape (heads, head size) on random tensors at
-  :data:`ATTN_TOKENS`: one flash call, and one :func:`probe.fast.stats_attend` call;
+- ``b, c`` and ``s, r``: the model's attention shape (heads, KV heads, head size) on random tensors
+  at the two sizes of :data:`ATTN_TOKENS`: one flash call, and one :func:`probe.fast.stats_attend`
+  call; the line through both sizes (a per-row and a per-score cost) extrapolates to long inputs
+  better than ``t / T^2`` at one size (which charges the per-row cost as if it grew with ``T^2``);
 - ``a``: a plain forward of the model at :data:`FORWARD_TOKENS` tokens minus its attention share.
 
-Then ``plain(T) = a T + L b T^2`` and ``stream(T) = plain(T) + L s T^2`` for ``L`` layers. The
-estimate is as good as the machine is steady: on a shared machine it reads the load at calibration.
+The estimate is as good as the machine is steady: on a shared machine it reads the load at calibration.
 """
 from __future__ import annotations
 
@@ -20,24 +22,45 @@ from dataclasses import dataclass
 import torch
 
 FORWARD_TOKENS = 128
-ATTN_TOKENS = 1024
+ATTN_TOKENS = (512, 2048)
 
 
 @dataclass(frozen=True)
 class TimeModel:
-    """Seconds per token (``linear``) and per squared token per layer (``attention``, ``stats``)."""
+    """Seconds per token (``linear``), per squared token per layer (``attention``, ``stats``) and per
+    token per layer (``attention_rows``, ``stats_rows``: what a call costs per query row)."""
 
     linear: float
     attention: float
     stats: float
     n_layers: int
+    attention_rows: float = 0.0
+    stats_rows: float = 0.0
 
     def plain(self, n_tokens: int) -> float:
-        return self.linear * n_tokens + self.n_layers * self.attention * n_tokens ** 2
+        return self.linear * n_tokens + self.n_layers * (self.attention_rows * n_tokens + self.attention * n_tokens ** 2)
 
     def stream(self, n_tokens: int) -> float:
         """A prefill with streaming statistics on every layer (the fast statistics path)."""
-        return self.plain(n_tokens) + self.n_layers * self.stats * n_tokens ** 2
+        return self.plain(n_tokens) + self.n_layers * (self.stats_rows * n_tokens + self.stats * n_tokens ** 2)
+
+
+def fit_rows_and_squares(t1: float, t2: float, n1: int, n2: int) -> tuple[float, float]:
+    """``(per_row, per_square)`` of ``t = per_row n + per_square n^2`` through ``(n1, t1)`` and ``(n2, t2)``.
+
+    Both are kept >= 0 (timing noise can tilt the line): a negative slope falls back to ``t2 / n2^2``
+    alone, a negative intercept to the line through the origin and the larger size.
+
+    >>> fit_rows_and_squares(1 * 10 + 2 * 100, 1 * 20 + 2 * 400, 10, 20)
+    (1.0, 2.0)
+    """
+    square = (t2 / n2 - t1 / n1) / (n2 - n1)
+    if square <= 0:
+        return 0.0, max(t2, 0.0) / n2 ** 2
+    rows = t1 / n1 - square * n1
+    if rows < 0:
+        return 0.0, max(t2, 0.0) / n2 ** 2
+    return rows, square
 
 
 _CALIBRATED: dict[tuple, TimeModel] = {}
@@ -57,31 +80,40 @@ def _median_of(fn, repeats: int = 3) -> float:
 
 def calibrate(model) -> TimeModel:
     """Measure this machine's :class:`TimeModel` for ``model`` (a headwise ``Model``); cached per process."""
+    key = (model.weights_hash, torch.get_num_threads())
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    H, D = model.n_heads, model.d_head
+    KV = getattr(model.hf.config, "num_key_value_heads", None) or H
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        flash_s, stats_s = zip(*(_time_attention(H, KV, D, n, g) for n in ATTN_TOKENS))
+        ids = torch.randint(0, model.hf.config.vocab_size, (1, FORWARD_TOKENS), generator=g)
+        kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model.hf) else {}
+        t_fwd = _median_of(lambda: model.hf(ids, use_cache=False, **kw))
+    (n1, n2), extra = ATTN_TOKENS, [max(s - f, 0.0) for s, f in zip(stats_s, flash_s)]
+    att_rows, att = fit_rows_and_squares(*flash_s, n1, n2)
+    stats_rows, stats = fit_rows_and_squares(*extra, n1, n2)
+    attn_fwd = model.n_layers * (att_rows * FORWARD_TOKENS + att * FORWARD_TOKENS ** 2)
+    linear = max(t_fwd - attn_fwd, 0.0) / FORWARD_TOKENS
+    tm = TimeModel(linear=linear, attention=att, stats=stats, n_layers=model.n_layers,
+                   attention_rows=att_rows, stats_rows=stats_rows)
+    _CALIBRATED[key] = tm
+    return tm
+
+
+def _time_attention(H: int, KV: int, D: int, n: int, g: torch.Generator) -> tuple[float, float]:
+    """``(flash, flash + statistics)`` seconds of one layer's attention at ``n`` tokens, random tensors."""
     from . import fast
     from .call import AttentionCall
     from .eager import LayerPlan, Scratch
 
-    key = (model.weights_hash, torch.get_num_threads())
-    if key in _CALIBRATED:
-        return _CALIBRATED[key]
-    H, D, T1 = model.n_heads, model.d_head, ATTN_TOKENS
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, H, T1, D, generator=g) for _ in range(3))
-    call = AttentionCall.plain(D ** -0.5, T1, T1)
-    scratch = Scratch()
-    with torch.no_grad():
-        t_flash = _median_of(lambda: fast.flash(q, k, v, call.scaling))
-        t_stats = _median_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), [(0, 1), (T1 // 2, T1 // 2 + 32)],
-                                                     scratch=scratch))
-        ids = torch.randint(0, model.hf.config.vocab_size, (1, FORWARD_TOKENS), generator=g)
-        kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model.hf) else {}
-        t_fwd = _median_of(lambda: model.hf(ids, use_cache=False, **kw))
-    attention = t_flash / T1 ** 2
-    linear = max(t_fwd - model.n_layers * attention * FORWARD_TOKENS ** 2, 0.0) / FORWARD_TOKENS
-    tm = TimeModel(linear=linear, attention=attention, stats=max(t_stats - t_flash, 0.0) / T1 ** 2,
-                   n_layers=model.n_layers)
-    _CALIBRATED[key] = tm
-    return tm
+    q = torch.randn(1, H, n, D, generator=g)
+    k, v = torch.randn(1, KV, n, D, generator=g), torch.randn(1, KV, n, D, generator=g)
+    call, scratch = AttentionCall.plain(D ** -0.5, n, n), Scratch()
+    groups = [(0, 1), (n // 2, n // 2 + 32)]
+    return (_median_of(lambda: fast.flash(q, k, v, call.scaling)),
+            _median_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), groups, scratch=scratch)))
 
 
 def _forward_args(hf) -> set[str]:

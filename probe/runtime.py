@@ -252,6 +252,8 @@ class Engine:
         return [t for t in self.taps if hasattr(t, "on_probs") and _wants(t, layer)]
 
     def _echo_sources(self, layer: int, decoding: bool) -> set[int]:
+        if not self.specs:
+            return set()
         return {e.source.head for e in self.spec.edits
                 if isinstance(e, PatternEcho) and e.active(decoding) and e.source.layer == layer}
 

@@ -272,10 +272,11 @@ class StatsCollector:
             raise InputError("streaming statistics take one sequence at a time (batch size 1)")
         q_pos = call.q_pos[0]
         keep = q_pos >= self.request.from_pos
-        if not bool(keep.any()):
+        every = bool(keep.all())  # decode rows and most prefills: no row to drop, no copy
+        if not (every or bool(keep.any())):
             return
         names = ("entropy", "max_prob", "argmax") + (("group_mass",) if self.request.groups else ())
-        row = {k: stats[k][:, :, keep] for k in names}
+        row = {k: stats[k] if every else stats[k][:, :, keep] for k in names}
         if self.request.groups and row["group_mass"].shape[-1] != len(self.request.groups):
             raise InputError(f"got {row['group_mass'].shape[-1]} group masses for {len(self.request.groups)} "
                              "key groups: pass the request's groups to the kernel")
@@ -283,9 +284,9 @@ class StatsCollector:
         if self.request.groups:
             groups = torch.stack([g.contains(call.k_pos[0]) for g in self.request.groups])
             row["group_count"] = _group_counts(call, groups, keep)
-        self._add_rows(layer, q_pos[keep], row)
+        self._add_rows(layer, q_pos if every else q_pos[keep], row)
         if self.request.received and received is not None:
-            row0 = int(torch.nonzero(keep)[0])
+            row0 = 0 if every else int(torch.nonzero(keep)[0])
             self._add_received(layer, call.k_pos[0], received[0].detach().double(),
                                call.visible_counts(row0)[0].double(), int(q_pos.max()))
 

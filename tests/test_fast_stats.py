@@ -36,13 +36,36 @@ def test_fast_path_equals_the_eager_engine_on_one_call(kv, from_pos):
     assert torch.equal(got.argmax, ref.argmax)
 
 
+@pytest.mark.parametrize("kv,n_keys", [(3, 1), (3, 77), (9, 300), (1, 1100)])
+def test_fast_path_equals_the_eager_engine_on_one_decode_row(kv, n_keys):
+    """One decode row against a KV cache (every key visible; GQA grouped, not repeated): same output and statistics."""
+    g = torch.Generator().manual_seed(n_keys)
+    H, D = 9, 64
+    q = torch.randn(1, H, 1, D, generator=g) * 2
+    k, v = torch.randn(1, kv, n_keys, D, generator=g) * 2, torch.randn(1, kv, n_keys, D, generator=g)
+    call = AttentionCall.plain(D ** -0.5, 1, n_keys)
+    request = StatsRequest(groups=(KeyGroup("first", 0, 1), KeyGroup("mid", 40, 70), KeyGroup("rest", 60)))
+    assert call.decoding == (n_keys > 1) and fast.supported(q, k, v, call, eager.LayerPlan())
+    ref_out, ref = _eager_stats(q, k, v, call, request)
+    col = StatsCollector(request, 1, H)
+    out, stats, recv = fast.stats_attend(q, k, v, call, eager.LayerPlan(), [(x.start, x.stop) for x in request.groups])
+    col.on_stats(0, call, stats, recv)
+    got = col.result()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.equal(out.transpose(1, 2), sdpa)                     # the model's own decode output, bit for bit
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name in ("entropy", "max_prob", "group_mass", "received_sum", "received_count", "group_count", "query_pos"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=2e-5, rtol=1e-5, msg=name)
+    assert torch.equal(got.argmax, ref.argmax)
+
+
 def test_fast_path_is_refused_where_it_would_be_inexact():
     q = k = v = torch.randn(1, 2, 8, 4)
     plain = AttentionCall.plain(0.5, 8, 8)
     assert fast.supported(q, k, v, plain, eager.LayerPlan())
     masked = AttentionCall.plain(0.5, 8, 8, mask=torch.ones(1, 1, 8, 8, dtype=torch.bool).tril())
-    decode = AttentionCall.plain(0.5, 1, 8)
-    for call in (masked, decode):
+    continued = AttentionCall.plain(0.5, 2, 8)  # two rows after six cached keys: flash's causal mask is upper-left
+    for call in (masked, continued):
         assert not fast.supported(q[:, :, :call.n_queries], k, v, call, eager.LayerPlan())
     assert not fast.supported(q, k, v, plain, eager.LayerPlan(temperature={0: 2.0}))
     assert not fast.supported(q.double(), k.double(), v.double(), plain, eager.LayerPlan())
@@ -69,6 +92,31 @@ def test_statistics_leave_the_forward_bit_identical_and_match_eager(fixture, req
         torch.testing.assert_close(getattr(got, name)[0], getattr(ref, name)[0], atol=1e-5, rtol=1e-5, msg=name)
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=2e-3, rtol=1e-3, msg=name)
     assert float((got.argmax == ref.argmax).float().mean()) > 0.999
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "smol"])
+def test_decode_rows_on_the_fast_path_match_eager_and_keep_the_plain_tokens(fixture, request, monkeypatch):
+    """Greedy decoding with statistics on every decode row: the fast path gives the tokens of plain
+    decoding (SDPA's own outputs) and the eager engine's statistics."""
+    from probe import generate_with_stats
+
+    m = request.getfixturevalue(fixture)
+    ids = torch.randint(5, 250, (1, 70), generator=torch.Generator().manual_seed(2))
+    groups = [KeyGroup("first", 0, 1), KeyGroup("span", 20, 30)]
+    with torch.no_grad():
+        plain = m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    used = []
+    real = fast.stats_attend
+    monkeypatch.setattr(fast, "stats_attend", lambda q, *a, **kw: used.append(q.shape[2]) or real(q, *a, **kw))
+    got = generate_with_stats(m, ids, max_new_tokens=6, groups=groups)
+    assert got.new_ids[0].tolist() == plain and used.count(1) == 5 * m.n_layers  # every decode row went fast
+    monkeypatch.setattr(fast, "supported", lambda *a: False)
+    ref = generate_with_stats(m, ids, max_new_tokens=6, groups=groups)
+    assert got.stats.query_pos.tolist() == ref.stats.query_pos.tolist() == list(range(70, 75))
+    for name in ("entropy", "max_prob", "group_mass", "group_count", "received_sum", "received_count"):
+        torch.testing.assert_close(getattr(got.stats, name), getattr(ref.stats, name), atol=2e-5, rtol=1e-4, msg=name)
+    assert float((got.stats.argmax == ref.stats.argmax).float().mean()) > 0.999
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "smol"])
@@ -103,7 +151,7 @@ def test_blockwise_argmax_equals_max_with_ties_and_tails(n):
     x = torch.randint(-3, 4, (2, 3, 7, n), generator=g).float()   # few distinct values: many ties
     x[0, 0, 0] = 3.0                                                # a row that is all one value
     x[1, 2, 3, -1] = 9.0                                            # the maximum in the tail only
-    best, arg = fast.row_argmax(x, block=32)
+    best, arg = fast.row_argmax(x, block=32, small=0)  # the block passes, however small
     ref_best, ref_arg = x.max(-1)
     assert torch.equal(best, ref_best) and torch.equal(arg, ref_arg)
 
