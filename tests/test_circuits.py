@@ -132,6 +132,33 @@ def test_faithfulness_full_and_empty_circuit(tiny_llama):
     assert empty["ld_all_ablated"] == pytest.approx(f["ld_all_ablated"], abs=1e-5)
 
 
+def test_faithfulness_ratios_and_intervals_by_hand():
+    per = {"ld_clean": [2.0, 4.0], "ld_all_ablated": [0.0, 0.0], "ld_circuit_only": [1.0, 3.0],
+           "ld_circuit_ablated": [1.0, 1.0]}
+    r = P.faithfulness_ratios(per)                       # ratios of means: 2/3, (2 - 0)/(3 - 0), 1 - 1/3
+    assert r == pytest.approx({"kept": 2 / 3, "kept_normalised": 2 / 3, "removed": 2 / 3})
+    assert P.faithfulness_ratios(per, [1, 1]) == pytest.approx({"kept": 0.75, "kept_normalised": 0.75, "removed": 0.75})
+    flat = {"ld_clean": [2.0, 4.0, 6.0], "ld_all_ablated": [0.0] * 3, "ld_circuit_only": [1.0, 2.0, 3.0],
+            "ld_circuit_ablated": [2.0, 2.0, 8.0]}        # every prompt keeps half: the interval is the point
+    ci = P.faithfulness_ci({"per_prompt": flat}, n_boot=200)
+    assert ci["kept_normalised"] == pytest.approx([0.5, 0.5])
+    lo, hi = ci["removed"]
+    assert lo < P.faithfulness_ratios(flat)["removed"] < hi   # removed varies by prompt (1 - 12/12 ... )
+
+
+def test_faithfulness_versus_random_draws_by_hand():
+    from analyses.circuits.paths import versus_random
+
+    def per(keep):                                        # kept_normalised = keep on every prompt
+        return {"per_prompt": {"ld_clean": [2.0, 4.0], "ld_all_ablated": [0.0, 0.0],
+                               "ld_circuit_only": [2 * keep, 4 * keep], "ld_circuit_ablated": [1.0, 1.0]}}
+
+    v = versus_random(per(0.5), [per(0.1), per(0.3)], "kept_normalised", n_boot=400)
+    # the draws' resampled mean is 0.1, 0.2 or 0.3 (1/4, 1/2, 1/4): the difference 0.4, 0.3 or 0.2
+    assert v["estimate"] == pytest.approx(0.3) and v["n"] == 2 and v["n_draws"] == 2
+    assert v["lo"] == pytest.approx(0.2) and v["hi"] == pytest.approx(0.4)
+
+
 def test_overlap_metrics_known_sets():
     a, b = {HeadId(0, 0), HeadId(0, 1), HeadId(1, 2)}, {HeadId(0, 1), HeadId(1, 2), HeadId(2, 0), HeadId(2, 1)}
     assert jaccard(a, b) == pytest.approx(2 / 5)

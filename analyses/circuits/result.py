@@ -316,9 +316,13 @@ def path_stats(paths: PathCircuits) -> dict[str, Stat]:
     for t, by in paths.circuits.items():
         fa, r = paths.faithfulness[t]["0.02"], by[0.02]
         flag = "" if paths.works(t) else f" (task fails: accuracy {paths.accuracy[t]:.2f} < {WORKS})"
+        rc, vs = fa["random_control"], fa.get("vs_random", {}).get("kept_normalised")
+        beyond = "" if vs is None else (f", circuit - random {vs['estimate']:+.2f} [{vs['lo']:+.2f}, "
+                                        f"{vs['hi']:+.2f}] over {vs['n_draws']} draws")
+        ci = fa.get("ci", {}).get("kept_normalised")
         out[f"path_{t}"] = Stat(f"{t}: path-patched 2% circuit ({len(r.circuit)} heads) keeps{flag}; random heads "
-                                f"{fa['random_control']['kept_normalised']:.2f}", fa["kept_normalised"],
-                                n=int(len(r.ld_clean)), fmt=".2f")
+                                f"{rc['kept_normalised']:.2f}{beyond}", fa["kept_normalised"],
+                                n=int(len(r.ld_clean)), ci=None if ci is None else tuple(ci), fmt=".2f")
     d = paths.overlap[(paths.overlap.frac == 0.02)]
     for r in d.itertuples():
         flag = "" if r.both_work else "; a task fails"
