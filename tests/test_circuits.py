@@ -247,3 +247,11 @@ def test_word_tasks_on_a_byte_tokenizer_give_a_typed_error(tiny_llama, task):
 
     with pytest.raises(InputError, match="single-token"):
         make_task(tiny_llama, task, 2, 0)
+
+
+def test_the_s2_attention_role_is_measured_whenever_ioi_is_scanned(tiny_llama):
+    """The S-inhibition class's role score (attention to S2) is planned with IOI alone, not only for the repair."""
+    from analyses.circuits.run import plan_roles
+
+    ids = lambda tasks: [u.id for u in plan_roles(tiny_llama, CircuitsConfig(tasks=tasks), {})]  # noqa: E731
+    assert "inhibition-ioi" in ids(("ioi", "induction")) and "inhibition-ioi" not in ids(("induction", "greater_than"))

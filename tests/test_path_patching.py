@@ -212,8 +212,14 @@ def test_the_circuits_scan_path_patches_each_task_at_2_and_5_percent(tiny_llama,
     assert (tab["kept_normalised lo"] <= tab["kept_normalised"] + 1e-9).all() and (tab.random_draws == N_RANDOM).all()
     assert (p.overlap.lo <= p.overlap.value + 1e-9).all() and (p.overlap.value <= p.overlap.hi + 1e-9).all()
     assert {"path_induction", "path_jaccard_induction_greater_than"} <= set(r.summary())
+    roles = r.stage_roles()                                 # the induction task's stages -> their classes' scores
+    ind = roles[roles.task == "induction"]
+    assert set(ind.role) == {"induction", "previous_token"} and set(roles.task) == {"induction"}
+    for row in ind.itertuples():
+        h, a = HeadId.parse(row.head), np.asarray(r.roles_scores[row.role])
+        assert row.role_score == pytest.approx(a[h.layer, h.head]) and row.role_rank == (a > row.role_score).sum() + 1
     back = CircuitsResult.load(tmp_path)
-    assert back.paths.table().equals(p.table()) and back.plot("paths", task="induction").data
+    assert back.paths.table().equals(p.table()) and back.stage_roles().equals(roles) and back.plot("paths", task="induction").data
     unit = tmp_path / "units" / "paths"
     stamps = {f.name: f.stat().st_mtime_ns for f in unit.iterdir()}
     run(CIRCUITS, tiny_llama, cfg, store=tmp_path, progress=False)

@@ -141,7 +141,7 @@ def plan_roles(model, cfg: CircuitsConfig, state: dict) -> list[Unit]:
     units = [Unit("repeated", {"kind": "repeated"})]
     units += [Unit(f"mover-{t}", {"kind": "mover", "task": t, "key": "answer", "n": min(cfg.n, 16)})
               for t in cfg.tasks if t != "greater_than"]
-    if _repairable(cfg):
+    if "ioi" in cfg.tasks:                             # the S-inhibition class's attention (and the repair's pick)
         units.append(Unit("inhibition-ioi", {"kind": "mover", "task": "ioi", "key": "s2", "n": 16}))
     return units
 
