@@ -255,3 +255,14 @@ def test_the_s2_attention_role_is_measured_whenever_ioi_is_scanned(tiny_llama):
 
     ids = lambda tasks: [u.id for u in plan_roles(tiny_llama, CircuitsConfig(tasks=tasks), {})]  # noqa: E731
     assert "inhibition-ioi" in ids(("ioi", "induction")) and "inhibition-ioi" not in ids(("induction", "greater_than"))
+
+
+def test_random_control_heads_stay_inside_the_model_when_the_last_layer_is_full():
+    """A circuit holding every head of the last layer: the control falls back to other layers, never layer L."""
+    from analyses.circuits.roles import random_heads_like
+
+    full = [HeadId(29, h) for h in range(9)] + [HeadId(3, 1)]
+    for seed in range(5):
+        ctrl = random_heads_like(full, 9, seed, n_layers=30)
+        assert len(ctrl) == len(full) and not set(ctrl) & set(full)
+        assert max(h.layer for h in ctrl) < 30 and HeadId(3, 1) not in ctrl

@@ -255,7 +255,7 @@ def faithfulness_ratios(per: dict, idx=None) -> dict:
 
 
 def faithfulness_ci(f: dict, *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Percentile bootstrap intervals over prompts of ``kept_normalised`` and ``removed`` (``f``: :func:`faithfulness`)."""
+    """Percentile bootstrap intervals over prompts of ``kept_normalised`` and ``removed`` (of :func:`faithfulness`)."""
     from ..inference import bootstrap
 
     per = f["per_prompt"]

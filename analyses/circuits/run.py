@@ -84,7 +84,8 @@ def run_task(model, name: str, n: int = 32, seed: int = 0, ig_steps: int = 5, fr
     circuit = select_circuit(effects["exact"].mean(0) / (ldr.mean() - ldc.mean()), frac)
     means = P.mean_values(z_clean)
     faith = P.faithfulness(model, task, circuit, means, ld_clean)
-    faith["random_control"] = P.faithfulness(model, task, random_heads_like(circuit, model.n_heads, seed), means,
+    control = random_heads_like(circuit, model.n_heads, seed, n_layers=model.n_layers)
+    faith["random_control"] = P.faithfulness(model, task, control, means,
                                              ld_clean)
     acc["mean_ld_corrupt"] = float(ldr.mean())
     rule = {"rule": "top fraction of heads by |normalised exact patching score|", "frac": frac,
