@@ -208,7 +208,7 @@ def test_the_circuits_scan_path_patches_each_task_at_2_and_5_percent(tiny_llama,
         assert lo <= fa["kept_normalised"] <= hi
     assert set(p.overlap.metric) == {"jaccard", "overlap_coefficient"} and set(p.overlap.frac) == set(FRACS)
     tab = p.table()
-    assert {"kept_normalised lo", "kept_normalised hi", "kept_normalised - random lo", "random_draws"} <= set(tab.columns)
+    assert {"kept_normalised lo", "kept_normalised hi", "kept_normalised - random lo", "random_draws"} <= set(tab)
     assert (tab["kept_normalised lo"] <= tab["kept_normalised"] + 1e-9).all() and (tab.random_draws == N_RANDOM).all()
     assert (p.overlap.lo <= p.overlap.value + 1e-9).all() and (p.overlap.value <= p.overlap.hi + 1e-9).all()
     assert {"path_induction", "path_jaccard_induction_greater_than"} <= set(r.summary())
@@ -219,7 +219,8 @@ def test_the_circuits_scan_path_patches_each_task_at_2_and_5_percent(tiny_llama,
         h, a = HeadId.parse(row.head), np.asarray(r.roles_scores[row.role])
         assert row.role_score == pytest.approx(a[h.layer, h.head]) and row.role_rank == (a > row.role_score).sum() + 1
     back = CircuitsResult.load(tmp_path)
-    assert back.paths.table().equals(p.table()) and back.stage_roles().equals(roles) and back.plot("paths", task="induction").data
+    assert back.paths.table().equals(p.table()) and back.stage_roles().equals(roles)
+    assert back.plot("paths", task="induction").data
     unit = tmp_path / "units" / "paths"
     stamps = {f.name: f.stat().st_mtime_ns for f in unit.iterdir()}
     run(CIRCUITS, tiny_llama, cfg, store=tmp_path, progress=False)
@@ -230,3 +231,33 @@ def test_fused_qkv_families_get_the_logits_stage_only(tiny_gpt2):
     from analyses.circuits.paths import stages_for
 
     assert [s.name for s in stages_for(tiny_gpt2, "ioi")] == ["name_movers"]
+
+
+def test_the_shipped_path_patching_run_opens_with_its_intervals():
+    """data/circuits/smollm2-135m (the README's run): >= 3 tasks, >= 8 prompt pairs, both fracs, each circuit's
+    faithfulness with an interval and 10 random draws, the overlap with both denominators and the null."""
+    from analyses import registry
+    from analyses.circuits.paths import FRACS, N_RANDOM
+    from analyses.data import data_dir
+
+    res = registry.load_result(data_dir() / "circuits" / "smollm2-135m")
+    p = res.paths
+    assert res.model_id == "smollm2-135m" and len(p.circuits) >= 3 and {"ioi", "induction"} <= set(p.circuits)
+    tab = p.table()
+    assert (tab.n_prompts >= 8).all() and set(tab.frac) == set(FRACS) and (tab.random_draws == N_RANDOM).all()
+    assert (tab["kept_normalised lo"] <= tab["kept_normalised"]).all()
+    assert (tab["kept_normalised"] <= tab["kept_normalised hi"]).all()
+    assert set(p.overlap.metric) == {"jaccard", "overlap_coefficient"} and p.overlap.null_mean.notna().all()
+    ioi = p.circuits["ioi"][0.02]
+    assert [s.name for s in ioi.stages] == ["name_movers", "s_inhibition", "induction_duplicate", "previous_token"]
+    assert all(len(s.selected) == 5 for s in ioi.stages)            # 2% of 270 heads per stage
+    assert set(res.stage_roles().stage) >= {"name_movers", "s_inhibition", "previous_token"}
+    stats = res.summary()
+    assert all(stats[f"path_{t}"].ci is not None and stats[f"path_{t}"].n >= 8 for t in p.circuits)
+    import pandas as pd                                     # the CSV copies beside it are the result's frames
+
+    folder = data_dir() / "circuits" / "smollm2-135m"
+    keys = ["task", "stage", "head", "role", "role_rank"]
+    assert pd.read_csv(folder / "stage_roles.csv")[keys].equals(res.stage_roles()[keys])
+    assert pd.read_csv(folder / "paths_circuits.csv")["circuit"].tolist() == tab["circuit"].tolist()
+    assert pd.read_csv(folder / "paths_overlap.csv")["value"].round(9).tolist() == p.overlap["value"].round(9).tolist()
