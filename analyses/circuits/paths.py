@@ -70,7 +70,7 @@ def circuit_faithfulness(model, task, circuit, means, ld_clean, seed: int = 0, d
     """The circuit's faithfulness (per-prompt LDs, bootstrap intervals) next to ``draws`` random head sets in
     the same layers (seeds ``seed .. seed + draws - 1``), and the paired difference circuit - random."""
     f = P.faithfulness(model, task, circuit, means, ld_clean)
-    none = torch.tensor(f["per_prompt"]["ld_all_ablated"])
+    none = torch.tensor(f["per_prompt"]["ld_all_ablated"], device="cpu")          # run_ld returns host LDs
     sets = [random_heads_like(circuit, model.n_heads, seed + d, n_layers=model.n_layers) for d in range(draws)]
     ctrl = [P.faithfulness(model, task, hs, means, ld_clean, none) | {"heads": [str(h) for h in hs]} for hs in sets]
     mean = {k: float(np.mean([c[k] for c in ctrl])) for k in ("kept_normalised", "removed", "kept")}
