@@ -261,3 +261,5 @@ def test_the_shipped_path_patching_run_opens_with_its_intervals():
     assert pd.read_csv(folder / "stage_roles.csv")[keys].equals(res.stage_roles()[keys])
     assert pd.read_csv(folder / "paths_circuits.csv")["circuit"].tolist() == tab["circuit"].tolist()
     assert pd.read_csv(folder / "paths_overlap.csv")["value"].round(9).tolist() == p.overlap["value"].round(9).tolist()
+    assert res.repair is not None and not p.works("colored_objects")     # flagged: the model fails the task
+    assert pd.read_csv(folder / "repair.csv")["heads"].fillna("").tolist() == res.repair.table()["heads"].tolist()
