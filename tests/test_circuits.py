@@ -132,6 +132,33 @@ def test_faithfulness_full_and_empty_circuit(tiny_llama):
     assert empty["ld_all_ablated"] == pytest.approx(f["ld_all_ablated"], abs=1e-5)
 
 
+def test_faithfulness_ratios_and_intervals_by_hand():
+    per = {"ld_clean": [2.0, 4.0], "ld_all_ablated": [0.0, 0.0], "ld_circuit_only": [1.0, 3.0],
+           "ld_circuit_ablated": [1.0, 1.0]}
+    r = P.faithfulness_ratios(per)                       # ratios of means: 2/3, (2 - 0)/(3 - 0), 1 - 1/3
+    assert r == pytest.approx({"kept": 2 / 3, "kept_normalised": 2 / 3, "removed": 2 / 3})
+    assert P.faithfulness_ratios(per, [1, 1]) == pytest.approx({"kept": 0.75, "kept_normalised": 0.75, "removed": 0.75})
+    flat = {"ld_clean": [2.0, 4.0, 6.0], "ld_all_ablated": [0.0] * 3, "ld_circuit_only": [1.0, 2.0, 3.0],
+            "ld_circuit_ablated": [2.0, 2.0, 8.0]}        # every prompt keeps half: the interval is the point
+    ci = P.faithfulness_ci({"per_prompt": flat}, n_boot=200)
+    assert ci["kept_normalised"] == pytest.approx([0.5, 0.5])
+    lo, hi = ci["removed"]
+    assert lo < P.faithfulness_ratios(flat)["removed"] < hi   # removed varies by prompt (1 - 12/12 ... )
+
+
+def test_faithfulness_versus_random_draws_by_hand():
+    from analyses.circuits.paths import versus_random
+
+    def per(keep):                                        # kept_normalised = keep on every prompt
+        return {"per_prompt": {"ld_clean": [2.0, 4.0], "ld_all_ablated": [0.0, 0.0],
+                               "ld_circuit_only": [2 * keep, 4 * keep], "ld_circuit_ablated": [1.0, 1.0]}}
+
+    v = versus_random(per(0.5), [per(0.1), per(0.3)], "kept_normalised", n_boot=400)
+    # the draws' resampled mean is 0.1, 0.2 or 0.3 (1/4, 1/2, 1/4): the difference 0.4, 0.3 or 0.2
+    assert v["estimate"] == pytest.approx(0.3) and v["n"] == 2 and v["n_draws"] == 2
+    assert v["lo"] == pytest.approx(0.2) and v["hi"] == pytest.approx(0.4)
+
+
 def test_overlap_metrics_known_sets():
     a, b = {HeadId(0, 0), HeadId(0, 1), HeadId(1, 2)}, {HeadId(0, 1), HeadId(1, 2), HeadId(2, 0), HeadId(2, 1)}
     assert jaccard(a, b) == pytest.approx(2 / 5)
@@ -220,3 +247,22 @@ def test_word_tasks_on_a_byte_tokenizer_give_a_typed_error(tiny_llama, task):
 
     with pytest.raises(InputError, match="single-token"):
         make_task(tiny_llama, task, 2, 0)
+
+
+def test_the_s2_attention_role_is_measured_whenever_ioi_is_scanned(tiny_llama):
+    """The S-inhibition class's role score (attention to S2) is planned with IOI alone, not only for the repair."""
+    from analyses.circuits.run import plan_roles
+
+    ids = lambda tasks: [u.id for u in plan_roles(tiny_llama, CircuitsConfig(tasks=tasks), {})]  # noqa: E731
+    assert "inhibition-ioi" in ids(("ioi", "induction")) and "inhibition-ioi" not in ids(("induction", "greater_than"))
+
+
+def test_random_control_heads_stay_inside_the_model_when_the_last_layer_is_full():
+    """A circuit holding every head of the last layer: the control falls back to other layers, never layer L."""
+    from analyses.circuits.roles import random_heads_like
+
+    full = [HeadId(29, h) for h in range(9)] + [HeadId(3, 1)]
+    for seed in range(5):
+        ctrl = random_heads_like(full, 9, seed, n_layers=30)
+        assert len(ctrl) == len(full) and not set(ctrl) & set(full)
+        assert max(h.layer for h in ctrl) < 30 and HeadId(3, 1) not in ctrl

@@ -123,6 +123,24 @@ def test_eap_shortlist_then_path_patching_confirms(planted, tmp_path):
     assert back.circuit == one.circuit and np.allclose(back.stage("induction").scores, one.stage("induction").scores)
 
 
+def test_the_same_paths_are_patched_once_across_fracs(planted, monkeypatch):
+    import analyses.circuits.path_patching as PP
+
+    model, task = planted
+    calls = []
+    real = PP.path_patch
+    monkeypatch.setattr(PP, "path_patch", lambda *a, **k: calls.append((a[4], tuple(a[3] or ()), tuple(a[2])))
+                        or real(*a, **k))
+    cache: dict = {}
+    res = circuits_at(model, task, INDUCTION_STAGES, fracs=(1 / 8, 2 / 8), shortlist=None, cache=cache)
+    assert len(calls) == len(set(calls)) == len(cache["paths"]) == 3   # the logits stage once, two k stages
+    one, two = res[1 / 8].stage("induction"), res[2 / 8].stage("induction")
+    assert np.array_equal(one.ld_patched, two.ld_patched) and one.selected != two.selected
+    fresh = path_patching_circuit(model, task, INDUCTION_STAGES, frac=2 / 8, shortlist=None)
+    assert fresh.circuit == res[2 / 8].circuit
+    assert np.allclose(fresh.stage("previous_token").scores, res[2 / 8].stage("previous_token").scores)
+
+
 def test_queries_and_values_channels_and_bad_stages(planted):
     model, task = planted
     zc, zr = P.record_z(model, task.clean), P.record_z(model, task.corrupt)
@@ -163,7 +181,7 @@ def test_the_circuits_scan_path_patches_each_task_at_2_and_5_percent(tiny_llama,
     """The scan's ``paths`` stage: EAP-IG shortlist -> path patching, both fracs, faithfulness vs random
     heads, pairwise overlap with both denominators, saved and reloaded, resumed without recomputing."""
     from analyses.circuits import CIRCUITS, CircuitsConfig, CircuitsResult
-    from analyses.circuits.paths import FRACS, TASK_STAGES
+    from analyses.circuits.paths import FRACS, N_RANDOM, TASK_STAGES
     from analyses.runner import run
 
     cfg = CircuitsConfig(tasks=("induction", "greater_than"), n=3, ig_steps=1, n_boot=10, shortlist=4)
@@ -178,13 +196,31 @@ def test_the_circuits_scan_path_patches_each_task_at_2_and_5_percent(tiny_llama,
         assert list(first.candidates) == best                  # stage 1 path patches the EAP-IG shortlist
         assert all(len(s.selected) <= 1 for s in by[0.02].stages)    # 2% of 8 heads: one per stage
         fa = p.faithfulness[task]["0.02"]
-        assert {"kept_normalised", "removed", "random_control"} <= set(fa)
-        assert not set(fa["control_heads"]) & {str(h) for h in by[0.02].circuit}
+        assert {"kept_normalised", "removed", "random_control", "ci", "vs_random"} <= set(fa)
+        draws = fa["random_control"]["draws"]
+        assert len(draws) == N_RANDOM and fa["vs_random"]["kept_normalised"]["n_draws"] == N_RANDOM
+        assert all(not set(d["heads"]) & {str(h) for h in by[0.02].circuit} for d in draws)
+        assert fa["random_control"]["kept_normalised"] == pytest.approx(np.mean([d["kept_normalised"] for d in draws]))
+        vs = fa["vs_random"]["kept_normalised"]
+        assert vs["estimate"] == pytest.approx(fa["kept_normalised"] - fa["random_control"]["kept_normalised"])
+        assert vs["lo"] <= vs["estimate"] <= vs["hi"] and vs["n"] == 3
+        lo, hi = fa["ci"]["kept_normalised"]
+        assert lo <= fa["kept_normalised"] <= hi
     assert set(p.overlap.metric) == {"jaccard", "overlap_coefficient"} and set(p.overlap.frac) == set(FRACS)
+    tab = p.table()
+    assert {"kept_normalised lo", "kept_normalised hi", "kept_normalised - random lo", "random_draws"} <= set(tab)
+    assert (tab["kept_normalised lo"] <= tab["kept_normalised"] + 1e-9).all() and (tab.random_draws == N_RANDOM).all()
     assert (p.overlap.lo <= p.overlap.value + 1e-9).all() and (p.overlap.value <= p.overlap.hi + 1e-9).all()
     assert {"path_induction", "path_jaccard_induction_greater_than"} <= set(r.summary())
+    roles = r.stage_roles()                                 # the induction task's stages -> their classes' scores
+    ind = roles[roles.task == "induction"]
+    assert set(ind.role) == {"induction", "previous_token"} and set(roles.task) == {"induction"}
+    for row in ind.itertuples():
+        h, a = HeadId.parse(row.head), np.asarray(r.roles_scores[row.role])
+        assert row.role_score == pytest.approx(a[h.layer, h.head]) and row.role_rank == (a > row.role_score).sum() + 1
     back = CircuitsResult.load(tmp_path)
-    assert back.paths.table().equals(p.table()) and back.plot("paths", task="induction").data
+    assert back.paths.table().equals(p.table()) and back.stage_roles().equals(roles)
+    assert back.plot("paths", task="induction").data
     unit = tmp_path / "units" / "paths"
     stamps = {f.name: f.stat().st_mtime_ns for f in unit.iterdir()}
     run(CIRCUITS, tiny_llama, cfg, store=tmp_path, progress=False)
@@ -195,3 +231,35 @@ def test_fused_qkv_families_get_the_logits_stage_only(tiny_gpt2):
     from analyses.circuits.paths import stages_for
 
     assert [s.name for s in stages_for(tiny_gpt2, "ioi")] == ["name_movers"]
+
+
+def test_the_shipped_path_patching_run_opens_with_its_intervals():
+    """data/circuits/smollm2-135m (the README's run): >= 3 tasks, >= 8 prompt pairs, both fracs, each circuit's
+    faithfulness with an interval and 10 random draws, the overlap with both denominators and the null."""
+    from analyses import registry
+    from analyses.circuits.paths import FRACS, N_RANDOM
+    from analyses.data import data_dir
+
+    res = registry.load_result(data_dir() / "circuits" / "smollm2-135m")
+    p = res.paths
+    assert res.model_id == "smollm2-135m" and len(p.circuits) >= 3 and {"ioi", "induction"} <= set(p.circuits)
+    tab = p.table()
+    assert (tab.n_prompts >= 8).all() and set(tab.frac) == set(FRACS) and (tab.random_draws == N_RANDOM).all()
+    assert (tab["kept_normalised lo"] <= tab["kept_normalised"]).all()
+    assert (tab["kept_normalised"] <= tab["kept_normalised hi"]).all()
+    assert set(p.overlap.metric) == {"jaccard", "overlap_coefficient"} and p.overlap.null_mean.notna().all()
+    ioi = p.circuits["ioi"][0.02]
+    assert [s.name for s in ioi.stages] == ["name_movers", "s_inhibition", "induction_duplicate", "previous_token"]
+    assert all(len(s.selected) == 5 for s in ioi.stages)            # 2% of 270 heads per stage
+    assert set(res.stage_roles().stage) >= {"name_movers", "s_inhibition", "previous_token"}
+    stats = res.summary()
+    assert all(stats[f"path_{t}"].ci is not None and stats[f"path_{t}"].n >= 8 for t in p.circuits)
+    import pandas as pd                                     # the CSV copies beside it are the result's frames
+
+    folder = data_dir() / "circuits" / "smollm2-135m"
+    keys = ["task", "stage", "head", "role", "role_rank"]
+    assert pd.read_csv(folder / "stage_roles.csv")[keys].equals(res.stage_roles()[keys])
+    assert pd.read_csv(folder / "paths_circuits.csv")["circuit"].tolist() == tab["circuit"].tolist()
+    assert pd.read_csv(folder / "paths_overlap.csv")["value"].round(9).tolist() == p.overlap["value"].round(9).tolist()
+    assert res.repair is not None and not p.works("colored_objects")     # flagged: the model fails the task
+    assert pd.read_csv(folder / "repair.csv")["heads"].fillna("").tolist() == res.repair.table()["heads"].tolist()

@@ -21,6 +21,7 @@ All per-prompt values are kept ([N, L, H]) so scores can be bootstrapped over pr
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from probe import InterventionSpec, MeanAblate, families, intervene, tap
@@ -220,21 +221,43 @@ def ablate_spec(means: torch.Tensor, heads) -> InterventionSpec:
     return InterventionSpec([MeanAblate(heads=heads, values=[means[h.layer, :, h.head] for h in heads])])
 
 
-def faithfulness(model, task: TaskBatch, circuit, means: torch.Tensor, ld_clean: torch.Tensor) -> dict:
+def faithfulness(model, task: TaskBatch, circuit, means: torch.Tensor, ld_clean: torch.Tensor,
+                 ld_none: torch.Tensor | None = None) -> dict:
     """Circuit alone (all other heads mean-ablated) keeps what fraction of LD; ablating it removes what.
 
     ``kept = LD_circuit_only / LD_clean``; ``kept_normalised`` subtracts the all-ablated baseline:
-    ``(LD_circuit_only - LD_none) / (LD_clean - LD_none)``; ``removed = 1 - LD_circuit_ablated / LD_clean``.
+    ``(LD_circuit_only - LD_none) / (LD_clean - LD_none)``; ``removed = 1 - LD_circuit_ablated / LD_clean``
+    (ratios of means over prompts). ``per_prompt`` keeps every prompt's LDs, so intervals
+    (:func:`faithfulness_ci`) and paired comparisons with a control resample the same prompts.
+    ``ld_none``: the all-ablated LDs when already known (they do not depend on the circuit).
     """
     circuit = set(circuit)
     everyone = [HeadId(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
     rest = [h for h in everyone if h not in circuit]
-    clean = float(ld_clean.mean())
-    only = float(run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, rest)).mean())
-    none = float(run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, everyone)).mean())
-    ablated = float(run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, sorted(circuit))).mean())
-    denom = clean - none
-    return {"ld_clean": clean, "ld_circuit_only": only, "ld_all_ablated": none, "ld_circuit_ablated": ablated,
-            "kept": only / clean if clean else float("nan"),
-            "kept_normalised": (only - none) / denom if denom else float("nan"),
-            "removed": 1 - ablated / clean if clean else float("nan")}
+    only = run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, rest))
+    none = run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, everyone)) if ld_none is None \
+        else ld_none
+    ablated = run_ld(model, task.clean, task.good, task.bad, spec=ablate_spec(means, sorted(circuit)))
+    per = {"ld_clean": ld_clean, "ld_circuit_only": only, "ld_all_ablated": none, "ld_circuit_ablated": ablated}
+    per = {k: [float(x) for x in v.cpu().tolist()] for k, v in per.items()}
+    return {k: float(np.mean(v)) for k, v in per.items()} | faithfulness_ratios(per) | {"n": len(per["ld_clean"]),
+                                                                                       "per_prompt": per}
+
+
+def faithfulness_ratios(per: dict, idx=None) -> dict:
+    """``kept``, ``kept_normalised`` and ``removed`` from per-prompt LDs (optionally the prompts ``idx``)."""
+    m = {k: float(np.mean(np.asarray(v, np.float64)[slice(None) if idx is None else idx])) for k, v in per.items()}
+    clean, none, only, ablated = m["ld_clean"], m["ld_all_ablated"], m["ld_circuit_only"], m["ld_circuit_ablated"]
+    nan = float("nan")
+    return {"kept": only / clean if clean else nan,
+            "kept_normalised": (only - none) / (clean - none) if clean != none else nan,
+            "removed": 1 - ablated / clean if clean else nan}
+
+
+def faithfulness_ci(f: dict, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Percentile bootstrap intervals over prompts of ``kept_normalised`` and ``removed`` (of :func:`faithfulness`)."""
+    from ..inference import bootstrap
+
+    per = f["per_prompt"]
+    return {key: list(bootstrap(lambda i, key=key: faithfulness_ratios(per, i)[key], len(per["ld_clean"]),
+                                n_boot=n_boot, seed=seed)) for key in ("kept_normalised", "removed")}

@@ -302,7 +302,8 @@ def path_patching_circuit(model, task: TaskBatch, stages=IOI_STAGES, *, frac: fl
     ``shortlist``: path patch only the ``shortlist`` senders ranked highest by |``method``| (``"eap"``,
     ``"eap_ig"``, or ``"exact"`` activation patching); ``None`` patches every eligible sender.
     ``cache``: a dict reused across calls on the same task (recorded activations, LDs, shortlist
-    scores), e.g. to report the 2% and the 5% circuits without recomputing them.
+    scores, and every stage's patched LDs by (channel, receivers, senders)), e.g. to report the 2% and
+    the 5% circuits without patching the same paths twice.
     """
     if not 0 < frac <= 1:
         raise InputError(f"frac must be in (0, 1], not {frac}: the paper keeps ~0.02 of heads per stage")
@@ -317,8 +318,11 @@ def path_patching_circuit(model, task: TaskBatch, stages=IOI_STAGES, *, frac: fl
     for s in stages:
         recv = list(done[s.receivers].selected) if s.receivers else []
         cands = _candidates(model, recv, taken, c.get("rank"), shortlist)
-        ld = path_patch(model, task, cands, recv or None, s.channel, c["z_clean"], c["z_corr"]) if cands \
-            else torch.zeros(task.n, 0, device="cpu")
+        key = (s.channel, tuple(recv), tuple(cands))          # the same paths at another frac: patched once
+        if key not in c.setdefault("paths", {}):
+            c["paths"][key] = path_patch(model, task, cands, recv or None, s.channel, c["z_clean"], c["z_corr"]) \
+                if cands else torch.zeros(task.n, 0, device="cpu")
+        ld = c["paths"][key]
         clean, corr = c["ld_clean"].mean(), c["ld_corr"].mean()
         scores = ((ld.mean(0) - clean) / (corr - clean)).numpy().astype(np.float64)
         order = np.argsort(-np.abs(scores), kind="stable")[:k]

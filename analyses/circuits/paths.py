@@ -19,16 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from probe import families
 from probe.atomic import read_json, write_json
 
+from ..inference import _quantiles
 from . import patching as P
 from .path_patching import INDUCTION_STAGES, IOI_STAGES, PathPatchingResult, Stage, circuits_at, path_overlap
 from .roles import random_heads_like
 from .tasks import make_task
 
 FRACS = (0.02, 0.05)          # the paper's ~2% per stage and the single-stage scan's 5%
+N_RANDOM = 10                 # random head sets per circuit (the control; 10 are needed to call a gain)
 WORKS = 0.7                   # pair accuracy a task needs before its circuit is read as the task's
 TASK_STAGES = {
     "ioi": IOI_STAGES,
@@ -56,15 +59,41 @@ def run_paths(model, task_result, n: int, seed: int, shortlist: int, ig_steps: i
     stages = stages_for(model, name)
     res = circuits_at(model, task, stages, FRACS, shortlist=shortlist, ig_steps=ig_steps, cache=cache)
     means = P.mean_values(cache["z_clean"])
-    faith = {}
-    for f, r in res.items():
-        ctrl = random_heads_like(r.circuit, model.n_heads, seed)
-        faith[str(f)] = P.faithfulness(model, task, r.circuit, means, cache["ld_clean"]) | {
-            "random_control": P.faithfulness(model, task, ctrl, means, cache["ld_clean"]),
-            "control_heads": [str(h) for h in ctrl]}
+    faith = {str(f): circuit_faithfulness(model, task, r.circuit, means, cache["ld_clean"], seed)
+             for f, r in res.items()}
     skipped = [s.name for s in TASK_STAGES.get(name, ())[len(stages):]]
     return {"task": name, "results": {str(f): r.to_dict() for f, r in res.items()}, "faithfulness": faith,
             "skipped_stages": skipped, "shortlist": shortlist, "pair_accuracy": task_result.accuracy["pair_accuracy"]}
+
+
+def circuit_faithfulness(model, task, circuit, means, ld_clean, seed: int = 0, draws: int = N_RANDOM) -> dict:
+    """The circuit's faithfulness (per-prompt LDs, bootstrap intervals) next to ``draws`` random head sets in
+    the same layers (seeds ``seed .. seed + draws - 1``), and the paired difference circuit - random."""
+    f = P.faithfulness(model, task, circuit, means, ld_clean)
+    none = torch.tensor(f["per_prompt"]["ld_all_ablated"], device="cpu")          # run_ld returns host LDs
+    sets = [random_heads_like(circuit, model.n_heads, seed + d, n_layers=model.n_layers) for d in range(draws)]
+    ctrl = [P.faithfulness(model, task, hs, means, ld_clean, none) | {"heads": [str(h) for h in hs]} for hs in sets]
+    mean = {k: float(np.mean([c[k] for c in ctrl])) for k in ("kept_normalised", "removed", "kept")}
+    return f | {"ci": P.faithfulness_ci(f, seed=seed),
+                "random_control": mean | {"n_draws": draws, "draws": ctrl},
+                "vs_random": {k: versus_random(f, ctrl, k, seed=seed) for k in ("kept_normalised", "removed")}}
+
+
+def versus_random(f: dict, controls: list[dict], key: str, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """``key`` of the circuit minus the mean over random draws, with a two-level bootstrap (prompts resampled
+    together for circuit and controls, draws resampled): ``{estimate, lo, hi, n (prompts), n_draws}``."""
+    rng, n = np.random.default_rng(seed), len(f["per_prompt"]["ld_clean"])
+    stat = lambda idx, ds: P.faithfulness_ratios(f["per_prompt"], idx)[key] - float(np.mean(  # noqa: E731
+        [P.faithfulness_ratios(controls[d]["per_prompt"], idx)[key] for d in ds]))
+    vals = [stat(rng.integers(0, n, n), rng.integers(0, len(controls), len(controls))) for _ in range(n_boot)]
+    lo, hi = _quantiles(vals, 0.95)
+    return {"estimate": stat(np.arange(n), range(len(controls))), "lo": lo, "hi": hi, "n": n,
+            "n_draws": len(controls)}
+
+
+def _with_ci(key: str, fa: dict, ci: dict) -> dict:
+    lo, hi = ci.get(key, (float("nan"), float("nan")))
+    return {key: fa[key], f"{key} lo": lo, f"{key} hi": hi}
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,12 +132,16 @@ class PathCircuits:
         for t, by in self.circuits.items():
             for f, r in by.items():
                 fa = self.faithfulness[t][str(f)]
+                ci, vs = fa.get("ci", {}), fa.get("vs_random", {})
                 rows.append({"task": t, "frac": f, "task_works": self.works(t), "size": len(r.circuit),
                              "circuit": ", ".join(map(str, r.circuit)),
                              **{f"stage {s.name}": ", ".join(map(str, s.selected)) for s in r.stages},
-                             "kept_normalised": fa["kept_normalised"], "removed": fa["removed"],
+                             **_with_ci("kept_normalised", fa, ci), **_with_ci("removed", fa, ci),
                              "random_kept_normalised": fa["random_control"]["kept_normalised"],
                              "random_removed": fa["random_control"]["removed"],
+                             "random_draws": fa["random_control"].get("n_draws", 1),
+                             **{f"{k} - random{e}": vs[k][x] for k in vs for e, x in (("", "estimate"), (" lo", "lo"),
+                                                                                       (" hi", "hi"))},
                              "n_prompts": int(len(r.ld_clean))})
         return pd.DataFrame(rows)
 

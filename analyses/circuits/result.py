@@ -30,6 +30,13 @@ from .paths import WORKS, PathCircuits
 METHODS_NOTE = "Method, formulas and controls: docs/methods.md §3 (Merullo et al. 2024; path patching: Wang et al. 2022)."
 
 METHODS = ("exact", "eap", "eap_ig")
+STAGE_ROLES = {   # (task, path-patching stage) -> the role scores (roles stage) of the class it stands for
+    ("ioi", "name_movers"): ("mover_{task}",), ("ioi", "s_inhibition"): ("inhibition_s2_ioi",),
+    ("ioi", "induction_duplicate"): ("induction", "duplicate_token"), ("ioi", "previous_token"): ("previous_token",),
+    ("colored_objects", "name_movers"): ("mover_{task}",),
+    ("colored_objects", "induction_duplicate"): ("induction", "duplicate_token"),
+    ("colored_objects", "previous_token"): ("previous_token",),
+    ("induction", "induction"): ("induction",), ("induction", "previous_token"): ("previous_token",)}
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -234,6 +241,31 @@ class CircuitsResult(Result):
                             | {role: float(np.asarray(a)[h.layer, h.head]) for role, a in self.roles_scores.items()})
         return pd.DataFrame(rows)
 
+    def stage_roles(self) -> pd.DataFrame:
+        """Each path-patched stage's kept heads with the role score of the class the stage stands for
+        (:data:`STAGE_ROLES`: e.g. IOI's previous-token stage -> the previous-token score) and that score's
+        rank among all heads (1 = the model's strongest head of that role); one row per task, frac,
+        stage, head and role."""
+        rows = []
+        if self.paths is None:
+            return pd.DataFrame(rows)
+        for t, by in self.paths.circuits.items():
+            for f, r in by.items():
+                for s in r.stages:
+                    score = dict(zip(s.candidates, s.scores))
+                    for role in STAGE_ROLES.get((t, s.name), ()):
+                        a = self.roles_scores.get(role.replace("{task}", t))
+                        if a is None:
+                            continue
+                        a = np.asarray(a, dtype=float)
+                        for h in s.selected:
+                            v = a[h.layer, h.head]
+                            rows.append({"task": t, "frac": f, "stage": s.name, "head": str(h),
+                                         "path_score": float(score[h]), "role": role.replace("{task}", t),
+                                         "role_score": float(v), "role_rank": int((a > v).sum()) + 1,
+                                         "n_heads": int(a.size)})
+        return pd.DataFrame(rows)
+
     def task_table(self) -> pd.DataFrame:
         """Per task: accuracy, faithfulness of the circuit and agreement of EAP / EAP-IG with exact patching."""
         rows = []
@@ -270,7 +302,9 @@ class CircuitsResult(Result):
             Figure("paths", choices={"task": tuple(self.paths.circuits), "frac": (0.02, 0.05)}),
             Table("path-patched circuits (top 2% and 5% per stage), faithfulness vs random heads", self.paths.table()),
             Table("path-patched overlap: both denominators, bootstrap over prompts, random-set null",
-                  self.paths.overlap))),)
+                  self.paths.overlap),
+            Table("kept heads and the role score of their stage's class (rank 1 = the strongest of all heads)",
+                  self.stage_roles()))),)
         return [Section("", (Note(METHODS_NOTE),)), *paths,
                 Section("", (Figure("overlap", choices={"metric": ("jaccard", "overlap_coefficient")}),
                              Table("overlap: value, 95% bootstrap interval over prompts, random-head null", self.overlap)),
@@ -316,9 +350,13 @@ def path_stats(paths: PathCircuits) -> dict[str, Stat]:
     for t, by in paths.circuits.items():
         fa, r = paths.faithfulness[t]["0.02"], by[0.02]
         flag = "" if paths.works(t) else f" (task fails: accuracy {paths.accuracy[t]:.2f} < {WORKS})"
+        rc, vs = fa["random_control"], fa.get("vs_random", {}).get("kept_normalised")
+        beyond = "" if vs is None else (f", circuit - random {vs['estimate']:+.2f} [{vs['lo']:+.2f}, "
+                                        f"{vs['hi']:+.2f}] over {vs['n_draws']} draws")
+        ci = fa.get("ci", {}).get("kept_normalised")
         out[f"path_{t}"] = Stat(f"{t}: path-patched 2% circuit ({len(r.circuit)} heads) keeps{flag}; random heads "
-                                f"{fa['random_control']['kept_normalised']:.2f}", fa["kept_normalised"],
-                                n=int(len(r.ld_clean)), fmt=".2f")
+                                f"{rc['kept_normalised']:.2f}{beyond}", fa["kept_normalised"],
+                                n=int(len(r.ld_clean)), ci=None if ci is None else tuple(ci), fmt=".2f")
     d = paths.overlap[(paths.overlap.frac == 0.02)]
     for r in d.itertuples():
         flag = "" if r.both_work else "; a task fails"

@@ -99,17 +99,18 @@ def steer_accuracy(model, task: TaskBatch, heads, alpha: float) -> dict:
     return {"pair_accuracy": n_pair / task.n, "top1_accuracy": n_top / task.n, "mean_ld": sum(lds) / task.n}
 
 
-def random_heads_like(heads, n_heads: int, seed: int = 0, exclude=()) -> list[HeadId]:
-    """Random heads in the same layers as ``heads`` (a control); any other head when a layer is full."""
+def random_heads_like(heads, n_heads: int, seed: int = 0, exclude=(), n_layers: int | None = None) -> list[HeadId]:
+    """Random heads in the same layers as ``heads`` (a control); when a layer is full, any other head in
+    layers up to one above the highest (never beyond ``n_layers``, the model's layer count)."""
     rng = np.random.default_rng(seed)
     taken = set(heads) | set(exclude)
     out: set[HeadId] = set()
     layers = {h.layer for h in heads}
+    top = max(layers, default=-1) + 2 if n_layers is None else min(n_layers, max(layers, default=-1) + 2)
     for h in heads:
         choices = [HeadId(h.layer, j) for j in range(n_heads) if HeadId(h.layer, j) not in taken | out]
         if not choices:
-            choices = [HeadId(l, j) for l in range(max(layers) + 2) for j in range(n_heads)
-                       if HeadId(l, j) not in taken | out]
+            choices = [HeadId(l, j) for l in range(top) for j in range(n_heads) if HeadId(l, j) not in taken | out]
         out.add(choices[int(rng.integers(len(choices)))])
     return sorted(out)
 
@@ -119,7 +120,7 @@ def intervention(model, heads: list[HeadId], calib: TaskBatch, held_out: TaskBat
     """Pick ``alpha`` for ``heads`` on ``calib``; held-out accuracy before/after and with random heads (control)."""
     calib_acc = {a: steer_accuracy(model, calib, heads, a)["mean_ld"] for a in alphas}
     alpha = max(calib_acc, key=calib_acc.get)
-    control = random_heads_like(heads, model.n_heads, seed)
+    control = random_heads_like(heads, model.n_heads, seed, n_layers=model.n_layers)
     return {"heads": [str(h) for h in heads], "alpha": alpha, "calib_mean_ld": {str(a): v for a, v in calib_acc.items()},
             "before": steer_accuracy(model, held_out, [], 0.0), "after": steer_accuracy(model, held_out, heads, alpha),
             "control_heads": [str(h) for h in control], "control": steer_accuracy(model, held_out, control, alpha)}

@@ -84,7 +84,8 @@ def run_task(model, name: str, n: int = 32, seed: int = 0, ig_steps: int = 5, fr
     circuit = select_circuit(effects["exact"].mean(0) / (ldr.mean() - ldc.mean()), frac)
     means = P.mean_values(z_clean)
     faith = P.faithfulness(model, task, circuit, means, ld_clean)
-    faith["random_control"] = P.faithfulness(model, task, random_heads_like(circuit, model.n_heads, seed), means,
+    control = random_heads_like(circuit, model.n_heads, seed, n_layers=model.n_layers)
+    faith["random_control"] = P.faithfulness(model, task, control, means,
                                              ld_clean)
     acc["mean_ld_corrupt"] = float(ldr.mean())
     rule = {"rule": "top fraction of heads by |normalised exact patching score|", "frac": frac,
@@ -141,7 +142,7 @@ def plan_roles(model, cfg: CircuitsConfig, state: dict) -> list[Unit]:
     units = [Unit("repeated", {"kind": "repeated"})]
     units += [Unit(f"mover-{t}", {"kind": "mover", "task": t, "key": "answer", "n": min(cfg.n, 16)})
               for t in cfg.tasks if t != "greater_than"]
-    if _repairable(cfg):
+    if "ioi" in cfg.tasks:                             # the S-inhibition class's attention (and the repair's pick)
         units.append(Unit("inhibition-ioi", {"kind": "mover", "task": "ioi", "key": "s2", "n": 16}))
     return units
 

@@ -73,6 +73,23 @@ res.to_frame().head()
 # %%
 res.paths.table()
 # %% [md]
+# ## The validation run, as shipped
+# `data/circuits/smollm2-135m/` holds the README's path-patching run of the embedded model
+# (command, time and load in `data/circuits/README.md`): per task and stage the kept heads at 2% and 5%,
+# faithfulness with its bootstrap interval and the difference to 10 random head sets
+# (`kept_normalised - random`), the overlap with both denominators and the random null, and each
+# stage's heads next to the role score of the class the stage stands for (rank 1 = the strongest head).
+# %%
+from analyses import registry
+from analyses.data import data_dir
+
+shipped = registry.load_result(data_dir() / "circuits" / "smollm2-135m")
+shipped.paths.table()
+# %%
+shipped.paths.overlap
+# %%
+shipped.stage_roles()
+# %% [md]
 # ## Save and load
 # `run` already wrote the files (parquet per task, overlap, roles, JSON summary, figures, units).
 # %%
