@@ -21,8 +21,9 @@ import tempfile
 from pathlib import Path
 
 from probe import load_model
-from analyses import run
+from analyses import registry, run
 from analyses.circuits import CIRCUITS, CircuitsConfig, CircuitsResult
+from analyses.data import data_dir
 
 model = load_model("smollm2-135m")
 out = Path(tempfile.mkdtemp()) / "circuits"
@@ -80,9 +81,6 @@ res.paths.table()
 # (`kept_normalised - random`), the overlap with both denominators and the random null, and each
 # stage's heads next to the role score of the class the stage stands for (rank 1 = the strongest head).
 # %%
-from analyses import registry
-from analyses.data import data_dir
-
 shipped = registry.load_result(data_dir() / "circuits" / "smollm2-135m")
 shipped.paths.table()
 # %%
