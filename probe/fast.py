@@ -193,9 +193,14 @@ def _index_ranges(groups, k_pos: torch.Tensor) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- ACT at inference
 
 def act_supported(query, key, value, call: AttentionCall, plan: LayerPlan) -> bool:
-    """Whether :func:`act_attend` computes this layer's calibrated output exactly (ACT and output edits only)."""
+    """Whether :func:`act_attend` computes this layer's calibrated output exactly (ACT and output edits only).
+
+    Only a causal prefill from position 0 (query ``i`` sees keys ``0..i``): the column sums that find the
+    sinks take the query rows as the key rows. Decode rows run the eager engine.
+    """
     only_act = not (plan.edits_scores or plan.echo) and bool(plan.act)
-    return only_act and supported(query, key, value, call, LayerPlan(zero=plan.zero, mean=plan.mean))
+    prefill = call.diag == 0 and call.n_queries == call.n_keys
+    return only_act and prefill and supported(query, key, value, call, LayerPlan(zero=plan.zero, mean=plan.mean))
 
 
 def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: int = 256,

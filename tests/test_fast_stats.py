@@ -143,6 +143,27 @@ def test_fast_act_equals_the_eager_act(fixture, request, monkeypatch):
     torch.testing.assert_close(got, ref, atol=4e-6 * scale, rtol=1e-5)
 
 
+def test_act_while_decoding_equals_the_eager_act(tiny_llama, monkeypatch):
+    """Decode rows with ACT applied (one query against the KV cache) are not a causal prefill: they run the
+    eager engine, and generation under the calibration equals the all-eager one (a decode row once reached
+    the prefill-only column-sum pass and crashed)."""
+    from probe import InterventionSpec, SinkCalibration, intervene
+
+    m = tiny_llama
+    ids = torch.randint(5, 250, (1, 40), generator=torch.Generator().manual_seed(2))
+    spec = InterventionSpec([SinkCalibration(heads=["L0H0", "L1H2"], beta=0.4, tau=0.02)])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with intervene(m, spec):
+            got = m.hf.generate(ids, **kw)
+        monkeypatch.setattr(fast, "act_supported", lambda *a: False)
+        with intervene(m, spec):
+            ref = m.hf.generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n", [5, 64, 130, 300])
 def test_blockwise_argmax_equals_max_with_ties_and_tails(n):
     """row_argmax (block maxima, then argmax inside the first block holding the max) equals
