@@ -363,3 +363,20 @@ def test_sparsity_and_masking_intervals():
     assert 0 <= t.loc["top", "lo"] <= t.loc["top", "success"] <= t.loc["top", "hi"]
     with pytest.raises(InputError):
         masking_table(pd.DataFrame(rows)[lambda d: d.condition != "top"])
+
+
+def test_the_shipped_run_covers_the_full_context_grid_with_masking_on_every_length():
+    """data/retrieval/smollm2-135m is the README's run: >= 6 lengths up to 8k x >= 5 depths x >= 3 needles
+    (every cell present), masking on every length, and every headline with its n and interval."""
+    from analyses.data import data_path
+
+    r = RetrievalResult.load(data_path("retrieval", "smollm2-135m"))
+    s = r.samples
+    lengths, depths, needles = sorted(s.length.unique()), sorted(s.depth.unique()), sorted(s.needle.unique())
+    assert len(lengths) >= 6 and max(lengths) >= 8000 and len(depths) >= 5 and len(needles) >= 3
+    assert len(s) == len(lengths) * len(depths) * len(needles)                # the whole grid, no cell missing
+    assert sorted(r.masking.length.unique()) == lengths
+    assert set(r.masking.condition) == {"top"} | {f"random{i}" for i in range(3)}
+    summary = r.summary()
+    for key in ("above", "niah_none", "niah_top", "random0_minus_top"):
+        assert summary[key].ci is not None and summary[key].n, key
