@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from probe.compat import last_logits_only
 from probe.errors import InputError
 from probe.heads import HeadId
 from probe.runtime import tap
@@ -56,13 +57,6 @@ class _Rows:
             self.seen += int(keep.sum())
         if self.seen >= self.q1 - self.q0:
             raise _Enough
-
-
-def _last_only(hf) -> dict:
-    """Ask for the last position's logits only, where the model's forward takes ``logits_to_keep``."""
-    import inspect
-
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,7 +142,7 @@ class Explorer:
         obs = _Rows(layer, q0, q1, self.model.n_heads)
         try:
             with tap(self.model, obs), torch.no_grad():
-                self.model.hf(self.ids[:, :q1].to(self.model.device), use_cache=False, **_last_only(self.model.hf))
+                self.model.hf(self.ids[:, :q1].to(self.model.device), use_cache=False, **last_logits_only(self.model.hf))
         except _Enough:
             pass
         return Rows(layer, q0, obs.out.numpy())

@@ -83,6 +83,22 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *, n_boot: int =
     return _quantiles(vals, level)
 
 
+def bootstrap_rows(statistic: Callable[[np.ndarray], np.ndarray], n: int, *, n_boot: int = N_BOOT,
+                   level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """:func:`bootstrap` with every resample at once: ``statistic(idx [n_boot, n]) -> [n_boot]`` values.
+
+    The same resamples as :func:`bootstrap` with the same seed (so the same interval), for a statistic
+    that vectorises over resamples (NaN resamples skipped).
+
+    >>> x = np.arange(10.0)
+    >>> bootstrap_rows(lambda idx: x[idx].mean(1), 10) == bootstrap(lambda idx: x[idx].mean(), 10)
+    True
+    """
+    if n < 1:
+        raise InputError("cannot bootstrap zero items")
+    return _quantiles(statistic(np.random.default_rng(seed).integers(0, n, (n_boot, n))), level)
+
+
 def _mean_boot(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """Bootstrap means of ``x`` ``[n_boot]`` (vectorised in blocks, memory-bounded)."""
     rng, out = np.random.default_rng(seed), []

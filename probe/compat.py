@@ -42,3 +42,13 @@ def output_cache(out):
         if name in out.keys():
             return out[name]
     return None
+
+
+@lru_cache(maxsize=None)
+def _keeps_logits(cls) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def last_logits_only(hf) -> dict:
+    """``{"logits_to_keep": 1}`` where the model's ``forward`` takes it (full logits cost ``T x vocab`` floats)."""
+    return {"logits_to_keep": 1} if _keeps_logits(type(hf)) else {}

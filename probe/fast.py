@@ -47,10 +47,14 @@ def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, call:
             and not (torch.is_grad_enabled() and query.requires_grad))
 
 
+def _prefill(call: AttentionCall) -> bool:
+    """A causal prefill from position 0: query ``i`` sees keys ``0..i``."""
+    return call.diag == 0 and call.n_queries == call.n_keys
+
+
 def _causal_shape(call: AttentionCall) -> bool:
-    """A causal prefill (query ``i`` sees keys ``0..i``) or one decode row that sees every cached key."""
-    return (call.diag == 0 and call.n_queries == call.n_keys) or (
-        call.n_queries == 1 and call.diag == call.n_keys - 1)
+    """A causal prefill, or one decode row that sees every cached key."""
+    return _prefill(call) or (call.n_queries == 1 and call.diag == call.n_keys - 1)
 
 
 def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True
@@ -199,8 +203,7 @@ def act_supported(query, key, value, call: AttentionCall, plan: LayerPlan) -> bo
     sinks take the query rows as the key rows. Decode rows run the eager engine.
     """
     only_act = not (plan.edits_scores or plan.echo) and bool(plan.act)
-    prefill = call.diag == 0 and call.n_queries == call.n_keys
-    return only_act and prefill and supported(query, key, value, call, LayerPlan(zero=plan.zero, mean=plan.mean))
+    return only_act and _prefill(call) and supported(query, key, value, call, LayerPlan(zero=plan.zero, mean=plan.mean))
 
 
 def act_attend(query, key, value, call: AttentionCall, plan: LayerPlan, chunk: int = 256,

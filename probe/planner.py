@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .compat import last_logits_only
+
 FORWARD_TOKENS = 128
 ATTN_TOKENS = (512, 2048)
 
@@ -83,14 +85,12 @@ def calibrate(model) -> TimeModel:
     key = (model.weights_hash, torch.get_num_threads())
     if key in _CALIBRATED:
         return _CALIBRATED[key]
-    H, D = model.n_heads, model.d_head
-    KV = getattr(model.hf.config, "num_key_value_heads", None) or H
+    H, KV, D = model.n_heads, model.n_kv_heads, model.d_head
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         flash_s, stats_s = zip(*(_time_attention(H, KV, D, n, g) for n in ATTN_TOKENS))
         ids = torch.randint(0, model.hf.config.vocab_size, (1, FORWARD_TOKENS), generator=g)
-        kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_args(model.hf) else {}
-        t_fwd = _median_of(lambda: model.hf(ids, use_cache=False, **kw))
+        t_fwd = _median_of(lambda: model.hf(ids, use_cache=False, **last_logits_only(model.hf)))
     (n1, n2), extra = ATTN_TOKENS, [max(s - f, 0.0) for s, f in zip(stats_s, flash_s)]
     att_rows, att = fit_rows_and_squares(*flash_s, n1, n2)
     stats_rows, stats = fit_rows_and_squares(*extra, n1, n2)
@@ -114,12 +114,6 @@ def _time_attention(H: int, KV: int, D: int, n: int, g: torch.Generator) -> tupl
     groups = [(0, 1), (n // 2, n // 2 + 32)]
     return (_median_of(lambda: fast.flash(q, k, v, call.scaling)),
             _median_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), groups, scratch=scratch)))
-
-
-def _forward_args(hf) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(hf.forward).parameters)
 
 
 def human_seconds(s: float) -> str:

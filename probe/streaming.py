@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import _check_ids
-from .compat import output_cache
+from .compat import last_logits_only, output_cache
 from .checks import check_generation
 from .decoding import greedy, stop_ids
 from .interventions import InterventionSpec
@@ -50,7 +50,7 @@ def stream_stats(model, text: str | torch.Tensor, *, groups=(), layers=None, spe
         if spec:
             stack.enter_context(intervene(model, spec))
         with torch.no_grad():
-            model.hf(ids, use_cache=False, **_last_logits_only(model.hf))
+            model.hf(ids, use_cache=False, **last_logits_only(model.hf))
     return collector.result(ids[0].tolist(), run_metadata(weights_hash=model.weights_hash, phase="prefill"))
 
 
@@ -94,20 +94,13 @@ def generate_with_stats(model, text: str | torch.Tensor, *, max_new_tokens: int 
         collector = stack.enter_context(collect_stats(model, request))
         with torch.no_grad():
             with (ExitStack() if stats_in_prefill else paused(model, collector)), _maybe_spec(model, prefill_spec):
-                out = model.hf(ids, use_cache=True, **_last_logits_only(model.hf))
+                out = model.hf(ids, use_cache=True, **last_logits_only(model.hf))
             with _maybe_spec(model, decode_spec):
                 new = greedy(model, out.logits[0, -1], output_cache(out), max_new_tokens=max_new_tokens, stop=eos)
     stats = None
     if collector.has_rows:
         stats = collector.result(ids[0].tolist() + new, run_metadata(weights_hash=model.weights_hash))
     return Generation(ids, torch.tensor([new], dtype=torch.long), stats)
-
-
-def _last_logits_only(hf) -> dict:
-    """Ask for the last position's logits only (full logits cost T x vocab floats)."""
-    import inspect
-
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
 
 
 def _maybe_spec(model, spec):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..inference import Interval, bootstrap, mean_ci
+from ..inference import Interval, bootstrap_rows, mean_ci
 from .echo import pooled
 
 
@@ -23,6 +23,19 @@ def adjacent_cis(prompt_adjacent: np.ndarray) -> dict[str, Interval]:
     return {"first": mean_ci(a[:, 0]), "inner": mean_ci(inner.mean(1)), "last": mean_ci(a[:, -1])}
 
 
+def _interval(statistic, n: int) -> Interval:
+    """``statistic(idx)`` (``idx [..., n]`` text indices -> one value per row of ``idx``) at every text and
+    resampled; every resample at once (:func:`analyses.inference.bootstrap_rows`)."""
+    lo, hi = bootstrap_rows(statistic, n)
+    return Interval(float(statistic(np.arange(n)[None])[0]), lo, hi, int(n))
+
+
+def _mean_loss(t: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Pooled loss of texts ``idx [B, n]`` of ``t [.., texts, 2]``, averaged over the leading conditions: ``[B]``."""
+    per = pooled(t[..., idx, :])                                  # [.., B]
+    return per.reshape(-1, idx.shape[0]).mean(0)
+
+
 def increase_ci(cond: np.ndarray, base: np.ndarray) -> Interval:
     """Loss increase (nats/token) of ``cond`` over ``base``, ``[.., texts, 2]``; texts resampled, paired.
 
@@ -30,36 +43,27 @@ def increase_ci(cond: np.ndarray, base: np.ndarray) -> Interval:
     the figure is then their mean increase.
     """
     cond, base = np.asarray(cond, np.float64), np.asarray(base, np.float64)
-
-    def stat(idx):
-        return float(np.mean(pooled(cond[..., idx, :]) - pooled(base[idx])))
-
-    lo, hi = bootstrap(stat, base.shape[0])
-    return Interval(stat(np.arange(base.shape[0])), lo, hi, int(base.shape[0]))
+    return _interval(lambda idx: _mean_loss(cond, idx) - _mean_loss(base, idx), base.shape[0])
 
 
 def difference_ci(a: np.ndarray, b: np.ndarray) -> Interval:
     """Mean loss of conditions ``a`` minus that of ``b`` (both ``[.., texts, 2]``), texts resampled together."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    n = a.shape[-2]
-
-    def stat(idx):
-        return float(np.mean(pooled(a[..., idx, :])) - np.mean(pooled(b[..., idx, :])))
-
-    lo, hi = bootstrap(stat, n)
-    return Interval(stat(np.arange(n)), lo, hi, int(n))
+    return _interval(lambda idx: _mean_loss(a, idx) - _mean_loss(b, idx), a.shape[-2])
 
 
 def spearman_ci(x: np.ndarray, y: np.ndarray) -> Interval:
-    """Spearman's rho of ``x`` and ``y`` with its interval over the pairs (resampled pairs with ties only are skipped)."""
-    from scipy.stats import spearmanr
+    """Spearman's rho of ``x`` and ``y`` (Pearson on average ranks) with its interval over the pairs
+    (resamples where either side is constant are skipped)."""
+    from scipy.stats import rankdata
 
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
 
-    def stat(idx):
-        if np.ptp(x[idx]) == 0 or np.ptp(y[idx]) == 0:
-            return float("nan")
-        return float(spearmanr(x[idx], y[idx])[0])
+    def rho(idx):
+        rx, ry = rankdata(x[idx], axis=-1), rankdata(y[idx], axis=-1)
+        rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+        den = np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, (rx * ry).sum(-1) / np.where(den > 0, den, 1), np.nan)
 
-    lo, hi = bootstrap(stat, len(x))
-    return Interval(stat(np.arange(len(x))), lo, hi, int(len(x)))
+    return _interval(rho, len(x))

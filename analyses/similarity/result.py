@@ -12,6 +12,7 @@ Methods: docs/methods.md §4.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,11 @@ class SimilarityResult(Result):
 
     def intervals(self) -> dict:
         """Every headline with its interval (``analyses.similarity.intervals``); empty for a version-1 result."""
+        return dict(self._intervals)
+
+    @cached_property
+    def _intervals(self) -> dict:
+        """Computed once per result (``summary``, ``to_dict`` and every dashboard rerun read it)."""
         from . import intervals as iv
 
         if self.prompt_adjacent is None or self.base_texts is None:
@@ -196,10 +202,10 @@ class SimilarityResult(Result):
             out[f"echo_{v}"] = stat(f"echo_{v}", f"echo cost, {v} heads, mean over pairs (nats; held-out texts)",
                                     float(np.mean(loss)), self.n_heldout_tokens, "+.4f")
         for k in ("matched_minus_same", "matched_minus_random", "same_minus_random"):
-            if f"echo_{k}" in ci:
+            if (i := ci.get(f"echo_{k}")) is not None:
                 a, b = k.split("_minus_")
-                out[f"echo_{k}"] = stat(f"echo_{k}", f"echo cost, {a} minus {b} (nats; held-out texts, paired)", 0.0,
-                                        None, "+.4f")
+                out[f"echo_{k}"] = Stat(f"echo cost, {a} minus {b} (nats; held-out texts, paired)", i.estimate,
+                                        n=i.n, ci=(i.lo, i.hi), fmt="+.4f")
         for k, c in self.correlations().items():
             out[f"spearman {k}"] = stat(f"spearman {k}", f"spearman echo cost ~ similarity ({k}; layer pairs)",
                                         c["rho"], c["n"], "+.3f")
