@@ -36,7 +36,7 @@ cfg = AtlasConfig(results=(str(out.parent),), analyses=("grounding",), n_sequenc
                   n_boot=500, n_perm=500, roles=("induction", "previous_token"), tasks=("induction", "loss"),
                   n_random=5, n_items=8, induction_len=12, loss_texts=2, loss_tokens=64, reference_texts=2)
 res = run(ATLAS, model, cfg, store=out, progress=False)
-{k: s.text() for k, s in res.summary().items()}
+{k: s.text() + (f" (n = {s.n})" if s.n else "") for k, s in res.summary().items()}
 # %% [md]
 # ## Score agreement
 # One cell per pair of scores: Spearman's rho (for the similarity family, a categorical score, the
@@ -91,9 +91,12 @@ again.transfer.equals(res.transfer), sorted(p.name for p in out.iterdir())
 # %% [md]
 # ## The study of the embedded model, as shipped
 # `data/atlas/smollm2-135m/` holds the README's run (retrieval, induction and ACT roles x NIAH,
-# induction, IOI, ACT-task and loss; command in `data/atlas/README.md`): it opens without a rerun.
+# induction, IOI, ACT-task, loss and grounded rate: 18 cells; command in `data/atlas/README.md`): it
+# opens without a rerun. Each drop has its paired interval over `n_items`, next to the random sets'.
 # %%
 shipped = registry.load_result(data_dir() / "atlas" / "smollm2-135m")
+{k: s.text() + (f" (n = {s.n})" if s.n else "") for k, s in shipped.summary().items()}
+# %%
 shipped.transfer[["role", "task", "n_items", "plain", "drop_top", "drop_lo", "drop_hi", "p_value", "drop_random",
                   "random_lo", "random_hi", "beyond_random"]].round(3)
 # %% [md]

@@ -56,11 +56,13 @@ res = run(RETRIEVAL, model, cfg, store=out, progress=False)
 res.samples[["needle", "length", "depth", "response", "recall", "success"]]
 # %% [md]
 # What to look at: the scores are sparse (a handful of bright cells), and the fraction of heads
-# above the 0.1 threshold is small.
+# above the 0.1 threshold is small (its interval resamples the answered samples: with three of
+# them it is wide).
 # %%
 res.plot("heads")
 # %%
-f"{res.fraction_above():.1%} of heads score > {res.threshold}", res.retrieval_heads()[:8]
+above = res.summary()["above"]
+f"{above.text()} of heads score > {res.threshold} (n = {above.n} answered samples)", res.retrieval_heads()[:8]
 # %%
 frame = res.to_frame()
 frame[frame.metric == "retrieval_score"].nlargest(8, "value")
@@ -77,8 +79,11 @@ res.grouped().nlargest(5, "max_score")
 # full study masks more heads, with several random seeds, on longer contexts.
 # %%
 res.masking[["condition", "depth", "heads", "response", "recall"]]
+# %% [md]
+# Success per condition on the masked cells, with its n and Wilson interval (two cells: an
+# interval close to [0, 1]), and each random seed paired with top-K on the same cells.
 # %%
-res.masking_rates()
+res.masking_table()
 # %%
 res.plot("masking")
 # %% [md]

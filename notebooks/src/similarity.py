@@ -40,10 +40,10 @@ full.plot("echo")
 # %% [md]
 # ## A small run, live
 # %%
-cfg = SimilarityConfig(n_prompts=2, n_heldout=1, max_tokens=32, variants=("matched", "random"), max_trials=2)
+cfg = SimilarityConfig(n_prompts=2, n_heldout=2, max_tokens=32, variants=("matched", "random"), max_trials=2)
 res = run(SIMILARITY, model, cfg, store=out, progress=False)
 summary = res.summary()
-{k: summary[k].text() for k in ("first_pair_cos", "inner_pairs_mean_cos", "last_pair_cos")}
+{k: f"{summary[k].text()} (n = {summary[k].n})" for k in ("first_pair_cos", "inner_pairs_mean_cos", "last_pair_cos")}
 # %% [md]
 # What to look at: a bright band along the diagonal (adjacent layers attend alike), weakest for
 # the first layers.
@@ -57,14 +57,18 @@ res.plot("heads")
 # a random head permutation (the control), against the pair's similarity.
 # %%
 res.plot("echo")
+# %% [md]
+# Spearman's rho of echo cost against similarity over the adjacent layer pairs (n = pairs), with
+# the interval over resampled pairs:
 # %%
-res.correlations()
+{k: f"{s.text()} (n = {s.n})" for k, s in summary.items() if k.startswith("spearman")}
 # %% [md]
 # The sharing plan: blocks of consecutive layers that share the first layer's pattern, grown
-# greedily while the measured loss stays under the budget (on one short held-out text the
-# measured cost is noisy and can even be negative).
+# greedily while the measured loss stays under the budget (on two short held-out texts the
+# measured cost is noisy and can even be negative; its interval resamples the two).
 # %%
-[b for b in res.plan_blocks if len(b) > 1], round(res.plan_cost, 4)
+plan = summary["plan_cost"]
+[b for b in res.plan_blocks if len(b) > 1], f"{plan.text()} nats/token (n = {plan.n} held-out texts)"
 # %%
 frame = res.to_frame()
 frame[frame.scope == "echo"].head()
