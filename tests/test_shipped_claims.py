@@ -57,6 +57,17 @@ def interval(name: str, estimate, lo, hi, scale: float = 1.0) -> dict:
     return {name: scale * estimate, f"{name}lo": scale * lo, f"{name}hi": scale * hi}
 
 
+def flags(where: str, command: str) -> dict[str, str]:
+    """``--flag value`` pairs of the first ``command`` (e.g. 'headwise scan atlas') in ``where``, to its ``--out``."""
+    line = where[where.index(command):]
+    line = line[:line.index("--out ")]
+    return dict(re.findall(r"--([\w-]+) (\S+)", line.replace("\\ ", "")))
+
+
+def ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",")]
+
+
 # ------------------------------------------------------------------------------------------ retrieval
 RETRIEVAL = ("README.md", "### Retrieval heads")
 
@@ -123,6 +134,18 @@ def test_retrieval_masking_is_the_shipped_run(retrieval):
     assert at50.loc[6000].tolist() == at50.loc[8000].tolist()
     claim(readme, "At 6,000 and 8,000 tokens only {k} of the {n} masking cells is answered unmasked",
           k=at50.loc[8000, "sum"], n=at50.loc[8000, "count"])
+
+
+def test_retrieval_command_is_the_one_that_made_the_run(retrieval):
+    data, meta = text("data/retrieval/README.md"), retrieval.meta
+    f = flags(data, "headwise scan retrieval --model smollm2-135m --cells")
+    assert ints(f["lengths"]) == meta["lengths"] and [float(d) for d in f["depths"].split(",")] == meta["depths"]
+    assert int(f["k"]) == meta["k"] and ints(f["seeds"]) == meta["seeds"]
+    needles = re.search(r"for n in ([\w ]+); do for L in ([\d ]+); do for d in ([\d ]+); do", data).groups()
+    assert sorted(needles[0].split()) == meta["needles"] and [int(x) for x in needles[1].split()] == meta["lengths"]
+    masks = re.search(r"M=\$\(for L in ([\d ]+); do", data).group(1)
+    assert [int(x) for x in masks.split()] == meta["mask_lengths"]
+    assert retrieval.samples.new_ids.map(len).max() <= int(f["max-new-tokens"])
 
 
 # ------------------------------------------------------------------------------------------ similarity
@@ -283,6 +306,29 @@ def test_study_sources_are_the_shipped_run(atlas):
     claim(data, "| {circ} prompts per task |", **n)
     claim(data, "| {sim} prompts |", **n)
     claim(data, "| {g} held-out answers |", g=src["grounding"])
+
+
+def test_similarity_run_was_made_by_the_default_settings(similarity):
+    from analyses.similarity import SimilarityConfig, load_texts
+
+    r, _ = similarity
+    cfg = SimilarityConfig()
+    assert "headwise scan similarity --model smollm2-135m --threads 1 --out" in text("data/similarity/README.md")
+    assert (r.window, r.plan_budget, r.plan_variant, len(r.plan_log)) == (cfg.window, cfg.budget, cfg.plan_variant,
+                                                                         cfg.max_trials)
+    assert r.n_prompts == len(load_texts(cfg.prompts)) and r.base_texts.shape[0] == len(load_texts(cfg.heldout))
+    assert set(r.echo) == set(cfg.variants)
+
+
+@pytest.mark.parametrize("where", ["README.md", "data/atlas/README.md"])
+def test_study_command_is_the_one_that_made_the_run(atlas, where):
+    meta = atlas.meta
+    f = flags(text(where), "headwise scan atlas --model smollm2-135m --results results --roles")
+    assert f["roles"].split(",") == meta["roles"] and f["tasks"].split(",") == meta["tasks"]
+    assert (int(f["n-items"]), int(f["max-new-tokens"]), int(f["loss-texts"])) == \
+        (meta["n_items"], meta["max_new_tokens"], meta["loss_texts"])
+    cells = [c.split(":") for c in f["niah-cells"].split(",")]
+    assert [[n, int(L), float(d)] for n, L, d in cells] == [list(c) for c in meta["niah_cells"]]
 
 
 ROLE = {"retrieval": "retrieval", "induction": "induction", "ACT": "act"}
