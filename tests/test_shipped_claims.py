@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analyses import registry
@@ -110,6 +111,30 @@ def test_retrieval_success_by_length_is_the_shipped_run(retrieval):
     claim(data, "| success [95%] |" + "".join(f" {{s{i}}}% [{{s{i}lo}}, {{s{i}hi}}] |" for i in range(len(by))),
           **cells)
     claim(data, "| answered / samples |" + "".join(f" {k}/{n} |" for k, n in zip(by.k, by.n)))
+
+
+def test_retrieval_success_by_depth_and_needle_is_the_shipped_run(retrieval):
+    data, s = text("data/retrieval/README.md"), retrieval.samples
+    depth, needle = retrieval.success_by("depth"), retrieval.success_by("needle").set_index("needle")
+    claim(data, "Per depth (0/25/50/75/100 %, n = {n} each): " + ", ".join(f"{{d{i}}}" for i in range(5)) + " answered",
+          n=depth.n.iloc[0], **{f"d{i}": k for i, k in enumerate(depth.k)})
+    claim(data, "per needle (n = {n} each): `code` {code}, `cat` {cat}, `lisbon` {lisbon}", n=needle.n.iloc[0],
+          **needle.k.to_dict())
+    late = s[(s.length == 8000) & (s.depth >= 75)]
+    claim(data, "at 8,000 the 135M model answers {k} of {n}, mostly with the needle late in the context (depths "
+                "75-100: {k2} of {n2})", k=s[s.length == 8000].success.sum(), n=(s.length == 8000).sum(),
+          k2=late.success.sum(), n2=len(late))
+
+
+def test_retrieval_masking_per_length_is_the_shipped_run(retrieval):
+    m, s = retrieval.masking, retrieval.samples
+    keys = ["needle", "length", "depth"]
+    cells = s.merge(m[keys].drop_duplicates(), on=keys).assign(condition="none")
+    both = pd.concat([cells[keys + ["condition", "success"]], m[keys + ["condition", "success"]]])
+    per = both.pivot_table(index="length", columns="condition", values="success", aggfunc="sum")
+    said = "; ".join(f"{L}{' tokens' if i == 0 else ''} {r.none}/{r.top}/{r.random0},{r.random1},{r.random2}"
+                     for i, (L, r) in enumerate(per.astype(int).iterrows()))
+    assert said in text("data/retrieval/README.md")
 
 
 def test_retrieval_masking_is_the_shipped_run(retrieval):
@@ -329,6 +354,19 @@ def test_study_command_is_the_one_that_made_the_run(atlas, where):
         (meta["n_items"], meta["max_new_tokens"], meta["loss_texts"])
     cells = [c.split(":") for c in f["niah-cells"].split(",")]
     assert [[n, int(L), float(d)] for n, L, d in cells] == [list(c) for c in meta["niah_cells"]]
+
+
+def test_study_transfer_prose_is_the_shipped_run(atlas):
+    readme, t = text("README.md", "### Cross-analysis study"), atlas.transfer.set_index(["role", "task"])
+    ret, ind, act = t.loc[("retrieval", "niah")], t.loc[("induction", "niah")], t.loc[("act", "loss")]
+    claim(readme, "removes needle retrieval ({lost} of {answered} answered cells lost, p = {p})",
+          lost=ret.drop_top * ret.n_items, answered=ret.plain * ret.n_items, p=ret.p_value)
+    claim(readme, "removes retrieval too (drop {d} [{dlo}, {dhi}], p = {p}, n = {n} cells)",
+          **interval("d", ind.drop_top, ind.drop_lo, ind.drop_hi), p=ind.p_value, n=ind.n_items)
+    claim(readme, 'its one "beyond random" cell is a loss increase of {d} nats/token on {n} texts', d=act.drop_top,
+          n=act.n_items)
+    assert list(t.index[t.beyond_random]) == [("retrieval", "niah"), ("retrieval", "induction"), ("induction", "niah"),
+                                              ("induction", "induction"), ("act", "loss")]
 
 
 ROLE = {"retrieval": "retrieval", "induction": "induction", "ACT": "act"}
