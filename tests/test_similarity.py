@@ -294,6 +294,16 @@ def test_a_saved_result_keeps_what_its_intervals_resample(tiny_llama, tmp_path):
     assert old.summary()["first_pair_cos"].ci is None                           # a version-1 result: no interval
 
 
+def test_one_heldout_text_gives_no_interval_rather_than_a_point(tiny_llama, tmp_path):
+    """A bootstrap over one text resamples that text only: its "interval" would be the estimate itself."""
+    cfg = SimilarityConfig(prompts=_texts(tmp_path, "p", "the cat sat on the mat", "numbers: 1 2 3 4 5 6"),
+                           heldout=_texts(tmp_path, "h", "some held out words"), window=4, variants=("same",),
+                           max_trials=1)
+    s = run(SIMILARITY, tiny_llama, cfg, progress=False).summary()
+    assert s["echo_same"].n == 1 and s["echo_same"].ci is None and s["plan_cost"].ci is None
+    assert s["first_pair_cos"].n == 2 and s["first_pair_cos"].ci is not None       # two prompts: an interval
+
+
 def test_the_shipped_run_opens_with_every_headline_interval():
     from analyses.data import data_path
 

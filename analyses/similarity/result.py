@@ -31,6 +31,12 @@ FORMAT = "headwise.similarity"
 ARRAYS = ("layer_cos", "layer_js", "head_cos", "head_js", "perms", "families")
 
 
+def _ci(i) -> tuple[float, float] | None:
+    """A bootstrap interval's bounds, or none where it resamples fewer than two units (one text's
+    "interval" is the point itself: no spread to report)."""
+    return None if i is None or i.n < 2 else (i.lo, i.hi)
+
+
 @dataclass(frozen=True, eq=False)
 class SimilarityResult(Result):
     FORMAT = FORMAT
@@ -185,8 +191,7 @@ class SimilarityResult(Result):
 
         def stat(key, label, value, n, fmt=".3f"):
             i = ci.get(key)
-            return Stat(label, value if i is None else i.estimate, n=n if i is None else i.n,
-                        ci=None if i is None else (i.lo, i.hi), fmt=fmt)
+            return Stat(label, value if i is None else i.estimate, n=n if i is None else i.n, ci=_ci(i), fmt=fmt)
 
         out = {"first_pair_cos": stat("first_pair_cos", "adjacent layers, first pair (cos; prompts)", float(adj[0]),
                                       self.n_prompts),
@@ -205,7 +210,7 @@ class SimilarityResult(Result):
             if (i := ci.get(f"echo_{k}")) is not None:
                 a, b = k.split("_minus_")
                 out[f"echo_{k}"] = Stat(f"echo cost, {a} minus {b} (nats; held-out texts, paired)", i.estimate,
-                                        n=i.n, ci=(i.lo, i.hi), fmt="+.4f")
+                                        n=i.n, ci=_ci(i), fmt="+.4f")
         for k, c in self.correlations().items():
             out[f"spearman {k}"] = stat(f"spearman {k}", f"spearman echo cost ~ similarity ({k}; layer pairs)",
                                         c["rho"], c["n"], "+.3f")
