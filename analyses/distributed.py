@@ -59,6 +59,8 @@ def start_local(cpus: int, attempts: int = 3) -> None:
     """Start a new Ray cluster on this machine only (never joins one already running): 127.0.0.1, no dashboard,
     no usage statistics.
 
+    Its workers run at the driver's priority: Ray's default niceness (15) let every other process on a
+    shared machine take their CPU (a 2-worker scan beside three one-thread jobs got 16% of a core each).
     Ray gives its node 30 s to register; on a machine busy with other work that can pass, so the start is
     tried ``attempts`` times before it fails with the reason.
     """
@@ -67,7 +69,8 @@ def start_local(cpus: int, attempts: int = 3) -> None:
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", num_cpus=int(cpus), include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-                     namespace="headwise", log_to_driver=True, configure_logging=False)
+                     namespace="headwise", log_to_driver=True, configure_logging=False,
+                     _system_config={"worker_niceness": 0})   # Ray's default, 15, starves the scan beside any job
             _check_loopback(ray)
             return
         except ClusterError:

@@ -61,6 +61,15 @@ def test_local_cluster_listens_on_loopback_only(cluster):
     assert {addr for addr, _ in mine} <= {"127.0.0.1"}, mine
 
 
+def test_local_workers_run_at_the_drivers_priority(cluster):
+    """Ray's default worker niceness (15) starves a scan's workers beside any other job on the machine."""
+    @ray.remote(num_cpus=1)
+    def niceness():
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
+
+
 def test_retrieval_grid_equals_the_serial_run_unit_for_unit(pool, tiny_llama, tmp_path):
     from analyses import run
     from analyses.distributed import diff_units
