@@ -96,21 +96,25 @@ def test_act_power_runs_search_then_judges(tiny_llama, tmp_path):
                                     and v["n_draws"] >= 3)
 
 
-@pytest.mark.parametrize(("folder", "task", "accuracy_gain"), [("smollm2-135m", "sentiment@large", True),
-                                                               ("smollm2-135m-qtype", "qtype@large", True),
-                                                               ("smollm2-135m-topic", "topic@large", None)])
-def test_the_shipped_act_runs_say_what_the_readme_says(folder, task, accuracy_gain):
-    """data/sinks' three validation runs: 240 held-out items each; the paper's accuracy rule is called a gain
-    beyond 10 random sets on sentiment and qtype, and keeps no head on topic (README, data/sinks/README.md)."""
+@pytest.mark.parametrize(("folder", "task", "layers", "accuracy_rule", "logprob_rule"), [
+    ("smollm2-135m", "sentiment@large", (2, 28), "no gain", "gain"),
+    ("smollm2-135m-qtype", "qtype@large", (2, 3), "gain", "no gain"),
+    ("smollm2-135m-topic", "topic@large", (2, 3), None, "no gain")])
+def test_the_shipped_act_runs_say_what_the_readme_says(folder, task, layers, accuracy_rule, logprob_rule):
+    """data/sinks' validation runs (README, data/sinks/README.md): 240 held-out items each, searched over the
+    stated candidate layers; the held-out accuracy verdict of each selection rule (None: the rule kept no head),
+    and a gold log-probability gain beyond random for the log-probability rule on every task."""
     from analyses import registry
     from analyses.data import data_dir
 
     r = registry.load_result(data_dir() / "sinks" / folder)
     s = r.summary()
     assert r.n_samples() == 240 and task in str(r.power.task) and s["plain"].ci is not None
-    if accuracy_gain is None:
+    cand = [c["layer"] for c in r.search.candidates]
+    assert (min(cand), max(cand)) == layers and len(cand) == 9 * (layers[1] - layers[0] + 1)
+    if accuracy_rule is None:
         assert s["accuracy_kept"].value == 0 and "accuracy_accuracy_verdict" not in s
     else:
-        assert s["accuracy_accuracy_verdict"].value == "gain" and s["accuracy_accuracy_gain"].ci[0] > 0
+        assert s["accuracy_accuracy_verdict"].value.split(":")[0] == accuracy_rule
+    assert s["gold_logprob_accuracy_verdict"].value.split(":")[0] == logprob_rule
     assert s["gold_logprob_gold_logprob_verdict"].value == "gain"          # every task: log-prob beyond random
-    assert s["gold_logprob_accuracy_verdict"].value.startswith("no gain")  # ... but never accuracy
