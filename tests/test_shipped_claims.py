@@ -1,4 +1,4 @@
-"""The README's headline figures are the shipped runs' own numbers (retrieval, similarity, the study).
+"""The README's headline figures are the shipped runs' own numbers (every analysis and the study).
 
 Each claim is a README (or data/<x>/README.md) phrase with ``{name}`` where a number stands; the
 phrase is found in the text and every number is compared with the run's value at the precision it
@@ -403,3 +403,50 @@ def test_study_transfer_table_is_the_shipped_run(atlas):
             assert printed_as(re.search(r"p = (" + NUM + ")", drop).group(1), row.p_value), (where, drop)
         assert verdict.startswith(("**yes**", "called")) == bool(row.beyond_random), (where, verdict)
     assert sorted(seen) == sorted(t.index), "every transfer cell is in the table once"
+
+
+# ------------------------------------------------------------------------------ grounding, sinks, circuits
+def _stat(s, key):
+    """A summary Stat's value and bounds as claim() values."""
+    v = s[key]
+    return {"v": v.value, "lo": v.ci[0], "hi": v.ci[1]}
+
+
+def test_grounding_readme_is_the_shipped_run():
+    s = registry.load_result(ROOT / "data" / "grounding" / "smollm2-135m").summary()
+    where = text("README.md", "### Hallucination grounding")
+    claim(where, "the prompt template alone scores AUROC {v} [{lo}, {hi}]", **_stat(s, "baseline_template_only"))
+    claim(where, "fitted mean-ratio baseline {v} [{lo}, {hi}]", **_stat(s, "baseline_mean_ratio_fitted"))
+    claim(where, "the detector gets **{v} [{lo}, {hi}]** (n = {n};", **_stat(s, "auroc"), n=s["auroc"].n)
+    claim(where, "**{v} [{lo}, {hi}]** counting only pairs", **_stat(s, "w_auroc"))
+    claim(where, "greedy decoding is grounded on {v} [{lo}, {hi}]", **_stat(s, "mitigation_greedy"))
+    claim(where, "every head) {v} [{lo}, {hi}], **{dv} [{dlo}, {dhi}]**", **_stat(s, "mitigation_paint"),
+          **{f"d{k}": x for k, x in _stat(s, "mitigation_paint_vs_greedy").items()})
+    claim(where, "top − random {v} [{lo}, {hi}])".replace("−", "-"), **_stat(s, "mitigation_paint_top20_vs_paint_random20"))
+    claim(where, "{v} [{lo}, {hi}] against its own control", **_stat(s, "mitigation_guided_vs_sampled"))
+
+
+@pytest.mark.parametrize(("folder", "phrase", "key"), [
+    ("smollm2-135m", "a paired change of {v} [{lo}, {hi}] (n = 240", "accuracy_accuracy_gain"),
+    ("smollm2-135m", "**gains** accuracy, {v} [{lo}, {hi}]", "gold_logprob_accuracy_gain"),
+    ("smollm2-135m-qtype", "a paired gain of **{v} [{lo}, {hi}]**", "accuracy_accuracy_gain"),
+    ("smollm2-135m-topic", "raise accuracy to {v} [{lo}, {hi}]", "gold_logprob_calibrated"),
+    ("smollm2-135m-topic", "**{v} [{lo}, {hi}]** (McNemar", "gold_logprob_accuracy_gain")])
+def test_sinks_readme_is_the_shipped_runs(folder, phrase, key):
+    s = registry.load_result(ROOT / "data" / "sinks" / folder).summary()
+    claim(text("README.md", "### Attention sinks and ACT"), phrase, **_stat(s, key))
+
+
+def test_circuits_readme_is_the_shipped_run():
+    res = registry.load_result(ROOT / "data" / "circuits" / "smollm2-135m")
+    tab = res.paths.table().set_index(["task", "frac"])
+    where = text("README.md", "### Circuits across tasks")
+    for task, phrase in [("ioi", "The circuit alone keeps {v} [{lo}, {hi}]"),
+                         ("greater_than", "the 2% circuit (10 heads) keeps {v} [{lo}, {hi}]")]:
+        row = tab.loc[(task, 0.02)]
+        claim(where, phrase, v=row["kept_normalised"], lo=row["kept_normalised lo"], hi=row["kept_normalised hi"])
+    o = res.paths.overlap.set_index(["frac", "task_a", "task_b", "metric"]).sort_index().loc[(0.02, "ioi", "colored_objects")]
+    claim(where, "Jaccard {j} [{jlo}, {jhi}], overlap coefficient {c} [{clo}, {chi}] at 2%",
+          j=o.loc["jaccard", "value"], jlo=o.loc["jaccard", "lo"], jhi=o.loc["jaccard", "hi"],
+          c=o.loc["overlap_coefficient", "value"], clo=o.loc["overlap_coefficient", "lo"],
+          chi=o.loc["overlap_coefficient", "hi"])
