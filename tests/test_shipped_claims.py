@@ -422,7 +422,7 @@ def test_grounding_readme_is_the_shipped_run():
     claim(where, "greedy decoding is grounded on {v} [{lo}, {hi}]", **_stat(s, "mitigation_greedy"))
     claim(where, "every head) {v} [{lo}, {hi}], **{dv} [{dlo}, {dhi}]**", **_stat(s, "mitigation_paint"),
           **{f"d{k}": x for k, x in _stat(s, "mitigation_paint_vs_greedy").items()})
-    claim(where, "top − random {v} [{lo}, {hi}])".replace("−", "-"), **_stat(s, "mitigation_paint_top20_vs_paint_random20"))
+    claim(where, "top - random {v} [{lo}, {hi}])", **_stat(s, "mitigation_paint_top20_vs_paint_random20"))
     claim(where, "{v} [{lo}, {hi}] against its own control", **_stat(s, "mitigation_guided_vs_sampled"))
 
 
