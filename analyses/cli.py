@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = s.add_mutually_exclusive_group(required=True)
     group.add_argument("--text")
     group.add_argument("--file", help="read the text from this file")
+    s.add_argument("--output", choices=("model", "pass"), default="model",
+                   help="attention output while measuring: 'model' keeps the model's own bit for bit; 'pass' builds "
+                        "it from the statistics pass (faster on long texts, equal to float32 rounding)")
     model_args(s, "the statistics file to write (.safetensors)")
     s.set_defaults(run=_stats)
 
@@ -328,7 +331,7 @@ def _stats(args) -> int:
     check_output_file(args.out, suffix=".safetensors")
     model = load(args)
     with layer_bar(model, "stats"):
-        st = stream_stats(model, text)
+        st = stream_stats(model, text, output=args.output)
     st.save(args.out)
     print(f"wrote {args.out}: {len(st.layers)} layers x {st.entropy.shape[1]} heads x {st.entropy.shape[2]} rows")
     return 0

@@ -42,7 +42,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(n_tokens: int) -> dict:
+def worker(n_tokens: int, output: str = "model") -> dict:
     import torch
 
     from probe import KeyGroup, load_model, stream_stats
@@ -53,15 +53,15 @@ def worker(n_tokens: int) -> dict:
     ids = text_of(n_tokens, model)
     groups = [KeyGroup("first", 0, 1), KeyGroup("needle", n_tokens // 2, n_tokens // 2 + 32)]
     t0 = time.perf_counter()
-    plan = plan_stream(model, n_tokens, len(groups))
+    plan = plan_stream(model, n_tokens, len(groups), output=output)
     calibration_s = time.perf_counter() - t0
     before = _rss()
     reset_peak()
     t0 = time.perf_counter()
-    stream_stats(model, ids, groups=groups, verbose=False)
+    stream_stats(model, ids, groups=groups, verbose=False, output=output)
     wall = time.perf_counter() - t0
     growth = max(peak_rss() - before, 0)
-    return {"n_tokens": n_tokens, "announced": plan.line, "calibration_s": round(calibration_s, 2),
+    return {"n_tokens": n_tokens, "output": output, "announced": plan.line, "calibration_s": round(calibration_s, 2),
             "time_s": {"predicted": round(plan.seconds, 2), "measured": round(wall, 2),
                        "ratio_measured_over_predicted": round(wall / plan.seconds, 3)},
             "memory_mib": {"predicted": round(plan.memory.bytes / 2**20, 1), "measured_growth": round(growth / 2**20, 1),
@@ -74,14 +74,16 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048,8192")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker", type=int)
+    ap.add_argument("--output", default="model", choices=("model", "pass"),
+                    help="stream_stats output mode (probe.stats.StatsRequest)")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker)))
+        print(json.dumps(worker(args.worker, args.output)))
         return
     lengths = [256] if args.quick else [int(x) for x in args.lengths.split(",")]
     out = {"model": MODEL, "load_average": [round(x, 2) for x in os.getloadavg()], "runs": []}
     for n in lengths:
-        proc = subprocess.run([sys.executable, __file__, "--worker", str(n)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(n), "--output", args.output], capture_output=True, text=True)
         out["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
                            {"n_tokens": n, "error": (proc.stderr or "failed").strip().splitlines()[-1:]})
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

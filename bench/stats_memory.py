@@ -7,7 +7,9 @@ Each measurement runs in a fresh subprocess so its peak RSS is its own; the stre
 reports the planner's memory estimate (what ``stream_stats`` prints before a long run) next to
 the measured growth of the process. Then, in one more subprocess, the time ratio to the floor:
 a plain forward (the model's SDPA) and streaming statistics (every layer, all statistics,
-received sums, two key groups), plus the previous engine path (all-eager chunks), interleaved,
+received sums, two key groups; ``stream`` keeps the model's own attention output bit for bit,
+``stream_output_pass`` builds it from the statistics pass, ``output="pass"``), plus the previous engine
+path (all-eager chunks), interleaved,
 medians of ``--repeats``; the process CPU time beside the wall time (on a shared machine, with one
 thread, the CPU-time ratio is the steadier figure). Prints one JSON object.
 
@@ -106,16 +108,16 @@ def ratio_worker(lengths: list[int], repeats: int, previous: bool = True) -> Non
         def plain(ids=ids):
             model.hf(ids, use_cache=False, logits_to_keep=1)
 
-        def stream(previous=False, ids=ids, groups=groups):
+        def stream(previous=False, ids=ids, groups=groups, output="model"):
             fast.supported = (lambda *a: False) if previous else orig
             try:
-                stream_stats(model, ids, groups=groups, verbose=False)
+                stream_stats(model, ids, groups=groups, verbose=False, output=output)
             finally:
                 fast.supported = orig
 
         plain()
-        runs = (("plain", plain), ("stream", stream)) + ((("stream_previous_path", lambda: stream(True)),)
-                                                          if previous else ())
+        runs = (("plain", plain), ("stream", stream), ("stream_output_pass", lambda: stream(output="pass")))
+        runs += (("stream_previous_path", lambda: stream(True)),) if previous else ()
         times = {name: [] for name, _ in runs}
         cpu = {name: [] for name, _ in runs}
         for _ in range(repeats):

@@ -130,7 +130,9 @@ def edit_scores(scores: torch.Tensor, seen: torch.Tensor, plan: LayerPlan, last_
             sel = (last_row if e.rows == "last" else ones)[None, :, None] & call.key_mask(e.spans)[:, None, :]
             s = scores[:, local[h]]
             scores[:, local[h]] = torch.where(sel, s + e.alpha * s.abs(), s)
-    scores = scores.masked_fill(~seen, low)
+    # in place (the scores are this chunk's buffer; a fresh T-wide tensor per chunk page-faults anew),
+    # out of place where autograd records the graph
+    scores = scores.masked_fill(~seen, low) if scores.requires_grad else scores.masked_fill_(~seen, low)
     for h, e in plan.knockouts:
         if h in local:
             sel = (last_row if e.rows == "last" else ones)[None, :, None] & call.key_mask(e.spans)[:, None, :]

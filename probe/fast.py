@@ -14,6 +14,11 @@ softcap, bias or learned sink, no score or pattern edit, one sequence) with less
    Query heads are grouped by their KV head (``[kv, rep * rows, d]`` against ``[kv, keys, d]``),
    so the keys are never repeated per query head.
 
+3. With ``output="pass"`` (:class:`probe.stats.StatsRequest`) a prefill skips step 1: each chunk holds
+   its rows' whole visible range, so their softmax is finished inside it (``x = s - max``, ``l = sum p'``)
+   and the output is ``(p' v) / l``. One ``exp`` per score instead of two (flash's and the pass's):
+   the same statistics, an output equal to SDPA's to float32 rounding (not bit for bit).
+
 Same meaning as :func:`probe.eager.row_stats` and the collector's column sums (tested against the
 eager engine on the tiny families and the embedded model, prefill and decode).
 """
@@ -69,16 +74,23 @@ def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causa
 
 
 def stats_attend(query, key, value, call: AttentionCall, plan: LayerPlan, groups=(), received: bool = True,
-                 received_from: int = 0, chunk: int = 256, scratch: Scratch | None = None):
+                 received_from: int = 0, chunk: int = 256, scratch: Scratch | None = None, own_output: bool = False):
     """``(out [B, T, H, D], row stats, received [B, H, K] | None)``: the contract of :func:`probe.kernels.fused_attend`.
 
     ``groups`` are ``(start, stop|None)`` token-position ranges; row stats are ``entropy, max_prob,
-    argmax [B, H, T]`` (argmax a key index) and ``group_mass [B, H, T, G]``.
+    argmax [B, H, T]`` (argmax a key index) and ``group_mass [B, H, T, G]``. ``own_output`` (a prefill):
+    the output comes from the pass's own probabilities (:func:`_chunk_own`, no flash call), equal to
+    SDPA's to float32 rounding but not bit for bit; a decode row always takes SDPA's output.
     """
     scratch = scratch or Scratch()
     H, KV, T, K, D = query.shape[1], key.shape[1], call.n_queries, call.n_keys, query.shape[3]
-    out, lse = flash(query, key, value, call.scaling, causal=T > 1)   # SDPA's own output, GQA in the kernel
-    grouped = Grouped(query.view(KV, H // KV, T, D), key[0], lse.reshape(KV, H // KV, T).neg(), call.scaling, call.diag)
+    own = own_output and T > 1
+    if own:
+        out, neg_lse = torch.empty(1, H, T, D), torch.zeros(KV, H // KV, T)
+    else:
+        out, lse = flash(query, key, value, call.scaling, causal=T > 1)   # SDPA's own output, GQA in the kernel
+        neg_lse = lse.reshape(KV, H // KV, T).neg()
+    grouped = Grouped(query.view(KV, H // KV, T, D), key[0], neg_lse, call.scaling, call.diag)
     ranges = _index_ranges(groups, call.k_pos[0])
     stats = {"entropy": torch.empty(1, H, T), "max_prob": torch.empty(1, H, T),
              "argmax": torch.empty(1, H, T, dtype=torch.long), "group_mass": torch.zeros(1, H, T, len(ranges))}
@@ -86,7 +98,11 @@ def stats_attend(query, key, value, call: AttentionCall, plan: LayerPlan, groups
     row0 = min(max(received_from - int(call.q_pos[0, 0]), 0), T)  # first row at or after from_pos (consecutive)
     chunk = min(chunk, cache_rows(H, K))
     for r0 in range(0, T, chunk):
-        _chunk(grouped, r0, min(r0 + chunk, T), ranges, stats, col, row0, scratch)
+        if own:
+            _chunk_own(grouped, value[0], out.view(KV, H // KV, T, D), r0, min(r0 + chunk, T), ranges, stats, col,
+                       row0, scratch)
+        else:
+            _chunk(grouped, r0, min(r0 + chunk, T), ranges, stats, col, row0, scratch)
     if plan.zero or plan.mean:
         _edit_outputs(out, plan, call.q_pos)
     return out.transpose(1, 2), stats, col
@@ -149,7 +165,45 @@ def _chunk(g: Grouped, r0: int, r1: int, ranges, stats, col, row0: int, scratch:
             stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1)
     if col is not None and r1 > row0:
         col[..., :n] += p[:, :, max(row0 - r0, 0):].sum(2)
-    stats["entropy"][:, :, r0:r1] = x.mul_(p).sum(-1).neg_().clamp_(min=0.0)  # -sum p log p, x's last use
+    stats["entropy"][:, :, r0:r1] = _dot(x, p).neg_().clamp_(min=0.0)  # -sum p log p
+
+
+def _chunk_own(g: Grouped, v: torch.Tensor, out: torch.Tensor, r0: int, r1: int, ranges, stats, col, row0: int,
+               scratch: Scratch) -> None:
+    """Rows ``r0:r1`` of a causal prefill, their softmax finished inside the chunk, and their output.
+
+    No log-sum-exp is known beforehand: ``x = s - max`` (the row maximum from :func:`row_argmax`),
+    ``p' = exp(x)`` floored and masked as in :func:`_chunk`, ``l = sum p'``; then ``max_prob = 1 / l``,
+    group masses and received columns are sums of ``p' / l``, the entropy is ``log l - sum p' x / l``
+    and the output ``(p' v) / l`` (``v [kv, K, d]``; ``out [kv, rep, T, d]``).
+    """
+    H = stats["entropy"].shape[1]
+    kv, rep = g.q.shape[0], g.q.shape[1]
+    c, n = r1 - r0, r1
+    x = g.scores(r0, r1, scratch.get("scores", (H * c * n,), torch.float32, g.q.device))  # [1, H, c, n]
+    hide, keep = _future(c, g.q.device)
+    x[..., r0:r1].add_(hide)
+    best, arg = row_argmax(x, scratch)
+    stats["argmax"][:, :, r0:r1] = arg
+    x.sub_(best[..., None]).clamp_(min=FLOOR)
+    p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, g.q.device))
+    p[..., r0:r1].mul_(keep)
+    inv = p.sum(-1).reciprocal_()                                                       # [1, H, c]: 1 / l (l >= 1)
+    stats["max_prob"][:, :, r0:r1] = inv
+    for gi, (a, b) in enumerate(ranges):
+        if b > a and a < n:
+            stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1).mul_(inv)
+    if col is not None and r1 > row0:
+        first = max(row0 - r0, 0)
+        col[..., :n] += torch.bmm(inv[0, :, None, first:], p[0, :, first:]).view(1, H, n)
+    pv = torch.bmm(p.view(kv, rep * c, n), v[:, :n])                                   # [kv, rep*c, d]
+    out[:, :, r0:r1] = pv.mul_(inv.view(kv, rep * c, 1)).view(kv, rep, c, -1)
+    stats["entropy"][:, :, r0:r1] = inv.log().neg_().sub_(_dot(x, p).mul_(inv)).clamp_(min=0.0)
+
+
+def _dot(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``sum(x * p, -1)``, overwriting ``x`` (its last use): no temporary."""
+    return x.mul_(p).sum(-1)
 
 
 def _future(c: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,7 +170,7 @@ class Engine:
         out, stats, col = fast.stats_attend(query, key, value, call, plan, [(g.start, g.stop) for g in req.groups],
                                             received=req.received, received_from=req.from_pos,
                                             chunk=self.chunk_rows(1, query.shape[1], call.n_keys, call.n_queries),
-                                            scratch=self.scratch)
+                                            scratch=self.scratch, own_output=req.output == "pass")
         for c in watchers:
             c.on_stats(call.layer, call, stats, col)
         return out.to(query.dtype)
@@ -273,7 +273,8 @@ def _fused_ok(query, plan: eager.LayerPlan, call: AttentionCall, watchers: list[
 
 def _one_request(watchers: list[StatsCollector]) -> bool:
     """Every watcher asks for the same groups, rows and columns (one pass serves them all)."""
-    return len({(w.request.groups, w.request.from_pos, w.request.received) for w in watchers}) <= 1
+    return len({(w.request.groups, w.request.from_pos, w.request.received, w.request.output)
+                for w in watchers}) <= 1
 
 
 def _attend_fused(query, key, value, call: AttentionCall, plan, watchers) -> torch.Tensor | None:

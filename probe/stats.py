@@ -27,6 +27,7 @@ VERSIONS = (1, 2)  # format versions this headwise reads (1: no sink_mass, one r
 TENSORS_V1 = ("query_pos", "entropy", "max_prob", "argmax", "group_mass", "received_sum", "received_count")
 TENSORS = TENSORS_V1 + ("sink_mass",)  # in a version-2 file, with "group_count" when it was collected
 MAX_GROUPS = 16
+OUTPUTS = ("model", "pass")
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,16 @@ class StatsRequest:
     groups: tuple[KeyGroup, ...] = ()
     received: bool = True
     from_pos: int = 0  # only rows with query position >= from_pos (e.g. the last prefill row onward)
+    # "model": on the CPU statistics path the attention output is SDPA's own, bit for bit (one more flash
+    # call per layer); "pass": a prefill's output comes from the statistics pass's probabilities (no flash
+    # call; equal to float32 rounding, not bit for bit). See probe.fast.
+    output: str = "model"
 
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(self.groups))
+        if self.output not in OUTPUTS:
+            raise InputError(f"output must be one of {OUTPUTS}, not {self.output!r}: 'model' keeps the model's "
+                             "own attention output bit for bit, 'pass' builds it from the statistics pass (faster)")
         if len(self.groups) > MAX_GROUPS:
             raise InputError(f"at most {MAX_GROUPS} key groups, got {len(self.groups)}")
         if len({g.name for g in self.groups}) != len(self.groups):

@@ -39,7 +39,7 @@ def test_stats_memory_ratio_quick():
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ratio = json.loads(proc.stdout.strip().splitlines()[-1])["128"]
-    assert set(ratio["ratio_to_plain"]) == {"stream", "stream_previous_path"}
+    assert set(ratio["ratio_to_plain"]) == {"stream", "stream_output_pass", "stream_previous_path"}
     assert all(v > 0 for v in ratio["ratio_to_plain"].values())
 
 

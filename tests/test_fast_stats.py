@@ -13,9 +13,11 @@ def _eager_stats(q, k, v, call, request):
     return out, col.result()
 
 
+@pytest.mark.parametrize("own", [False, True])
 @pytest.mark.parametrize("kv,from_pos", [(3, 0), (9, 250), (1, 299)])
-def test_fast_path_equals_the_eager_engine_on_one_call(kv, from_pos):
-    """Embedded-model shapes (9 query heads, GQA), groups and a first row: same statistics and output."""
+def test_fast_path_equals_the_eager_engine_on_one_call(kv, from_pos, own):
+    """Embedded-model shapes (9 query heads, GQA), groups and a first row: same statistics and output,
+    with SDPA's output or the output the pass builds itself (``own_output``)."""
     g = torch.Generator().manual_seed(kv)
     T, H, D = 300, 9, 64
     q = torch.randn(1, H, T, D, generator=g) * 2
@@ -27,7 +29,7 @@ def test_fast_path_equals_the_eager_engine_on_one_call(kv, from_pos):
     ref_out, ref = _eager_stats(q, k, v, call, request)
     col = StatsCollector(request, 1, H)
     out, stats, recv = fast.stats_attend(q, k, v, call, eager.LayerPlan(), [(x.start, x.stop) for x in request.groups],
-                                         received_from=from_pos, chunk=64)
+                                         received_from=from_pos, chunk=64, own_output=own)
     col.on_stats(0, call, stats, recv)
     got = col.result()
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -48,7 +50,8 @@ def test_fast_path_equals_the_eager_engine_on_one_decode_row(kv, n_keys):
     assert call.decoding == (n_keys > 1) and fast.supported(q, k, v, call, eager.LayerPlan())
     ref_out, ref = _eager_stats(q, k, v, call, request)
     col = StatsCollector(request, 1, H)
-    out, stats, recv = fast.stats_attend(q, k, v, call, eager.LayerPlan(), [(x.start, x.stop) for x in request.groups])
+    out, stats, recv = fast.stats_attend(q, k, v, call, eager.LayerPlan(), [(x.start, x.stop) for x in request.groups],
+                                         own_output=True)  # a decode row keeps SDPA's output in either mode
     col.on_stats(0, call, stats, recv)
     got = col.result()
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -206,3 +209,60 @@ def test_act_column_sums_equal_the_pattern_columns():
     col = fast._column_sums(q, k, call, 16, eager.Scratch())
     s = (q.double() @ k.double().transpose(-1, -2) * D ** -0.5).masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf)
     torch.testing.assert_close(col, torch.softmax(s, -1).sum(2)[0].float(), atol=1e-4, rtol=1e-5)
+
+
+def test_the_pass_built_output_is_sdpa_to_rounding_and_not_bit_for_bit():
+    """``own_output``: no flash call; the output equals SDPA's to float32 rounding (a real difference of
+    summation order, so the default mode, which promises the model's own bits, keeps the flash call)."""
+    g = torch.Generator().manual_seed(7)
+    T, H, KV, D = 700, 9, 3, 64
+    q, k, v = (torch.randn(1, n, T, D, generator=g) * 2 for n in (H, KV, KV))
+    call = AttentionCall.plain(D ** -0.5, T, T)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    model_out = fast.stats_attend(q, k, v, call, eager.LayerPlan())[0]
+    own_out = fast.stats_attend(q, k, v, call, eager.LayerPlan(), own_output=True)[0]
+    assert torch.equal(model_out.transpose(1, 2), sdpa)
+    torch.testing.assert_close(own_out.transpose(1, 2), sdpa, atol=2e-6, rtol=1e-5)
+    assert not torch.equal(own_out, model_out)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "smol"])
+def test_stream_stats_with_the_pass_output_matches_the_default(fixture, request):
+    """``output="pass"`` on a whole model: statistics equal the default mode's to rounding, the logits the
+    plain forward's to rounding; the record says which output it used."""
+    m = request.getfixturevalue(fixture)
+    ids = torch.randint(5, 250, (1, 120), generator=torch.Generator().manual_seed(3))
+    groups = [KeyGroup("first", 0, 1), KeyGroup("mid", 40, 60)]
+    with torch.no_grad():
+        plain = m.hf(ids).logits
+        with collect_stats(m, StatsRequest(groups=tuple(groups), output="pass")):
+            under = m.hf(ids).logits
+    torch.testing.assert_close(under, plain, atol=1e-4 * float(plain.abs().max()), rtol=1e-4)
+    ref = stream_stats(m, ids, groups=groups, verbose=False)
+    got = stream_stats(m, ids, groups=groups, verbose=False, output="pass")
+    assert got.meta["attention_output"] == "pass" and ref.meta["attention_output"] == "model"
+    for name in ("entropy", "max_prob", "group_mass", "received_sum"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=2e-3, rtol=1e-3, msg=name)
+    assert float((got.argmax == ref.argmax).float().mean()) > 0.999
+
+
+def test_an_unknown_output_mode_is_refused_before_any_work(tiny_llama):
+    from probe.errors import InputError
+
+    with pytest.raises(InputError, match="output must be one of"):
+        stream_stats(tiny_llama, torch.tensor([[5, 6, 7]]), output="fast")
+
+
+def test_the_stats_command_takes_the_output_mode(tmp_path):
+    """``headwise stats --output pass`` writes the same statistics (to rounding) and says which mode it used."""
+    from analyses.cli import main
+    from probe import HeadStats
+
+    base = ["stats", "--model", "tiny-llama", "--text", "The quick brown fox jumps over the lazy dog. " * 4,
+            "--threads", "1"]
+    assert main(base + ["--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(base + ["--output", "pass", "--out", str(tmp_path / "p.safetensors")]) == 0
+    m, p = (HeadStats.load(tmp_path / f"{n}.safetensors") for n in "mp")
+    assert m.meta["attention_output"] == "model" and p.meta["attention_output"] == "pass"
+    torch.testing.assert_close(p.entropy, m.entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(p.received_sum, m.received_sum, atol=1e-4, rtol=1e-4)

@@ -18,6 +18,14 @@ def test_per_row_costs_add_linearly_per_layer():
     assert tm.stream(2000) - tm.plain(2000) == approx(4 * (3e-5 * 2000 + 2e-7 * 2000 ** 2))
 
 
+def test_the_pass_output_mode_has_its_own_statistics_cost():
+    tm = planner.TimeModel(linear=1e-3, attention=1e-7, stats=2e-7, n_layers=4, pass_stats=5e-8, pass_stats_rows=1e-6)
+    assert tm.stream(2000, "pass") - tm.plain(2000) == approx(4 * (1e-6 * 2000 + 5e-8 * 2000 ** 2))
+    assert tm.stream(2000, "model") == tm.stream(2000)
+    old = planner.TimeModel(linear=1e-3, attention=1e-7, stats=2e-7, n_layers=4)   # not calibrated: the default's
+    assert old.stream(2000, "pass") == old.stream(2000)
+
+
 def test_the_fit_through_two_sizes_recovers_both_costs_and_never_goes_negative():
     rows, square = 4e-6, 3e-9
     t = lambda n: rows * n + square * n ** 2  # noqa: E731
@@ -34,6 +42,7 @@ def test_calibration_measures_this_machine_once_per_process(tiny_llama):
     assert tm.linear > 0 and tm.attention > 0 and tm.stats > 0 and tm.n_layers == tiny_llama.n_layers
     assert planner.calibrate(tiny_llama) is tm                     # cached: no second measurement
     assert tm.stream(4096) > tm.plain(4096) > tm.plain(2048)
+    assert tm.pass_stats is not None and tm.stream(4096, "pass") >= tm.plain(4096)
 
 
 def test_the_announced_plan_holds_the_forward_and_the_results(tiny_llama, capsys):

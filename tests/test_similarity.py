@@ -313,3 +313,30 @@ def test_the_shipped_run_opens_with_every_headline_interval():
     numbers = {k: v for k, v in s.items() if k != "plan_shared_layers"}
     assert all(v.ci is not None and v.n for v in numbers.values()), [k for k, v in numbers.items() if v.ci is None]
     assert s["echo_matched_minus_random"].ci[1] < 0             # what the README calls "matching beats the control"
+
+
+@pytest.mark.parametrize("n,block", [(1, 32), (7, 3), (270, 32), (64, 32)])
+def test_the_blockwise_gram_equals_one_product(n, block):
+    """gram: the upper blocks computed, the lower mirrored: x @ x.T to rounding, exactly symmetric."""
+    from analyses.similarity.measure import gram
+
+    x = torch.randn(n, 500, generator=torch.Generator().manual_seed(n))
+    g = gram(x, block)
+    torch.testing.assert_close(g, x @ x.T, atol=1e-4, rtol=1e-5)
+    assert torch.equal(g, g.T)
+
+
+def test_cross_js_equals_the_float64_definition_on_sharp_and_flat_rows():
+    """The pair sum (self terms once per map, one log per key per pair) equals JS from its definition
+    (float64 js_rows) on rows from one-hot to uniform, and gives exactly 0 on identical maps."""
+    from analyses.similarity.measure import cross_js, js_terms
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 6, 300, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0])[:, None, None]
+    a = logits.softmax(-1)
+    b = (logits + torch.randn(5, 6, 300, generator=g)).softmax(-1)
+    got = cross_js(js_terms(a), js_terms(b, name="b"))
+    want = torch.stack([torch.stack([js_rows(a[i].double(), b[j].double()).sum() for j in range(5)]) for i in range(5)])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    same = cross_js(js_terms(a), js_terms(a.clone(), name="b"))
+    assert torch.equal(same.diagonal(), torch.zeros(5, dtype=torch.float64))

@@ -38,6 +38,7 @@ import torch
 
 from probe.shapes import Patterns
 
+from probe.eager import Scratch
 from probe.errors import InputError
 
 LN2 = math.log(2.0)
@@ -52,33 +53,45 @@ def js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * (kl_p + kl_q)).sum(-1).clamp(min=0.0) / LN2
 
 
-def js_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What :func:`cross_js` needs of maps ``x [n, w, K]``: ``(x + tiny) / 2`` and ``½ (x + tiny) log(x + tiny)``."""
-    whole = x + _TINY
-    return whole * 0.5, torch.log(whole).mul_(whole).mul_(0.5)  # half + half == whole exactly
+def js_terms(x: torch.Tensor, buffers: Scratch | None = None, name: str = "terms"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`cross_js` needs of maps ``x [n, w, K]``: the halves ``(x + tiny) / 2`` and each row's
+    self term ``½ sum (x + tiny) log(x + tiny)`` ``[n, w]`` (float64 sums)."""
+    buffers = buffers or Scratch()
+    whole = torch.add(x, _TINY, out=buffers.get(name, x.shape, x.dtype, x.device))
+    self_terms = _sum_xlogx(whole, buffers).mul_(0.5)   # half + half == whole exactly
+    return whole.mul_(0.5), self_terms
+
+
+def _sum_xlogx(m: torch.Tensor, buffers: Scratch) -> torch.Tensor:
+    """``sum m log m`` over the last axis (``m > 0``), float32 sums returned as float64."""
+    f = torch.log(m, out=buffers.get("log", m.shape, m.dtype, m.device)).mul_(m)   # rounded alike for a map and a pair
+    return f.sum(-1).double()
 
 
 def cross_js(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
-             upper: bool = False) -> torch.Tensor:
+             upper: bool = False, buffers: Scratch | None = None) -> torch.Tensor:
     """Row-summed JS in bits between every map of ``a`` and of ``b`` (:func:`js_terms` of ``[n, w, K]``): ``[na, nb]``.
 
-    Per key ``½ p log p + ½ q log q - m log m`` with ``m = (p + q) / 2`` (each term >= 0, so the
-    float32 sums lose nothing to cancellation; identical rows give exactly 0), summed per row,
-    clamped at 0, then summed over rows in float64. With ``upper`` (``a`` is ``b``) only pairs
-    ``i < j`` are computed and the result is symmetric with a zero diagonal.
+    Per row ``½ sum p log p + ½ sum q log q - sum m log m`` with ``m = (p + q) / 2``: the self terms are
+    the maps' own (computed once), so a pair costs one add, one log and one product per key. The key
+    sums are float64, so subtracting them loses nothing that matters (identical rows give exactly 0:
+    ``m`` is then bit for bit the map, and its sum is exactly twice the self term); each row is clamped
+    at 0 and the rows summed in float64. With ``upper`` (``a`` is ``b``) only pairs ``i < j`` are
+    computed and the result is symmetric with a zero diagonal.
     """
+    buffers = buffers or Scratch()
     (ha, sa), (hb, sb) = a, b
     na, nb = ha.shape[0], hb.shape[0]
     out = torch.zeros(na, nb, dtype=torch.float64, device="cpu")
-    mid, logs, terms = torch.empty_like(ha), torch.empty_like(ha), torch.empty_like(ha)
+    mid = buffers.get("mid", ha.shape, ha.dtype, ha.device)
     for j in range(nb):
         n = j if upper else na
         if n == 0:
             continue
         m = torch.add(ha[:n], hb[j], out=mid[:n])
-        f = torch.log(m, out=logs[:n]).mul_(m)            # m log m, rounded as the self terms are (no fma)
-        t = torch.add(sa[:n], sb[j], out=terms[:n]).sub_(f)
-        out[:n, j] = t.sum(-1).clamp(min=0.0).double().sum(-1) / LN2
+        rows = (sa[:n] + sb[j]).sub_(_sum_xlogx(m, buffers)).clamp_(min=0.0)   # [n, w] nats
+        out[:n, j] = rows.sum(-1).cpu() / LN2
     if upper:
         out = out + out.T
     return out
@@ -97,6 +110,7 @@ class Accumulator:
     head_js_sum: np.ndarray = field(init=False)
     n_rows: int = 0
     n_prompts: int = 0
+    scratch: Scratch = field(default_factory=Scratch, repr=False, compare=False)  # this run's block temporaries
 
     def __post_init__(self):
         if self.head_js not in ("adjacent", "all", "none"):
@@ -114,6 +128,17 @@ class Accumulator:
         self._ldot = torch.zeros(L, L, dtype=torch.float64, device="cpu")  # host: the sums end in numpy
         self._hdot = torch.zeros(L * H, L * H, dtype=torch.float64, device="cpu")
 
+    def reserve(self, rows: int, keys: int) -> None:
+        """Size this run's temporaries once for blocks of up to ``rows x keys`` (blocks grow by a window
+        of keys each: sizing the buffers block by block would reallocate, and page-fault, every one)."""
+        L, H, f32 = self.n_layers, self.n_heads, torch.float32
+        maps = L * H if self.head_js == "all" else max(L, H)
+        for name, n, dtype in (("avg", L, f32), ("avg_terms", L, f32), ("flat", L, torch.float64), ("log", maps, f32),
+                               ("mid", maps, f32), ("terms0", H, f32), ("terms1", H, f32),
+                               ("terms", L * H if self.head_js == "all" else 0, f32)):
+            if n:
+                self.scratch.get(name, (n, rows, keys), dtype, "cpu")
+
     def add_window(self, probs: Patterns) -> None:
         """Add rows ``probs [layer, head, w, K]`` (one block of one prompt; ``K`` may stop at the last visible key)."""
         if probs.dim() != 4:
@@ -123,13 +148,13 @@ class Accumulator:
             raise InputError(f"window has {L} layers x {H} heads, accumulator expects "
                              f"{self.n_layers} x {self.n_heads}: use one model for the whole prompt set")
         p = probs.detach().to("cpu", torch.promote_types(probs.dtype, torch.float32))
-        avg = p.mean(1)  # (L, w, K)
-        flat = avg.reshape(L, -1).double()
+        sc = self.scratch
+        avg = torch.mean(p, 1, out=sc.get("avg", (L, w, K), p.dtype, "cpu"))
+        flat = sc.get("flat", (L, w * K), torch.float64, "cpu").copy_(avg.reshape(L, -1))
         self._ldot += flat @ flat.T
-        heads = p.reshape(L * H, -1)
-        self._hdot += (heads @ heads.T).double()
-        terms = js_terms(avg)
-        self.layer_js_sum += cross_js(terms, terms, upper=True).numpy()
+        self._hdot += gram(p.reshape(L * H, -1)).double()
+        terms = js_terms(avg, sc, "avg_terms")
+        self.layer_js_sum += cross_js(terms, terms, upper=True, buffers=sc).numpy()
         self._add_head_js(p)
         self.n_rows += w
 
@@ -137,13 +162,16 @@ class Accumulator:
         if self.head_js == "none":
             return
         L, H = p.shape[:2]
-        if self.head_js == "adjacent":
-            terms = [js_terms(p[l]) for l in range(L)]
+        sc = self.scratch
+        if self.head_js == "adjacent":   # two layers' terms at a time, in alternating buffers
+            prev = js_terms(p[0], sc, "terms0")
             for l in range(L - 1):
-                self.head_js_sum[l] += cross_js(terms[l], terms[l + 1]).numpy()
+                cur = js_terms(p[l + 1], sc, f"terms{(l + 1) % 2}")
+                self.head_js_sum[l] += cross_js(prev, cur, buffers=sc).numpy()
+                prev = cur
         else:
-            terms = js_terms(p.reshape(L * H, *p.shape[2:]))
-            self.head_js_sum += cross_js(terms, terms, upper=True).numpy()
+            terms = js_terms(p.reshape(L * H, *p.shape[2:]), sc)
+            self.head_js_sum += cross_js(terms, terms, upper=True, buffers=sc).numpy()
 
     def end_prompt(self) -> None:
         """Turn this prompt's dot products into cosines and add them to the set averages."""
@@ -158,6 +186,18 @@ class Accumulator:
             raise InputError("no prompt was accumulated: give at least one prompt of two or more tokens")
         return {"layer_cos": self.layer_cos_sum / self.n_prompts, "head_cos": self.head_cos_sum / self.n_prompts,
                 "layer_js": self.layer_js_sum / self.n_rows, "head_js": self.head_js_sum / self.n_rows}
+
+
+def gram(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``x @ x.T`` for ``x [n, m]``, computing only the blocks on and above the diagonal (about half the
+    products of one GEMM when ``n >> block``) and mirroring the rest."""
+    n = x.shape[0]
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        out[i:j, i:] = x[i:j] @ x[i:].T
+        out[j:, i:j] = out[i:j, j:].T
+    return out
 
 
 def _cosine(dot: torch.Tensor) -> np.ndarray:
@@ -210,11 +250,13 @@ def pattern_block(seen: dict, n_layers: int, rows: slice, scratch=None) -> torch
         q, k, call = seen[layer]
         work = torch.promote_types(q.dtype, torch.float32)
         kv_index = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // k.shape[1])
-        k_rep = k[:, kv_index, :stops[layer]].to(work)
+        k_rep = torch.index_select(k[:, :, :stops[layer]].to(work), 1, kv_index,
+                                   out=scratch.get("k_rep", (k.shape[0], q.shape[1], stops[layer], k.shape[-1]),
+                                                   work, q.device))
         probs = eager._chunk_probs(q, k_rep, _first_keys(call, stops[layer]), eager.LayerPlan(), rows,
                                    scratch=scratch)[0][0]
-        if block is None:
-            block = torch.empty(n_layers, *probs.shape[:-1], max(stops), dtype=probs.dtype, device="cpu")
+        if block is None:   # in the scratch too: valid until the next block
+            block = scratch.get("block", (n_layers, *probs.shape[:-1], max(stops)), probs.dtype, "cpu")
         block[layer, ..., :stops[layer]] = probs
         block[layer, ..., stops[layer]:] = 0.0
     return block
@@ -248,7 +290,9 @@ def accumulate_prompt(model, ids: torch.Tensor, acc: Accumulator, window: int) -
                                f"prompt of {T} tokens: similarity needs one cache-free forward")
     from probe import eager
 
-    scratch = eager.Scratch()
+    scratch, rows = eager.Scratch(), min(window, T)
+    acc.reserve(rows, T)
+    scratch.get("block", (model.n_layers, model.n_heads, rows, T), torch.float32, "cpu")   # the largest block, once
     with torch.no_grad():
         for r0 in range(0, T, window):
             acc.add_window(pattern_block(seen.layers_seen, model.n_layers, slice(r0, min(r0 + window, T)), scratch))
