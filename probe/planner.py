@@ -7,8 +7,8 @@ process, at the sizes that isolate it:
 
 - ``b, c`` and ``s, r``: the model's attention shape (heads, KV heads, head size) on random tensors
   at the two sizes of :data:`ATTN_TOKENS`: one flash call, and one :func:`probe.fast.stats_attend`
-  call (and one building its own output, ``output="pass"``); the line through both sizes (a per-row and
-  a per-score cost) extrapolates to long inputs
+  call (for ``output="pass"``, the pass building its own output, at :data:`PASS_TOKENS`: :func:`calibrate_pass`);
+  the line through both sizes (a per-row and a per-score cost) extrapolates to long inputs
   better than ``t / T^2`` at one size (which charges the per-row cost as if it grew with ``T^2``);
 - ``a``: a plain forward of the model at :data:`FORWARD_TOKENS` tokens minus its attention share.
 
@@ -16,6 +16,7 @@ The estimate is as good as the machine is steady: on a shared machine it reads t
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .compat import last_logits_only
 
 FORWARD_TOKENS = 128
 ATTN_TOKENS = (512, 2048)
+PASS_TOKENS = (2048, 4096)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class TimeModel:
     attention_rows: float = 0.0
     stats_rows: float = 0.0
     pass_stats: float | None = None       # the same two costs for ``output="pass"`` (the pass builds the
-    pass_stats_rows: float | None = None  # output, no flash call); None: not calibrated, read as ``stats``
+    pass_stats_rows: float | None = None  # output, no flash call); None: not calibrated (calibrate_pass)
 
     def plain(self, n_tokens: int) -> float:
         return self.linear * n_tokens + self.n_layers * (self.attention_rows * n_tokens + self.attention * n_tokens ** 2)
@@ -95,24 +97,43 @@ def calibrate(model) -> TimeModel:
     H, KV, D = model.n_heads, model.n_kv_heads, model.d_head
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        flash_s, stats_s, pass_s = zip(*(_time_attention(H, KV, D, n, g) for n in ATTN_TOKENS))
+        flash_s, stats_s = zip(*(_time_attention(H, KV, D, n, g) for n in ATTN_TOKENS))
         ids = torch.randint(0, model.hf.config.vocab_size, (1, FORWARD_TOKENS), generator=g)
         t_fwd = _median_of(lambda: model.hf(ids, use_cache=False, **last_logits_only(model.hf)))
     n1, n2 = ATTN_TOKENS
     att_rows, att = fit_rows_and_squares(*flash_s, n1, n2)
     stats_rows, stats = fit_rows_and_squares(*(max(s - f, 0.0) for s, f in zip(stats_s, flash_s)), n1, n2)
-    pass_rows, pass_sq = fit_rows_and_squares(*(max(s - f, 0.0) for s, f in zip(pass_s, flash_s)), n1, n2)
     attn_fwd = model.n_layers * (att_rows * FORWARD_TOKENS + att * FORWARD_TOKENS ** 2)
     linear = max(t_fwd - attn_fwd, 0.0) / FORWARD_TOKENS
     tm = TimeModel(linear=linear, attention=att, stats=stats, n_layers=model.n_layers,
-                   attention_rows=att_rows, stats_rows=stats_rows, pass_stats=pass_sq, pass_stats_rows=pass_rows)
+                   attention_rows=att_rows, stats_rows=stats_rows)
     _CALIBRATED[key] = tm
     return tm
 
 
-def _time_attention(H: int, KV: int, D: int, n: int, g: torch.Generator) -> tuple[float, float, float]:
-    """``(flash, flash + statistics, statistics building the output)`` seconds of one layer's attention at
-    ``n`` tokens, random tensors."""
+def calibrate_pass(model) -> TimeModel:
+    """:func:`calibrate` plus the costs of ``output="pass"`` (measured only when asked; cached per process).
+
+    The pass building its own output costs little more than a flash call at 2k tokens and grows faster
+    than ``T^2`` beyond (its keys and values leave the cache), so it is timed at :data:`PASS_TOKENS`,
+    nearer the long runs it predicts.
+    """
+    tm = calibrate(model)
+    key = ("pass", model.weights_hash, torch.get_num_threads())
+    if key not in _CALIBRATED:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            times = [_time_attention(model.n_heads, model.n_kv_heads, model.d_head, n, g, own_output=True)
+                     for n in PASS_TOKENS]
+        rows, square = fit_rows_and_squares(*(max(p - f, 0.0) for f, p in times), *PASS_TOKENS)
+        _CALIBRATED[key] = dataclasses.replace(tm, pass_stats=square, pass_stats_rows=rows)
+    return _CALIBRATED[key]
+
+
+def _time_attention(H: int, KV: int, D: int, n: int, g: torch.Generator, own_output: bool = False
+                    ) -> tuple[float, float]:
+    """``(flash, flash + statistics)`` seconds of one layer's attention at ``n`` tokens, random tensors
+    (``own_output``: the statistics pass building the output instead, ``output="pass"``)."""
     from . import fast
     from .call import AttentionCall
     from .eager import LayerPlan, Scratch
@@ -122,8 +143,8 @@ def _time_attention(H: int, KV: int, D: int, n: int, g: torch.Generator) -> tupl
     call, scratch = AttentionCall.plain(D ** -0.5, n, n), Scratch()
     groups = [(0, 1), (n // 2, n // 2 + 32)]
     return (_median_of(lambda: fast.flash(q, k, v, call.scaling)),
-            _median_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), groups, scratch=scratch)),
-            _median_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), groups, scratch=scratch, own_output=True)))
+            _median_of(lambda: fast.stats_attend(q, k, v, call, LayerPlan(), groups, scratch=scratch,
+                                                 own_output=own_output)))
 
 
 def human_seconds(s: float) -> str:

@@ -20,7 +20,7 @@ from .checks import check_generation
 from .decoding import greedy, stop_ids
 from .interventions import InterventionSpec
 from .memory import Estimate, activation_bytes, stream_estimate
-from .planner import calibrate, human_seconds
+from .planner import calibrate, calibrate_pass, human_seconds
 from .records import run_metadata
 from .runtime import chunk_rows, collect_stats, install, intervene, memory_budget, paused
 from .stats import HeadStats, StatsRequest
@@ -141,7 +141,8 @@ def plan_stream(model, n_tokens: int, n_groups: int, rt=None, timed: bool = True
     chunk = min(chunk, fast.cache_rows(model.n_heads, n_tokens))  # the fast path's cache-sized chunks
     est = stream_estimate(model.n_layers, model.n_heads, n_tokens, chunk, n_groups, d_head=model.d_head,
                           activations=activation_bytes(model.hf.config, n_tokens))
-    return StreamPlan(est, calibrate(model).stream(n_tokens, output) if timed else None)
+    tm = (calibrate_pass if output == "pass" else calibrate)(model) if timed else None
+    return StreamPlan(est, tm.stream(n_tokens, output) if timed else None)
 
 
 def _announce(model, rt, n_tokens: int, n_groups: int, verbose: bool, timed: bool = True, output: str = "model"

@@ -42,7 +42,11 @@ def test_calibration_measures_this_machine_once_per_process(tiny_llama):
     assert tm.linear > 0 and tm.attention > 0 and tm.stats > 0 and tm.n_layers == tiny_llama.n_layers
     assert planner.calibrate(tiny_llama) is tm                     # cached: no second measurement
     assert tm.stream(4096) > tm.plain(4096) > tm.plain(2048)
-    assert tm.pass_stats is not None and tm.stream(4096, "pass") >= tm.plain(4096)
+    assert tm.pass_stats is None                                   # the pass mode is timed only when asked
+    tp = planner.calibrate_pass(tiny_llama)
+    assert tp.pass_stats is not None and tp.stream(4096, "pass") >= tp.plain(4096) and tp.linear == tm.linear
+    assert planner.calibrate_pass(tiny_llama) is tp
+    assert plan_stream(tiny_llama, 4096, 2, output="pass").seconds == tp.stream(4096, "pass")
 
 
 def test_the_announced_plan_holds_the_forward_and_the_results(tiny_llama, capsys):
