@@ -143,26 +143,14 @@ def cache_rows(n_heads: int, n_keys: int) -> int:
 def _chunk(g: Grouped, r0: int, r1: int, ranges, stats, col, row0: int, scratch: Scratch) -> None:
     """Rows ``r0:r1`` over the keys they see, ``0:diag + r1`` (see :class:`Grouped`).
 
-    ``x = scale q.k - L`` comes from one ``baddbmm`` per chunk; the argmax from block maxima
-    (:func:`row_argmax`); ``x`` is floored at :data:`FLOOR` before ``exp`` (see there); the future
-    keys of the diagonal block (:func:`_future`) are exact zeros in ``p``.
+    ``x = scale q.k - L`` comes from one ``baddbmm`` per chunk, so ``p = exp(x)`` is the pattern
+    itself (:func:`_visible_probs`).
     """
-    H = stats["entropy"].shape[1]
-    c, n, d = r1 - r0, g.diag + r1, g.diag
-    x = g.scores(r0, r1, scratch.get("scores", (H * c * n,), torch.float32, g.q.device))  # [1, H, c, n]
-    hide, keep = _future(c, g.q.device) if c > 1 else (None, None)  # one row sees every key up to its own
-    if hide is not None:
-        x[..., d + r0:d + r1].add_(hide)  # -inf: below every visible row maximum
-    best, arg = row_argmax(x, scratch)
+    n = g.diag + r1
+    x, p, best, arg = _visible_probs(g, r0, r1, scratch, shift=False)
     stats["max_prob"][:, :, r0:r1] = best.exp_()
     stats["argmax"][:, :, r0:r1] = arg
-    x.clamp_(min=FLOOR)
-    p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, g.q.device))
-    if keep is not None:
-        p[..., d + r0:d + r1].mul_(keep)  # the future keys: exact zeros
-    for gi, (a, b) in enumerate(ranges):
-        if b > a and a < n:
-            stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1)
+    _group_masses(p, ranges, n, stats["group_mass"][:, :, r0:r1])
     if col is not None and r1 > row0:
         col[..., :n] += p[:, :, max(row0 - r0, 0):].sum(2)
     stats["entropy"][:, :, r0:r1] = _dot(x, p).neg_().clamp_(min=0.0)  # -sum p log p
@@ -172,33 +160,56 @@ def _chunk_own(g: Grouped, v: torch.Tensor, out: torch.Tensor, r0: int, r1: int,
                scratch: Scratch) -> None:
     """Rows ``r0:r1`` of a causal prefill, their softmax finished inside the chunk, and their output.
 
-    No log-sum-exp is known beforehand: ``x = s - max`` (the row maximum from :func:`row_argmax`),
-    ``p' = exp(x)`` floored and masked as in :func:`_chunk`, ``l = sum p'``; then ``max_prob = 1 / l``,
-    group masses and received columns are sums of ``p' / l``, the entropy is ``log l - sum p' x / l``
-    and the output ``(p' v) / l`` (``v [kv, K, d]``; ``out [kv, rep, T, d]``).
+    No log-sum-exp is known beforehand: ``x = s - max`` (the row maximum), ``p' = exp(x)``
+    (:func:`_visible_probs`), ``l = sum p'``; then ``max_prob = 1 / l``, group masses and received
+    columns are sums of ``p' / l``, the entropy is ``log l - sum p' x / l`` and the output
+    ``(p' v) / l`` (``v [kv, K, d]``; ``out [kv, rep, T, d]``).
     """
     H = stats["entropy"].shape[1]
     kv, rep = g.q.shape[0], g.q.shape[1]
     c, n = r1 - r0, r1
-    x = g.scores(r0, r1, scratch.get("scores", (H * c * n,), torch.float32, g.q.device))  # [1, H, c, n]
-    hide, keep = _future(c, g.q.device)
-    x[..., r0:r1].add_(hide)
-    best, arg = row_argmax(x, scratch)
+    x, p, _, arg = _visible_probs(g, r0, r1, scratch, shift=True)
     stats["argmax"][:, :, r0:r1] = arg
-    x.sub_(best[..., None]).clamp_(min=FLOOR)
-    p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, g.q.device))
-    p[..., r0:r1].mul_(keep)
     inv = p.sum(-1).reciprocal_()                                                       # [1, H, c]: 1 / l (l >= 1)
     stats["max_prob"][:, :, r0:r1] = inv
-    for gi, (a, b) in enumerate(ranges):
-        if b > a and a < n:
-            stats["group_mass"][:, :, r0:r1, gi] = p[..., a:min(b, n)].sum(-1).mul_(inv)
+    _group_masses(p, ranges, n, stats["group_mass"][:, :, r0:r1], inv)
     if col is not None and r1 > row0:
         first = max(row0 - r0, 0)
         col[..., :n] += torch.bmm(inv[0, :, None, first:], p[0, :, first:]).view(1, H, n)
     pv = torch.bmm(p.view(kv, rep * c, n), v[:, :n])                                   # [kv, rep*c, d]
     out[:, :, r0:r1] = pv.mul_(inv.view(kv, rep * c, 1)).view(kv, rep, c, -1)
     stats["entropy"][:, :, r0:r1] = inv.log().neg_().sub_(_dot(x, p).mul_(inv)).clamp_(min=0.0)
+
+
+def _visible_probs(g: Grouped, r0: int, r1: int, scratch: Scratch, shift: bool):
+    """``(x, p, max, argmax)`` of rows ``r0:r1`` over keys ``0:diag + r1``: ``[1, H, c, n]`` scores and ``exp``.
+
+    ``x`` is :meth:`Grouped.scores`, less each row's maximum when ``shift``; the row maximum and its
+    first index come from :func:`row_argmax` before that. ``x`` is floored at :data:`FLOOR` before
+    ``exp`` (see there); the future keys of the diagonal block (:func:`_future`) are exact zeros in ``p``.
+    """
+    H = g.q.shape[0] * g.q.shape[1]
+    c, n, d = r1 - r0, g.diag + r1, g.diag
+    x = g.scores(r0, r1, scratch.get("scores", (H * c * n,), torch.float32, g.q.device))  # [1, H, c, n]
+    hide, keep = _future(c, g.q.device) if c > 1 else (None, None)  # one row sees every key up to its own
+    if hide is not None:
+        x[..., d + r0:d + r1].add_(hide)  # -inf: below every visible row maximum
+    best, arg = row_argmax(x, scratch)
+    if shift:
+        x.sub_(best[..., None])
+    x.clamp_(min=FLOOR)
+    p = torch.exp(x, out=scratch.get("probs", x.shape, torch.float32, g.q.device))
+    if keep is not None:
+        p[..., d + r0:d + r1].mul_(keep)  # the future keys: exact zeros
+    return x, p, best, arg
+
+
+def _group_masses(p: torch.Tensor, ranges, n: int, out: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """``out [1, H, c, G]`` = the sums of ``p`` over each group's key range ``[a, b)`` (times ``scale [1, H, c]``)."""
+    for gi, (a, b) in enumerate(ranges):
+        if b > a and a < n:
+            mass = p[..., a:min(b, n)].sum(-1)
+            out[..., gi] = mass if scale is None else mass.mul_(scale)
 
 
 def _dot(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from probe.shapes import Patterns
-
 from probe.eager import Scratch
 from probe.errors import InputError
+from probe.shapes import Patterns
 
 LN2 = math.log(2.0)
 _TINY = 1e-30  # added to one side of a pair sum so s log s is finite (it changes no float32 value > 1e-23)
@@ -57,7 +56,7 @@ def js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def js_terms(x: torch.Tensor, buffers: Scratch | None = None, name: str = "terms"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """What :func:`cross_js` needs of maps ``x [n, w, K]``: the halves ``(x + tiny) / 2`` and each row's
-    self term ``½ sum (x + tiny) log(x + tiny)`` ``[n, w]`` (float64 sums)."""
+    self term ``½ sum (x + tiny) log(x + tiny)`` ``[n, w]`` (float64)."""
     buffers = buffers or Scratch()
     whole = torch.add(x, _TINY, out=buffers.get(name, x.shape, x.dtype, x.device))
     self_terms = _sum_xlogx(whole, buffers).mul_(0.5)   # half + half == whole exactly
@@ -76,7 +75,7 @@ def cross_js(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
 
     Per row ``½ sum p log p + ½ sum q log q - sum m log m`` with ``m = (p + q) / 2``: the self terms are
     the maps' own (computed once), so a pair costs one add, one log and one product per key. The key
-    sums are float64, so subtracting them loses nothing that matters (identical rows give exactly 0:
+    sums are float32, subtracted in float64 (within 2e-5 of the float64 definition; identical rows give exactly 0:
     ``m`` is then bit for bit the map, and its sum is exactly twice the self term); each row is clamped
     at 0 and the rows summed in float64. With ``upper`` (``a`` is ``b``) only pairs ``i < j`` are
     computed and the result is symmetric with a zero diagonal.
@@ -92,7 +91,7 @@ def cross_js(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
             continue
         m = torch.add(ha[:n], hb[j], out=mid[:n])
         rows = (sa[:n] + sb[j]).sub_(_sum_xlogx(m, buffers)).clamp_(min=0.0)   # [n, w] nats
-        out[:n, j] = rows.sum(-1).cpu() / LN2
+        out[:n, j] = rows.sum(-1) / LN2
     if upper:
         out = out + out.T
     return out
@@ -244,7 +243,7 @@ def pattern_block(seen: dict, n_layers: int, rows: slice, scratch=None) -> torch
     """
     from probe import eager
 
-    scratch = scratch or eager.Scratch()
+    scratch = scratch or Scratch()
     stops = [_stop(seen[layer][2], rows) for layer in range(n_layers)]
     block = None
     for layer in range(n_layers):
@@ -289,9 +288,7 @@ def accumulate_prompt(model, ids: torch.Tensor, acc: Accumulator, window: int) -
         if call.n_queries != T or call.n_keys != T:
             raise RuntimeError(f"layer {layer} attended {call.n_queries} queries over {call.n_keys} keys for a "
                                f"prompt of {T} tokens: similarity needs one cache-free forward")
-    from probe import eager
-
-    scratch, rows = eager.Scratch(), min(window, T)
+    scratch, rows = Scratch(), min(window, T)
     acc.reserve(rows, T)
     scratch.get("block", (model.n_layers, model.n_heads, rows, T), torch.float32, "cpu")   # the largest block, once
     with torch.no_grad():
